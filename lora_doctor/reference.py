@@ -1,0 +1,85 @@
+"""The trainer's view: HF transformers + PEFT forward at any LoRA scale."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from .checkpoint import Checkpoint
+from .errors import BadInput
+
+ADAPTER_NAME = "default"
+
+
+class Reference:
+    """The checkpoint's policy `W0 + s·ΔW` as PEFT computes it, for any scale `s`."""
+
+    def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype = torch.float32):
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        self.checkpoint = checkpoint
+        self.dtype = dtype
+        try:
+            base = AutoModelForCausalLM.from_pretrained(str(checkpoint.base_dir), dtype=dtype)
+            self.model = PeftModel.from_pretrained(base, str(checkpoint.adapter_dir), adapter_name=ADAPTER_NAME)
+        except (OSError, ValueError, RuntimeError, KeyError) as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise BadInput(f"cannot load {checkpoint.adapter_dir} on base {checkpoint.base_dir}: {first_line}") from None
+        self.model.eval()
+        self.vocab_size = self.model.config.vocab_size
+        self._lora_layers = [m for m in self.model.modules() if _is_lora_layer(m)]
+        self._scaling = {id(m): m.scaling[ADAPTER_NAME] for m in self._lora_layers}
+
+    def set_scale(self, scale: float) -> None:
+        """Multiply every LoRA layer's own scaling (alpha/r, rank/alpha patterns included) by `scale`."""
+        for module in self._lora_layers:
+            module.scaling[ADAPTER_NAME] = self._scaling[id(module)] * scale
+
+    @torch.inference_mode()
+    def prompt_logprobs(self, prompts: list[list[int]], scale: float = 1.0) -> list[torch.Tensor]:
+        """Per prompt, `(len-1, vocab)` float32 log-probs of every next token over the full vocabulary."""
+        self.set_scale(scale)
+        try:
+            out = []
+            for ids in prompts:
+                logits = self.model(input_ids=torch.tensor([ids])).logits[0, :-1]
+                out.append(torch.log_softmax(logits.float(), dim=-1))
+            return out
+        finally:
+            self.set_scale(1.0)
+
+    @torch.inference_mode()
+    def greedy(self, prompts: list[list[int]], max_new_tokens: int, eos_token_ids: set[int], scale: float = 1.0) -> list[list[int]]:
+        """Greedy continuation of each prompt, ending with the end-of-sequence token if one is produced."""
+        self.set_scale(scale)
+        eos = sorted(eos_token_ids) or None
+        try:
+            continuations = []
+            for ids in prompts:
+                output = self.model.generate(
+                    input_ids=torch.tensor([ids]),
+                    attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    eos_token_id=eos,
+                    pad_token_id=eos[0] if eos else 0,
+                )
+                continuations.append(output[0, len(ids) :].tolist())
+            return continuations
+        finally:
+            self.set_scale(1.0)
+
+    def delta_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """`(base weight name, ΔW)` for every LoRA-targeted module, via PEFT's `get_delta_weight`."""
+        for name, module in self.model.named_modules():
+            if _is_lora_layer(module) and ADAPTER_NAME in module.lora_A:
+                base_name = name.removeprefix("base_model.model.")
+                yield f"{base_name}.weight", module.get_delta_weight(ADAPTER_NAME).detach()
+
+
+def _is_lora_layer(module: torch.nn.Module) -> bool:
+    from peft.tuners.lora import LoraLayer
+
+    return isinstance(module, LoraLayer) and hasattr(module, "lora_A")

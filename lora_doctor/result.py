@@ -1,0 +1,85 @@
+"""The objects a check returns. Renderers read them; nothing here computes or prints."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class Sample:
+    prompt: str
+    reference: str
+    engine: str
+
+
+@dataclass
+class LayerResult:
+    """One LoRA-targeted module: what the engine holds compared with W0 + ΔW."""
+
+    module: str
+    effective_scale: float
+    residual: float
+    divergence: float
+    verdict: str = "ok"
+
+
+@dataclass
+class PhaseResult:
+    """Measurements after one sync phase, and the verdict they give."""
+
+    index: int
+    name: str
+    with_adapter: bool
+    verdict: str
+    explanation: str
+    effective_scale: float
+    kl_at_scale: float
+    kl_mean: float
+    kl_max: float
+    top1_agreement: float
+    greedy_match: float
+    layers: list[LayerResult] = field(default_factory=list)
+    samples: list[Sample] = field(default_factory=list)
+    kl_per_token: list[list[float]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.verdict == "ok"
+
+
+@dataclass
+class Report:
+    tool: dict
+    environment: dict
+    checkpoint: dict
+    plan: dict
+    thresholds: dict
+    phases: list[PhaseResult]
+    verdict: str
+    exit_code: int
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        ordered = {"schema_version": data.pop("schema_version")}
+        ordered.update(data)
+        return ordered
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Report:
+        if data.get("schema_version") != SCHEMA_VERSION:
+            raise ValueError(f"unsupported report schema_version {data.get('schema_version')!r}")
+        phases = []
+        for phase in data["phases"]:
+            phase = dict(phase)
+            phase["layers"] = [LayerResult(**layer) for layer in phase.get("layers", [])]
+            phase["samples"] = [Sample(**sample) for sample in phase.get("samples", [])]
+            phases.append(PhaseResult(**phase))
+        fields_ = {k: v for k, v in data.items() if k not in ("phases", "schema_version")}
+        return cls(phases=phases, **fields_)

@@ -1,0 +1,270 @@
+"""vLLM worker extension: compare what each LoRA-wrapped linear layer of the engine computes
+(its base weight plus its loaded adapter slot) with W0 + ΔW from the checkpoint on disk.
+
+Loaded in every worker via `LLM(..., worker_extension_cls="lora_doctor.worker.LoraDoctorWorker")`
+and called with `llm.collective_rpc(method_name, args=(...))`, which returns one result per rank.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+from vllm.lora.layers import (
+    ColumnParallelLinearWithLoRA,
+    MergedColumnParallelLinearWithLoRA,
+    QKVParallelLinearWithLoRA,
+    ReplicatedLinearWithLoRA,
+    RowParallelLinearWithLoRA,
+)
+from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+from .errors import BadInput
+from .lora_delta import LoraFactors, load_lora_factors
+
+# Weights are streamed in column blocks of at most this many elements per matrix,
+# so memory stays bounded on large layers.
+_BLOCK_ELEMENTS = 1 << 22
+
+
+class LoraDoctorWorker:
+    """Mixed into vLLM's worker class: `self.model_runner` is the worker's model runner."""
+
+    def lora_doctor_modules(self) -> dict:
+        """This rank's LoRA-wrapped modules (name → layer class), the model's packed mapping,
+        the adapter id in each LoRA slot (None: free) and the ids of all registered adapters."""
+        model = self.model_runner.get_model()
+        manager = model.lora_manager
+        return {
+            "rank": get_tensor_model_parallel_rank(),
+            "world_size": get_tensor_model_parallel_world_size(),
+            "modules": {name: type(layer).__name__ for name, layer in manager.modules.items()},
+            "packed_modules_mapping": {k: list(v) for k, v in _packed_mapping(model).items()},
+            "slots": list(manager.lora_index_to_id),
+            "registered_adapters": sorted(manager.list_adapters()),
+        }
+
+    def lora_doctor_layer_stats(
+        self,
+        base_dir: str,
+        adapter_dir: str,
+        lora_int_id: int | None,
+        return_tensors: bool = False,
+    ) -> list[dict]:
+        """Sufficient statistics of d = W_eng − W0 against ΔW for every checkpoint sub-module
+        on this rank: one dict per (module, shard) with its placement in the full matrix,
+        dd = ‖d‖², dD = <d, ΔW>, DD = ‖ΔW‖² (float64), "slot": the LoRA slot holding
+        `lora_int_id` (None if it is in none: no adapter term) and, if asked, "weight": the
+        local W_eng shard (float32, out_size × in_size)."""
+        model = self.model_runner.get_model()
+        manager = model.lora_manager
+        if self.model_runner.lora_config.fully_sharded_loras:
+            raise NotImplementedError("fully sharded LoRA layers are not supported")
+        slots = manager.lora_index_to_id
+        slot = slots.index(lora_int_id) if lora_int_id is not None and lora_int_id in slots else None
+        mapper = getattr(model, "hf_to_vllm_mapper", None)
+        # Renames only, as vLLM's own LoRA loader does: stacking would turn q_proj into qkv_proj.
+        base = _BaseWeights(Path(base_dir), mapper.get_rename_mapper() if mapper else None)
+        factors = load_lora_factors(adapter_dir)
+        packed = _packed_mapping(model)
+        results = []
+        for name, layer in manager.modules.items():
+            if isinstance(layer, BaseLinearLayerWithLoRA):
+                shards = _shards(name, layer, packed)
+                results += _shard_stats(layer, slot, shards, base, factors, return_tensors)
+        return results
+
+
+@dataclass(frozen=True)
+class _Shard:
+    """Where rows [row_start, row_start + out_size) of a layer's local output sit in a
+    checkpoint sub-module's full weight matrix."""
+
+    module: str  # vLLM name; mapped to the checkpoint's name by _BaseWeights
+    row_start: int
+    out_size: int
+    out_offset: int
+    in_offset: int
+    in_size: int
+
+
+def _packed_mapping(model) -> dict[str, list[str]]:
+    return dict(getattr(model, "packed_modules_mapping", {}) or {})
+
+
+def _shards(name: str, layer, packed: dict[str, list[str]]) -> list[_Shard]:
+    """Split a LoRA-wrapped layer's local weight into its checkpoint sub-modules."""
+    parent, _, leaf = name.rpartition(".")
+    prefix = f"{parent}." if parent else ""
+    in_size = layer.input_size
+    if isinstance(layer, RowParallelLinearWithLoRA):
+        return [_Shard(name, 0, layer.output_size, 0, layer.tp_rank * in_size, in_size)]
+    if isinstance(layer, ReplicatedLinearWithLoRA):
+        return [_Shard(name, 0, layer.output_size, 0, 0, in_size)]
+    if isinstance(layer, MergedColumnParallelLinearWithLoRA):
+        subs = packed.get(leaf, [])
+        if len(subs) != layer.n_slices:
+            raise NotImplementedError(f"{name}: {layer.n_slices} slices but packed mapping {subs}")
+        shards, row = [], 0
+        # output_ids is the shard index of each slice: tp_rank, or tp_rank // replicas for
+        # replicated kv heads (then several ranks hold the same k/v rows).
+        for sub, size, shard_id in zip(subs, layer.output_slices, layer.output_ids):
+            shards.append(_Shard(prefix + sub, row, size, shard_id * size, 0, in_size))
+            row += size
+        return shards
+    if isinstance(layer, QKVParallelLinearWithLoRA):
+        # q, k and v fused in one checkpoint weight (e.g. Phi-3): three row bands per rank.
+        q, kv = layer.q_proj_shard_size, layer.kv_proj_shard_size
+        kv_id = layer.tp_rank // layer.base_layer.num_kv_head_replicas
+        k_start = layer.q_proj_total_size
+        v_start = k_start + layer.kv_proj_total_size
+        return [
+            _Shard(name, 0, q, layer.tp_rank * q, 0, in_size),
+            _Shard(name, q, kv, k_start + kv_id * kv, 0, in_size),
+            _Shard(name, q + kv, kv, v_start + kv_id * kv, 0, in_size),
+        ]
+    if type(layer) is ColumnParallelLinearWithLoRA:
+        size = layer.output_size
+        if not layer.is_merged_col_linear:
+            return [_Shard(name, 0, size, layer.tp_rank * size, 0, in_size)]
+        # gate and up fused in one checkpoint weight (e.g. Phi-3): each rank holds a band of each half.
+        half = size // 2
+        return [
+            _Shard(name, 0, half, layer.tp_rank * half, 0, in_size),
+            _Shard(name, half, half, (layer.tp_size + layer.tp_rank) * half, 0, in_size),
+        ]
+    raise NotImplementedError(f"{name}: {type(layer).__name__} is not supported")
+
+
+def _shard_stats(
+    layer,
+    slot: int | None,
+    shards: list[_Shard],
+    base: _BaseWeights,
+    factors: dict[str, LoraFactors],
+    return_tensors: bool,
+) -> list[dict]:
+    """Stream the layer's local weight in column blocks and accumulate each shard's sums."""
+    names = [base.checkpoint_name(s.module) for s in shards]
+    full_shapes = [base.shape(n) for n in names]
+    sums = [[0.0, 0.0, 0.0] for _ in shards]
+    blocks: list[list[torch.Tensor]] = [[] for _ in shards]
+    in_size = layer.input_size
+    width = max(1, _BLOCK_ELEMENTS // max(in_size, sum(layer.output_slices)))
+    for col in range(0, in_size, width):
+        cols = slice(col, min(col + width, in_size))
+        w_eng = _engine_columns(layer, slot, cols)
+        for i, (shard, name) in enumerate(zip(shards, names)):
+            eng = w_eng[shard.row_start : shard.row_start + shard.out_size]
+            rows = slice(shard.out_offset, shard.out_offset + shard.out_size)
+            disk_cols = slice(shard.in_offset + cols.start, shard.in_offset + cols.stop)
+            d = (eng.double() - base.read(name, rows, disk_cols).double()).flatten()
+            delta = _delta_block(factors.get(name), rows, disk_cols, eng.shape).flatten()
+            sums[i][0] += float(d @ d)
+            sums[i][1] += float(d @ delta)
+            sums[i][2] += float(delta @ delta)
+            if return_tensors:
+                blocks[i].append(eng)
+    results = []
+    for i, (shard, name, (out_features, in_features)) in enumerate(zip(shards, names, full_shapes)):
+        result = {
+            "module": name,
+            "rank": layer.tp_rank,
+            "world_size": layer.tp_size,
+            "out_offset": shard.out_offset,
+            "out_size": shard.out_size,
+            "in_offset": shard.in_offset,
+            "in_size": shard.in_size,
+            "out_features": out_features,
+            "in_features": in_features,
+            "dd": sums[i][0],
+            "dD": sums[i][1],
+            "DD": sums[i][2],
+            "slot": slot,
+        }
+        if return_tensors:
+            result["weight"] = torch.cat(blocks[i], dim=1)
+        results.append(result)
+    return results
+
+
+def _engine_columns(layer, slot: int | None, cols: slice) -> torch.Tensor:
+    """Columns `cols` of what the layer multiplies its input by: base weight + adapter slot.
+    Float32 on CPU, shape (local out, len(cols))."""
+    weight = _base_columns(layer, cols).float()
+    if slot is not None:
+        # vLLM folds the scaling into B, so B_slot @ A_slot is the full adapter term.
+        weight = weight + torch.cat(
+            [
+                b[slot, 0].float() @ a[slot, 0, :, cols].float()
+                for a, b in zip(layer.lora_a_stacked, layer.lora_b_stacked)
+            ]
+        )
+    return weight.cpu()
+
+
+def _base_columns(layer, cols: slice) -> torch.Tensor:
+    """Columns `cols` of the wrapped base layer's local weight."""
+    base_layer = layer.base_layer
+    if isinstance(base_layer.quant_method, UnquantizedLinearMethod) and base_layer.weight.numel() > 0:
+        return base_layer.weight[:, cols]
+    # Quantized weights, and the CPU backend's (which repacks them at load time and empties
+    # layer.weight), are only reachable through the layer's own linear method: I·Wᵀ = Wᵀ.
+    n = cols.stop - cols.start
+    eye = torch.zeros(n, layer.input_size, dtype=base_layer.params_dtype, device=layer.device)
+    eye[torch.arange(n), torch.arange(cols.start, cols.stop)] = 1
+    return base_layer.quant_method.apply(base_layer, eye, None).T
+
+
+def _delta_block(factors: LoraFactors | None, rows: slice, cols: slice, shape) -> torch.Tensor:
+    """ΔW[rows, cols] in float64; zero for a module the adapter does not touch."""
+    if factors is None:
+        return torch.zeros(shape, dtype=torch.float64)
+    return (factors.B[rows].double() @ factors.A[:, cols].double()) * factors.scaling
+
+
+class _BaseWeights:
+    """Slices of the base model's weights, read straight from its safetensors files."""
+
+    def __init__(self, base_dir: Path, mapper=None):
+        index = base_dir / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self._files = {name: base_dir / file for name, file in weight_map.items()}
+        else:
+            self._files = {}
+            for file in sorted(base_dir.glob("*.safetensors")):
+                with safe_open(str(file), framework="pt") as handle:
+                    self._files.update(dict.fromkeys(handle.keys(), file))
+        if not self._files:
+            raise BadInput(f"base model {base_dir} has no *.safetensors weights")
+        # vLLM module name → checkpoint module name, for models that rename weights on load.
+        self._names = {}
+        for key in self._files:
+            if key.endswith(".weight"):
+                mapped = mapper.map_name(key) if mapper is not None else key
+                if mapped is not None:
+                    self._names[mapped.removesuffix(".weight")] = key.removesuffix(".weight")
+        self._handles = {}
+
+    def checkpoint_name(self, module: str) -> str:
+        if module not in self._names:
+            raise BadInput(f"the base checkpoint has no weight for the engine's module {module}")
+        return self._names[module]
+
+    def shape(self, module: str) -> tuple[int, int]:
+        return tuple(self._slice(module).get_shape())
+
+    def read(self, module: str, rows: slice, cols: slice) -> torch.Tensor:
+        return self._slice(module)[rows, cols]
+
+    def _slice(self, module: str):
+        file = self._files[f"{module}.weight"]
+        if file not in self._handles:
+            self._handles[file] = safe_open(str(file), framework="pt")
+        return self._handles[file].get_slice(f"{module}.weight")

@@ -1,0 +1,55 @@
+"""Shared fixtures: the bundled model and adapter, and a way to run the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "fixtures"
+CHECKPOINT = FIXTURES / "checkpoint-500"
+BASE = FIXTURES / "tiny-qwen2"
+PROMPTS = FIXTURES / "prompts.jsonl"
+
+# The engine runs in-process, with a small KV cache (the CPU default reserves most of the memory).
+ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+@dataclass
+class CliRun:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+    def report(self, path: Path) -> dict:
+        return json.loads(path.read_text())
+
+
+def run_cli(*args: str | Path, timeout: float = 600) -> CliRun:
+    """Run `lora-doctor` as a user does: a fresh process, real engine, real exit code."""
+    env = dict(os.environ, **ENGINE_ENV)
+    done = subprocess.run(
+        [sys.executable, "-m", "lora_doctor", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=timeout,
+    )
+    return CliRun(done.returncode, done.stdout, done.stderr)
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dir() -> Path:
+    return CHECKPOINT
+
+
+@pytest.fixture(scope="session")
+def base_dir() -> Path:
+    return BASE
