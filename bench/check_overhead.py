@@ -1,7 +1,9 @@
 """Wall time of `lora-doctor check` on the fixture vs a bare vLLM engine start + one request.
 
 Both run as fresh processes in the same run, so imports and engine start-up count on both sides;
-the ratio is the figure to compare across machines (target: at most 1.5).
+the ratio is the figure to compare across machines (target: at most 1.5). From the check's own
+JSON report it also prints where the check's time goes, including the per-layer weight read as a
+fraction of the whole check.
 
     python bench/check_overhead.py [--plan swift-colocate-lora] [--repeat 1]
 """
@@ -9,6 +11,7 @@ the ratio is the figure to compare across machines (target: at most 1.5).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -52,7 +55,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         check_cmd = [str(lora_doctor), "check", str(CHECKPOINT), "--plan", args.plan, "--prompts", str(PROMPTS), "--json", f"{tmp}/r.json", "-q"]
         bare_cmd = [sys.executable, "-c", BARE_ENGINE, str(BASE), str(PROMPTS)]
-        checks, bares = [], []
+        checks, bares, reports = [], [], []
         for _ in range(args.repeat):
             bare, code = timed(bare_cmd, env)
             if code != 0:
@@ -62,11 +65,22 @@ def main() -> None:
                 sys.exit(f"lora-doctor check failed (exit {code})")
             bares.append(bare)
             checks.append(check)
-    bare, check = min(bares), min(checks)
+            reports.append(json.loads(Path(f"{tmp}/r.json").read_text()))
+    best = min(range(len(checks)), key=checks.__getitem__)
+    bare, check, report = min(bares), checks[best], reports[best]
     print(f"plan                       {args.plan}")
     print(f"bare engine + 1 request    {bare:7.1f} s")
     print(f"lora-doctor check          {check:7.1f} s")
     print(f"ratio (target <= 1.5)      {check / bare:7.2f}")
+    stages = report["seconds"]
+    steps: dict[str, float] = {}
+    for phase in report["phases"]:
+        for step, seconds in phase["seconds"].items():
+            steps[step] = steps.get(step, 0.0) + seconds
+    print("inside the check (from its JSON report):")
+    for name, seconds in [*stages.items(), *(("  phases: " + k, v) for k, v in steps.items())]:
+        print(f"  {name:<24} {seconds:7.2f} s")
+    print(f"per-layer read / whole check {steps.get('layers', 0.0) / check:7.1%}")
 
 
 if __name__ == "__main__":

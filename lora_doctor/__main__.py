@@ -1,3 +1,5 @@
 from .cli import main
 
-main()
+# Tensor-parallel workers are spawned and re-import the main module: run only in the parent.
+if __name__ == "__main__":
+    main()

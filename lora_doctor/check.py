@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -79,21 +80,29 @@ class Checker:
         texts = list(prompts) if isinstance(prompts, list) else load_prompts(prompts)
         self.thresholds = thresholds or Thresholds.for_dtype(dtype)
 
+        self.seconds: dict[str, float] = {}
+        started = time.perf_counter()
         self.say("loading the reference (transformers + PEFT)")
         self.reference = Reference(self.checkpoint, DTYPES[dtype])
         tokenizer = _tokenizer(self.checkpoint)
         token_ids = [tokenizer(text).input_ids for text in texts]
         self.measurer = _Measurer(self.reference, tokenizer, texts, token_ids, max_new_tokens, self.thresholds, layers)
 
+        self.seconds["reference"] = time.perf_counter() - started
+
+        started = time.perf_counter()
         self.say("starting the vLLM engine")
         config = _engine_config(self.checkpoint, self.reference, token_ids, max_new_tokens, dtype, tensor_parallel_size, kv_cache_gib)
         self.engine = Engine(self.checkpoint.base_dir, config)
+        self.seconds["engine_start"] = time.perf_counter() - started
 
     def run(self, plan: Plan) -> Report:
         """Replay one plan and judge every phase it probes."""
         sync = Sync(self.engine, self.checkpoint, self.reference, self._measure)
         self._sync = sync
+        started = time.perf_counter()
         plan.run(sync)
+        seconds = dict(self.seconds, plan=time.perf_counter() - started)
         verdict = overall_verdict([p.verdict for p in sync.phases])
         return Report(
             tool={"name": "lora-doctor", "version": __version__},
@@ -104,6 +113,7 @@ class Checker:
             phases=sync.phases,
             verdict=verdict,
             exit_code=1 if verdict == FAIL else 0,
+            seconds=seconds,
         )
 
     def _measure(self, name: str, lora_request) -> PhaseResult:
@@ -141,18 +151,22 @@ class _Measurer:
         return self._logprobs[key]
 
     def __call__(self, engine: Engine, index: int, name: str, lora_request, say: Progress) -> PhaseResult:
+        clock = _Stopwatch()
         say(f"phase {index + 1} '{name}': engine log-probs and greedy continuations")
         engine_logprobs = engine.prompt_logprobs(self.token_ids, lora_request)
         engine_greedy = engine.greedy(self.token_ids, self.max_new_tokens, lora_request)
+        clock.lap("engine")
         say(f"phase {index + 1} '{name}': fitting the effective LoRA scale")
         logits = compare_logprobs(self.reference_logprobs(1.0), engine_logprobs)
         fit = fit_scale(lambda s: mean_kl(engine_logprobs, self.reference_logprobs(s)))
         verdict = phase_verdict(logits.kl_mean, fit.scale, fit.kl, self.thresholds)
+        clock.lap("scale_fit")
         layers: list[LayerResult] = []
         if self.layers:
             say(f"phase {index + 1} '{name}': reading what the engine holds, per module")
             layers = self.layer_results(engine, lora_request)
             verdict = refine_with_layers(verdict, [layer.verdict for layer in layers])
+            clock.lap("layers")
         explanation = EXPLANATIONS[verdict]
         if verdict != OK and any(layer.verdict != OK for layer in layers):
             detail = describe_modules([(layer.module, layer.verdict) for layer in layers])
@@ -172,6 +186,7 @@ class _Measurer:
             layers=layers,
             samples=self._samples(engine_greedy),
             kl_per_token=logits.kl_per_token,
+            seconds=clock.laps,
         )
 
     def layer_results(self, engine: Engine, lora_request) -> list[LayerResult]:
@@ -192,7 +207,8 @@ class _Measurer:
                     verdict=layer_verdict(figures["effective_scale"], figures["divergence"], self.thresholds),
                 )
             )
-        return sorted(results, key=lambda layer: _module_order(layer.module))
+        order = self.reference.module_order
+        return sorted(results, key=lambda layer: order.get(layer.module, len(order)))
 
     def _samples(self, engine_greedy: list[list[int]]) -> list[Sample]:
         decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
@@ -203,10 +219,15 @@ class _Measurer:
         ]
 
 
-def _module_order(module: str) -> tuple:
-    """Sort modules by layer index as a number (layers.2 before layers.10), then by name."""
-    parts = module.split(".")
-    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts)
+class _Stopwatch:
+    def __init__(self):
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = now - self._last
+        self._last = now
 
 
 def _tokenizer(ckpt: Checkpoint):

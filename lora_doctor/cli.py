@@ -34,6 +34,8 @@ def check(
     threshold: list[str] = typer.Option([], "--threshold", help="Override a threshold, NAME=VALUE (repeatable)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the JSON report here ('-' for stdout)."),
     exit_zero: bool = typer.Option(False, "--exit-zero", help="Exit 0 even when a problem is detected."),
+    layers: bool = typer.Option(False, "--layers", help="Show every LoRA module's effective scale, residual and divergence."),
+    no_layer_check: bool = typer.Option(False, "--no-layer-check", help="Skip reading the engine's weights per module (logits only)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No terminal report, only the exit code (and --json)."),
 ) -> None:
     """Replay a trainer's sync plan into a real vLLM engine and compare it with HF + PEFT after each phase."""
@@ -58,10 +60,11 @@ def check(
             thresholds=limits,
             tensor_parallel_size=tensor_parallel_size,
             kv_cache_gib=kv_cache_gib,
+            layers=not no_layer_check,
             progress=lambda message: status.update(message),
         )
     if not quiet:
-        render_terminal(report, stderr if json_path == Path("-") else _stdout_console())
+        render_terminal(report, stderr if json_path == Path("-") else _stdout_console(), layers=layers)
     if json_path is not None:
         text = render_json(report)
         if json_path == Path("-"):

@@ -31,6 +31,12 @@ class Reference:
         self.vocab_size = self.model.config.vocab_size
         self._lora_layers = [m for m in self.model.modules() if _is_lora_layer(m)]
         self._scaling = {id(m): m.scaling[ADAPTER_NAME] for m in self._lora_layers}
+        # Base module name → position in the architecture (q, k, v, o, gate, up, down per layer).
+        self.module_order = {
+            name.removeprefix("base_model.model."): position
+            for position, (name, module) in enumerate(self.model.named_modules())
+            if _is_lora_layer(module)
+        }
 
     def set_scale(self, scale: float) -> None:
         """Multiply every LoRA layer's own scaling (alpha/r, rank/alpha patterns included) by `scale`."""

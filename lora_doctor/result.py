@@ -43,6 +43,8 @@ class PhaseResult:
     layers: list[LayerResult] = field(default_factory=list)
     samples: list[Sample] = field(default_factory=list)
     kl_per_token: list[list[float]] = field(default_factory=list)
+    # Wall seconds per step of the measurement (engine requests, scale fit, per-layer read).
+    seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -59,6 +61,8 @@ class Report:
     phases: list[PhaseResult]
     verdict: str
     exit_code: int
+    # Wall seconds of the check's stages (reference load, engine start, plan).
+    seconds: dict[str, float] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     @property

@@ -90,3 +90,43 @@ def test_report_follows_the_schema(runs):
     phase = report["phases"][0]
     assert set(phase) >= {"index", "name", "verdict", "effective_scale", "kl_mean", "kl_max", "top1_agreement", "greedy_match", "layers", "samples"}
     assert phase["with_adapter"] is True
+
+
+# Per-module weights read back from the engine (float32: ~1e-7 from W0 + ΔW when right).
+LAYER_SCALE_TOLERANCE = 0.02
+LAYER_DIVERGENCE = 1e-3
+
+
+def test_every_module_is_double_counted_in_the_adapter_phase(runs):
+    _, report = runs["swift-colocate-lora"]
+    merged, adapter = report["phases"]
+    assert len(adapter["layers"]) == 14
+    for layer in adapter["layers"]:
+        assert layer["effective_scale"] == pytest.approx(2.0, abs=LAYER_SCALE_TOLERANCE), layer
+        assert layer["verdict"] == "double_counted"
+    for layer in merged["layers"]:
+        assert layer["effective_scale"] == pytest.approx(1.0, abs=LAYER_SCALE_TOLERANCE), layer
+        assert layer["divergence"] < LAYER_DIVERGENCE
+
+
+def test_every_module_holds_w0_plus_delta_on_the_fixed_path(runs):
+    _, report = runs["swift-fixed"]
+    for phase in report["phases"]:
+        assert len(phase["layers"]) == 14
+        for layer in phase["layers"]:
+            assert layer["effective_scale"] == pytest.approx(1.0, abs=LAYER_SCALE_TOLERANCE), layer
+            assert layer["divergence"] < LAYER_DIVERGENCE
+
+
+def test_tensor_parallel_2_gives_the_single_worker_figures(runs, tmp_path):
+    path = tmp_path / "tp2.json"
+    run = run_cli("check", CHECKPOINT, "--plan", "swift-colocate-lora", "--tensor-parallel-size", "2", "--json", path)
+    assert run.exit_code == 1, run.stderr
+    _, single = runs["swift-colocate-lora"]
+    tp2 = run.report(path)
+    for one, two in zip(single["phases"], tp2["phases"], strict=True):
+        assert two["verdict"] == one["verdict"]
+        assert [layer["module"] for layer in two["layers"]] == [layer["module"] for layer in one["layers"]]
+        for a, b in zip(one["layers"], two["layers"]):
+            for key in ("effective_scale", "residual", "divergence"):
+                assert b[key] == pytest.approx(a[key], abs=1e-4), (a, b)

@@ -16,7 +16,8 @@ def _style(verdict: str) -> str:
     return VERDICT_STYLE.get(verdict, "bold red")
 
 
-def render_terminal(report: Report, console: Console) -> None:
+def render_terminal(report: Report, console: Console, layers: bool = False) -> None:
+    """Print the report; `layers` adds every module's figures for every phase."""
     ckpt = report.checkpoint
     rslora = ", rsLoRA" if ckpt["use_rslora"] else ""
     console.print(
@@ -26,6 +27,10 @@ def render_terminal(report: Report, console: Console) -> None:
         f"plan [bold]{report.plan['name']}[/]: {report.plan.get('summary', '')}"
     )
     console.print(_phase_table(report))
+    for phase in report.phases:
+        console.print(_layer_summary(phase, full=layers))
+        if layers:
+            console.print(_layer_detail(phase))
     for phase in report.phases:
         console.print(_sample_panel(phase))
     console.print(_thresholds_line(report))
@@ -54,6 +59,64 @@ def _phase_table(report: Report) -> Table:
             f"{phase.kl_at_scale:.2e}",
             f"{phase.top1_agreement:.1%}",
             f"{phase.greedy_match:.0%}",
+        )
+    return table
+
+
+def _layer_summary(phase: PhaseResult, full: bool):
+    """One line when every module is right; else a grid: a row per layer, a column per module kind."""
+    title = f"phase {phase.index + 1} {phase.name}"
+    if not phase.layers:
+        return Text(f"{title}: per-module figures not measured", style="dim")
+    wrong = [layer for layer in phase.layers if layer.verdict != "ok"]
+    if not wrong and not full:
+        worst = max(layer.divergence for layer in phase.layers)
+        scales = [layer.effective_scale for layer in phase.layers]
+        return Text(
+            f"{title}: all {len(phase.layers)} LoRA modules hold W0 + ΔW "
+            f"(α {min(scales):.3f}–{max(scales):.3f}, max divergence {worst:.1e})",
+            style="green",
+        )
+    grid: dict[str, dict[str, object]] = {}
+    kinds: list[str] = []
+    for layer in phase.layers:
+        row, _, kind = layer.module.rpartition(".")
+        grid.setdefault(_layer_label(row), {})[kind] = layer
+        if kind not in kinds:
+            kinds.append(kind)
+    table = Table(title=f"{title}: effective LoRA scale per module ({len(wrong)}/{len(phase.layers)} wrong)", title_justify="left")
+    table.add_column("layer", justify="right")
+    for kind in kinds:
+        table.add_column(kind, justify="right")
+    for label, row in grid.items():
+        cells = []
+        for kind in kinds:
+            layer = row.get(kind)
+            cells.append(Text(f"{layer.effective_scale:.3f}", style=_style(layer.verdict)) if layer else Text("—", style="dim"))
+        table.add_row(label, *cells)
+    return table
+
+
+def _layer_label(parent: str) -> str:
+    """"model.layers.3.self_attn" → "3"; anything without a layer index keeps its name."""
+    parts = parent.split(".")
+    for before, part in zip(parts, parts[1:]):
+        if before == "layers" and part.isdigit():
+            return part
+    return parent
+
+
+def _layer_detail(phase: PhaseResult) -> Table:
+    table = Table(title=f"phase {phase.index + 1} {phase.name}: per module", title_justify="left")
+    for column in ("module", "α", "residual", "divergence", "verdict"):
+        table.add_column(column, justify="left" if column in ("module", "verdict") else "right", no_wrap=True)
+    for layer in phase.layers:
+        table.add_row(
+            layer.module,
+            f"{layer.effective_scale:.4f}",
+            f"{layer.residual:.2e}",
+            f"{layer.divergence:.2e}",
+            Text(layer.verdict, style=_style(layer.verdict)),
         )
     return table
 
