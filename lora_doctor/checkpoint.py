@@ -54,15 +54,15 @@ class Checkpoint:
 
 def load_checkpoint(path: str | Path, base: str | Path | None = None) -> Checkpoint:
     """Find the adapter in `path`, resolve the base, and check that they fit together."""
-    adapter_dir = _find_adapter_dir(Path(path))
-    config = _read_json(adapter_dir / ADAPTER_CONFIG)
+    adapter_dir = find_adapter_dir(Path(path))
+    config = read_json(adapter_dir / ADAPTER_CONFIG)
     if config.get("peft_type", "LORA").upper() != "LORA":
         raise BadInput(f"{adapter_dir}: peft_type is {config.get('peft_type')!r}; only LoRA adapters are supported")
-    spec = _spec_from_config(config, adapter_dir)
+    spec = spec_from_config(config, adapter_dir)
     base_model = str(base) if base is not None else config.get("base_model_name_or_path") or ""
-    base_dir = _resolve_base(base_model, adapter_dir, explicit=base is not None)
-    shapes = _adapter_shapes(adapter_dir)
-    _check_fits_base(shapes, base_dir)
+    base_dir = resolve_base(base_model, adapter_dir, explicit=base is not None)
+    shapes = adapter_shapes(adapter_dir)
+    check_fits_base(shapes, base_dir)
     return Checkpoint(
         adapter_dir=adapter_dir.resolve(),
         base_dir=base_dir.resolve(),
@@ -72,12 +72,12 @@ def load_checkpoint(path: str | Path, base: str | Path | None = None) -> Checkpo
     )
 
 
-def _find_adapter_dir(path: Path) -> Path:
+def find_adapter_dir(path: Path) -> Path:
     if not path.exists():
         raise BadInput(f"no such path: {path}")
     if path.is_file():
         if path.name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-            return _find_adapter_dir(path.parent)
+            return find_adapter_dir(path.parent)
         raise BadInput(f"{path} is a file; pass the checkpoint folder that holds {ADAPTER_CONFIG}")
     if (path / ADAPTER_CONFIG).is_file():
         return path
@@ -91,7 +91,7 @@ def _find_adapter_dir(path: Path) -> Path:
     raise BadInput(f"{path} has no {ADAPTER_CONFIG}: pass a PEFT adapter folder or a trainer checkpoint that holds one")
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -101,7 +101,7 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _spec_from_config(config: dict, adapter_dir: Path) -> LoraSpec:
+def spec_from_config(config: dict, adapter_dir: Path) -> LoraSpec:
     try:
         r = int(config["r"])
         alpha = float(config.get("lora_alpha", r))
@@ -124,7 +124,7 @@ def _spec_from_config(config: dict, adapter_dir: Path) -> LoraSpec:
     )
 
 
-def _resolve_base(base_model: str, adapter_dir: Path, explicit: bool) -> Path:
+def resolve_base(base_model: str, adapter_dir: Path, explicit: bool) -> Path:
     if not base_model:
         raise BadInput(f"{adapter_dir / ADAPTER_CONFIG} names no base model; pass --base PATH")
     candidates = [Path(base_model)] if explicit or Path(base_model).is_absolute() else [
@@ -141,7 +141,7 @@ def _resolve_base(base_model: str, adapter_dir: Path, explicit: bool) -> Path:
     )
 
 
-def _adapter_shapes(adapter_dir: Path) -> dict[str, dict[str, tuple[int, ...]]]:
+def adapter_shapes(adapter_dir: Path) -> dict[str, dict[str, tuple[int, ...]]]:
     """Module name → {"A": shape, "B": shape}, read from the safetensors header only."""
     from safetensors import safe_open
 
@@ -185,7 +185,7 @@ def base_weight_shapes(base_dir: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _check_fits_base(adapter: dict[str, dict[str, tuple[int, ...]]], base_dir: Path) -> None:
+def check_fits_base(adapter: dict[str, dict[str, tuple[int, ...]]], base_dir: Path) -> None:
     base = base_weight_shapes(base_dir)
     for module, factor in sorted(adapter.items()):
         weight = base.get(f"{module}.weight")

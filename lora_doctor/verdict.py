@@ -31,6 +31,23 @@ EXPLANATIONS = {
 }
 
 
+# The usual cause of each verdict and what to do about it, printed under the table and in reports.
+CAUSES = {
+    DOUBLE_COUNTED: "merged weights (W0 + ΔW) were pushed as the engine's base and the adapter was then added on top; "
+    "fix: sync the unmerged base (or never add the adapter after a merged sync) — ms-swift >= 4.0.2 (PR #8275)",
+    MISSING: "the engine lost the LoRA: a sleep-mode wake-up or reload restored the base from disk, or the adapter was "
+    "never passed with the generate call; fix: re-sync after every reload and pass the LoRA request",
+    STALE: "a new adapter was synced under an id the engine had already cached, without load_inplace=True; "
+    "fix: use a fresh lora_int_id per sync or load_inplace=True",
+    SCALED: "trainer and engine compute the LoRA scaling differently (rsLoRA alpha/sqrt(r) vs alpha/r, alpha_pattern / "
+    "rank_pattern); fix: make both read the same adapter_config",
+    PARTIAL: "some modules were not synced or were synced under a wrong name (prefix, packed q/k/v or gate/up slices); "
+    "fix: compare the names your sync sends with the engine's module names",
+    DIVERGED: "weights differ from W0 + ΔW in a way no LoRA scale explains: a different base, precision drift from "
+    "repeated merge/unmerge in bf16, or corrupted tensors; fix: sync from a float32 master copy, check the base",
+}
+
+
 @dataclass(frozen=True)
 class Thresholds:
     """Limits that turn measurements into verdicts; `for_dtype` picks defaults per precision."""

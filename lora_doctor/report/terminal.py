@@ -8,6 +8,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..result import PhaseResult, Report
+from ..verdict import CAUSES
 
 VERDICT_STYLE = {"ok": "bold green", "pass": "bold green", "fail": "bold red"}
 
@@ -36,7 +37,12 @@ def render_terminal(report: Report, console: Console, layers: bool = False) -> N
     console.print(_thresholds_line(report))
     for phase in report.phases:
         if not phase.ok:
-            console.print(f"[{_style(phase.verdict)}]phase {phase.index + 1} {phase.name}: {phase.verdict}[/] — {phase.explanation}")
+            console.print(
+                f"[{_style(phase.verdict)}]phase {phase.index + 1} {phase.name}: {phase.verdict}[/] — {phase.explanation}",
+                highlight=False,
+            )
+            if phase.verdict in CAUSES:
+                console.print(f"  likely cause: {CAUSES[phase.verdict]}", style="dim", highlight=False)
     console.print(Text(f"verdict: {report.verdict.upper()} (exit {report.exit_code})", style=_style(report.verdict)))
 
 
