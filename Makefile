@@ -26,6 +26,8 @@ demo: install
 	else echo "demo: expected exit 1 (double count), got $$code"; exit 1; fi
 
 test: install
+	@# The HTML report test renders in headless Chromium (Debian's package).
+	bash scripts/ensure-chromium.sh
 	$(BIN)/python -m pytest
 
 bench: install

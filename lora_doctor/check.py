@@ -15,8 +15,9 @@ from .engine import Engine, EngineConfig
 from .errors import BadInput
 from .metrics import compare_logprobs, fit_scale, greedy_match, mean_kl
 from .plans import DEFAULT_PLAN, Plan, get_plan
+from .preflight import inspect_checkpoint
 from .prompts import load_prompts
-from .reference import Reference
+from .reference import PREVIOUS_ADAPTER, Reference
 from .lora_delta import combine_layer_stats
 from .result import LayerResult, PhaseResult, Report, Sample
 from .sync import Sync
@@ -25,12 +26,15 @@ from .verdict import (
     FAIL,
     OK,
     PARTIAL,
+    SCALED,
+    STALE,
     Thresholds,
     describe_modules,
     layer_verdict,
     overall_verdict,
     phase_verdict,
     refine_with_layers,
+    scale_hint,
 )
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -48,6 +52,8 @@ def check(checkpoint: str | Path, *, plan: str = DEFAULT_PLAN, **options) -> Rep
     `EnvironmentProblem` (exit 3) when the check cannot be run at all.
     """
     chosen = get_plan(plan)
+    if chosen.needs_previous and options.get("previous") is None:
+        raise BadInput(f"plan {chosen.name} needs two states of the adapter: pass --previous <older checkpoint>")
     with Checker(checkpoint, **options) as checker:
         return checker.run(chosen)
 
@@ -60,6 +66,7 @@ class Checker:
         checkpoint: str | Path,
         *,
         base: str | Path | None = None,
+        previous: str | Path | None = None,
         prompts: str | Path | list[str] | None = None,
         max_new_tokens: int = 32,
         dtype: str = "float32",
@@ -76,7 +83,10 @@ class Checker:
             raise BadInput("--max-new-tokens must be at least 1")
         if tensor_parallel_size < 1:
             raise BadInput("--tensor-parallel-size must be at least 1")
+        self.preflight = inspect_checkpoint(checkpoint, base=base)
         self.checkpoint = load_checkpoint(checkpoint, base)
+        # The older adapter state must apply to the same base.
+        self.previous = load_checkpoint(previous, self.checkpoint.base_dir) if previous is not None else None
         texts = list(prompts) if isinstance(prompts, list) else load_prompts(prompts)
         self.thresholds = thresholds or Thresholds.for_dtype(dtype)
 
@@ -84,9 +94,11 @@ class Checker:
         started = time.perf_counter()
         self.say("loading the reference (transformers + PEFT)")
         self.reference = Reference(self.checkpoint, DTYPES[dtype])
+        if self.previous is not None:
+            self.reference.load_previous(self.previous)
         tokenizer = _tokenizer(self.checkpoint)
         token_ids = [tokenizer(text).input_ids for text in texts]
-        self.measurer = _Measurer(self.reference, tokenizer, texts, token_ids, max_new_tokens, self.thresholds, layers)
+        self.measurer = _Measurer(self.reference, self.previous, tokenizer, texts, token_ids, max_new_tokens, self.thresholds, layers)
 
         self.seconds["reference"] = time.perf_counter() - started
 
@@ -98,7 +110,9 @@ class Checker:
 
     def run(self, plan: Plan) -> Report:
         """Replay one plan and judge every phase it probes."""
-        sync = Sync(self.engine, self.checkpoint, self.reference, self._measure)
+        if plan.needs_previous and self.previous is None:
+            raise BadInput(f"plan {plan.name} needs two states of the adapter: pass --previous <older checkpoint>")
+        sync = Sync(self.engine, self.checkpoint, self.reference, self._measure, self.previous)
         self._sync = sync
         started = time.perf_counter()
         plan.run(sync)
@@ -107,13 +121,17 @@ class Checker:
         return Report(
             tool={"name": "lora-doctor", "version": __version__},
             environment=environment(),
-            checkpoint=checkpoint_summary(self.checkpoint),
+            checkpoint=dict(
+                checkpoint_summary(self.checkpoint),
+                previous=str(self.previous.adapter_dir) if self.previous is not None else None,
+            ),
             plan={"name": plan.name, "summary": plan.summary, "phases": [p.name for p in sync.phases]},
             thresholds=self.thresholds.as_dict(),
             phases=sync.phases,
             verdict=verdict,
             exit_code=1 if verdict == FAIL else 0,
             seconds=seconds,
+            preflight=[finding.to_dict() for finding in self.preflight.findings],
         )
 
     def _measure(self, name: str, lora_request) -> PhaseResult:
@@ -132,22 +150,23 @@ class Checker:
 class _Measurer:
     """Measures the engine against the reference; reference log-probs are cached per scale."""
 
-    def __init__(self, reference: Reference, tokenizer, texts, token_ids, max_new_tokens, thresholds, layers: bool):
+    def __init__(self, reference: Reference, previous, tokenizer, texts, token_ids, max_new_tokens, thresholds, layers: bool):
         self.layers = layers
         self.reference = reference
+        self.previous = previous
         self.tokenizer = tokenizer
         self.texts = texts
         self.token_ids = token_ids
         self.max_new_tokens = max_new_tokens
         self.thresholds = thresholds
-        self._logprobs: dict[float, list[torch.Tensor]] = {}
+        self._logprobs: dict[tuple[str, float], list[torch.Tensor]] = {}
         self.eos = _eos_ids(tokenizer, reference)
         self.reference_greedy = reference.greedy(token_ids, max_new_tokens, self.eos)
 
-    def reference_logprobs(self, scale: float) -> list[torch.Tensor]:
-        key = round(scale, 6)
+    def reference_logprobs(self, scale: float, adapter: str | None = None) -> list[torch.Tensor]:
+        key = (adapter or "", round(scale, 6))
         if key not in self._logprobs:
-            self._logprobs[key] = self.reference.prompt_logprobs(self.token_ids, scale)
+            self._logprobs[key] = self.reference.prompt_logprobs(self.token_ids, scale, adapter)
         return self._logprobs[key]
 
     def __call__(self, engine: Engine, index: int, name: str, lora_request, say: Progress) -> PhaseResult:
@@ -167,7 +186,17 @@ class _Measurer:
             layers = self.layer_results(engine, lora_request)
             verdict = refine_with_layers(verdict, [layer.verdict for layer in layers])
             clock.lap("layers")
+        kl_previous = None
+        if self.previous is not None:
+            kl_previous = mean_kl(self.reference_logprobs(1.0, PREVIOUS_ADAPTER), engine_logprobs)
+            if verdict != OK and self.matches_previous(engine, lora_request, kl_previous, layers):
+                verdict = STALE
+            clock.lap("previous")
         explanation = EXPLANATIONS[verdict]
+        if verdict == SCALED:
+            spec = self.reference.checkpoint.spec
+            hint = scale_hint(fit.scale, spec.r, spec.lora_alpha, spec.use_rslora)
+            explanation = f"{explanation}: α = {fit.scale:.3f}" + (f" {hint}" if hint else "")
         if verdict != OK and any(layer.verdict != OK for layer in layers):
             detail = describe_modules([(layer.module, layer.verdict) for layer in layers])
             explanation = f"{detail} — {explanation}" if verdict == PARTIAL else f"{explanation}; {detail}"
@@ -186,14 +215,32 @@ class _Measurer:
             layers=layers,
             samples=self._samples(engine_greedy),
             kl_per_token=logits.kl_per_token,
+            kl_previous=kl_previous,
             seconds=clock.laps,
         )
 
-    def layer_results(self, engine: Engine, lora_request) -> list[LayerResult]:
+    def matches_previous(self, engine: Engine, lora_request, kl_previous: float, layers: list[LayerResult]) -> bool:
+        """Whether the engine holds the previous adapter state: by logits and, when read, by weights.
+
+        Marks the modules that hold the previous ΔW as `stale`.
+        """
+        if kl_previous > self.thresholds.kl_mean:
+            return False
+        if not layers:
+            return True
+        against_previous = {r.module: r for r in self.layer_results(engine, lora_request, self.previous.adapter_dir)}
+        stale = [layer for layer in layers if against_previous.get(layer.module) and against_previous[layer.module].verdict == OK]
+        for layer in stale:
+            if layer.verdict != OK:
+                layer.verdict = STALE
+        return len(stale) == len(layers)
+
+    def layer_results(self, engine: Engine, lora_request, adapter_dir: Path | None = None) -> list[LayerResult]:
         """Per LoRA-targeted module, what the engine holds (base + loaded adapter) vs W0 + ΔW."""
         ckpt = self.reference.checkpoint
         lora_id = lora_request.lora_int_id if lora_request is not None else None
-        per_rank = engine.rpc("lora_doctor_layer_stats", str(ckpt.base_dir), str(ckpt.adapter_dir), lora_id)
+        adapter = adapter_dir or ckpt.adapter_dir
+        per_rank = engine.rpc("lora_doctor_layer_stats", str(ckpt.base_dir), str(adapter), lora_id)
         results = []
         for figures in combine_layer_stats(per_rank):
             if figures["effective_scale"] is None:
@@ -204,7 +251,7 @@ class _Measurer:
                     effective_scale=figures["effective_scale"],
                     residual=figures["residual"],
                     divergence=figures["divergence"],
-                    verdict=layer_verdict(figures["effective_scale"], figures["divergence"], self.thresholds),
+                    verdict=layer_verdict(figures["effective_scale"], figures["residual"], figures["divergence"], self.thresholds),
                 )
             )
         order = self.reference.module_order
@@ -277,6 +324,7 @@ def checkpoint_summary(ckpt: Checkpoint) -> dict:
         "scaling": spec.scaling,
         "target_modules": spec.target_modules,
     }
+
 
 
 def environment() -> dict:

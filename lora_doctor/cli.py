@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -25,7 +26,8 @@ stderr = Console(stderr=True)
 def check(
     checkpoint: Path = typer.Argument(..., help="PEFT adapter folder or trainer checkpoint (e.g. checkpoint-500/)."),
     base: Optional[Path] = typer.Option(None, "--base", help="Local base model folder (default: base_model_name_or_path from adapter_config.json)."),
-    plan: str = typer.Option("swift-colocate-lora", "--plan", help="Sync plan to replay; see 'lora-doctor plans'."),
+    plan: str = typer.Option("swift-colocate-lora", "--plan", help="Sync plan to replay: a name from 'lora-doctor plans', or FILE.py:FUNCTION / MODULE:FUNCTION for your own."),
+    previous: Optional[Path] = typer.Option(None, "--previous", help="An older checkpoint of the same run: tells a stale adapter from a wrong one."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompts file: .jsonl with a \"prompt\" field, or one prompt per line. Default: built-in math questions."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Length of the greedy continuations compared."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 (tight thresholds), bfloat16 or float16."),
@@ -33,6 +35,7 @@ def check(
     kv_cache_gib: int = typer.Option(1, "--kv-cache-gib", help="CPU KV cache of the engine, in GiB."),
     threshold: list[str] = typer.Option([], "--threshold", help="Override a threshold, NAME=VALUE (repeatable)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the JSON report here ('-' for stdout)."),
+    report_dir: Optional[Path] = typer.Option(None, "--report", help="Write report.json, report.md (paste into an issue) and report.html into this folder."),
     exit_zero: bool = typer.Option(False, "--exit-zero", help="Exit 0 even when a problem is detected."),
     layers: bool = typer.Option(False, "--layers", help="Show every LoRA module's effective scale, residual and divergence."),
     no_layer_check: bool = typer.Option(False, "--no-layer-check", help="Skip reading the engine's weights per module (logits only)."),
@@ -44,6 +47,7 @@ def check(
     from .verdict import Thresholds
 
     _check_output_path(json_path)
+    _check_report_dir(report_dir)
     limits = Thresholds.for_dtype(dtype)
     try:
         limits = limits.override(_parse_thresholds(threshold))
@@ -53,6 +57,7 @@ def check(
         report = run_check(
             checkpoint,
             base=base,
+            previous=previous,
             plan=plan,
             prompts=prompts,
             max_new_tokens=max_new_tokens,
@@ -66,11 +71,58 @@ def check(
     if not quiet:
         render_terminal(report, stderr if json_path == Path("-") else _stdout_console(), layers=layers)
     if json_path is not None:
-        text = render_json(report)
-        if json_path == Path("-"):
-            sys.stdout.write(text)
-        else:
-            json_path.write_text(text)
+        _write(render_json(report), json_path)
+    if report_dir is not None:
+        _write_report_dir(report, report_dir)
+    raise typer.Exit(0 if exit_zero else report.exit_code)
+
+
+@app.command()
+def report(
+    report_json: Path = typer.Argument(..., help="A JSON report written by 'check --json' or 'check --report'."),
+    output_format: str = typer.Option("terminal", "--format", "-f", help="terminal, md, html or json."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write here instead of stdout."),
+) -> None:
+    """Re-render a saved JSON report (e.g. as Markdown for an issue, or as a self-contained HTML page)."""
+    from .report import render_html, render_json, render_markdown, render_terminal
+    from .result import Report
+
+    renderers = {"md": render_markdown, "markdown": render_markdown, "html": render_html, "json": render_json}
+    if output_format not in (*renderers, "terminal"):
+        raise BadInput(f"--format {output_format!r}: use terminal, md, html or json")
+    _check_output_path(output, "--output")
+    try:
+        saved = Report.from_dict(json.loads(report_json.read_text()))
+    except FileNotFoundError:
+        raise BadInput(f"no such report: {report_json}") from None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise BadInput(f"{report_json} is not a lora-doctor JSON report ({error})") from None
+    if output_format == "terminal":
+        render_terminal(saved, _stdout_console() if output is None else Console(file=output.open("w"), width=140))
+    else:
+        _write(renderers[output_format](saved), output or Path("-"))
+    raise typer.Exit(saved.exit_code)
+
+
+@app.command()
+def inspect(
+    checkpoint: Path = typer.Argument(..., help="PEFT adapter folder or trainer checkpoint (e.g. checkpoint-500/)."),
+    base: Optional[Path] = typer.Option(None, "--base", help="Local base model folder (default: base_model_name_or_path from adapter_config.json)."),
+    max_lora_rank: Optional[int] = typer.Option(None, "--max-lora-rank", help="The engine's max_lora_rank, to check the adapter's rank against."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the JSON report here ('-' for stdout)."),
+    exit_zero: bool = typer.Option(False, "--exit-zero", help="Exit 0 even when a problem is found."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No terminal report, only the exit code (and --json)."),
+) -> None:
+    """Pre-flight: what vLLM will refuse, drop or scale differently in this adapter (no engine needed)."""
+    from .preflight import inspect_checkpoint
+    from .report.preflight import render_preflight_json, render_preflight_terminal
+
+    _check_output_path(json_path)
+    report = inspect_checkpoint(checkpoint, base=base, max_lora_rank=max_lora_rank)
+    if not quiet:
+        render_preflight_terminal(report, stderr if json_path == Path("-") else _stdout_console())
+    if json_path is not None:
+        _write(render_preflight_json(report), json_path)
     raise typer.Exit(0 if exit_zero else report.exit_code)
 
 
@@ -85,19 +137,45 @@ def plans() -> None:
         console.print(f"[bold]{plan.name}[/]{default}: {plan.summary}")
 
 
+def _write(text: str, path: Path) -> None:
+    """Write to a file, or to stdout for '-'."""
+    if path == Path("-"):
+        sys.stdout.write(text)
+    else:
+        path.write_text(text)
+
+
 def _stdout_console() -> Console:
     # Piped output (CI logs, bug reports) keeps the whole table rather than rich's 80-column default.
     console = Console()
     return console if console.is_terminal else Console(width=140)
 
 
-def _check_output_path(path: Optional[Path]) -> None:
+def _check_output_path(path: Optional[Path], option: str = "--json") -> None:
     if path is None or path == Path("-"):
         return
     if path.is_dir():
-        raise BadInput(f"--json {path} is a folder; give a file path")
+        raise BadInput(f"{option} {path} is a folder; give a file path")
     if not path.parent.is_dir():
-        raise BadInput(f"--json {path}: folder {path.parent} does not exist")
+        raise BadInput(f"{option} {path}: folder {path.parent} does not exist")
+
+
+def _check_report_dir(path: Optional[Path]) -> None:
+    if path is None:
+        return
+    if path.exists() and not path.is_dir():
+        raise BadInput(f"--report {path} is a file; give a folder")
+    if not path.exists() and not path.parent.is_dir():
+        raise BadInput(f"--report {path}: folder {path.parent} does not exist")
+
+
+def _write_report_dir(report, folder: Path) -> None:
+    from .report import render_html, render_json, render_markdown
+
+    folder.mkdir(exist_ok=True)
+    (folder / "report.json").write_text(render_json(report))
+    (folder / "report.md").write_text(render_markdown(report))
+    (folder / "report.html").write_text(render_html(report))
 
 
 def _parse_thresholds(items: list[str]) -> dict[str, float]:

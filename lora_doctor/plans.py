@@ -1,15 +1,24 @@
 """Named sync plans: the sequence of syncs a trainer performs, each followed by a probe.
 
-A plan is a function of a `Sync` handle. The built-in plans use the same API a custom plan does.
+A plan is a function of a `Sync` handle (see `sync.py` for its API). The built-in plans use the same
+API a custom plan does: `--plan path/to/file.py:function` or `--plan package.module:function`.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import BadInput
 from .sync import Sync
+
+# Merge/unmerge rounds before the drift plan's final merge: a few hundred optimizer steps.
+DRIFT_CYCLES = 200
 
 
 @dataclass(frozen=True)
@@ -17,6 +26,7 @@ class Plan:
     name: str
     summary: str
     run: Callable[[Sync], None]
+    needs_previous: bool = False
 
 
 def swift_colocate_lora(sync: Sync) -> None:
@@ -40,12 +50,57 @@ def swift_fixed(sync: Sync) -> None:
 
 
 def merged(sync: Sync) -> None:
-    # Merge → push every weight → unmerge at every step (TRL; ms-swift with vllm_enable_lora false);
-    # generation never uses an adapter.
+    # Merge → push every weight → unmerge at every step (TRL's vLLM sync; ms-swift with
+    # vllm_enable_lora false); generation never uses an adapter.
     sync.load_merged()
     sync.probe("full-merged")
     sync.load_merged()
     sync.probe("full-merged")
+
+
+def trl_sleep_reload(sync: Sync) -> None:
+    # TRL colocate with vLLM sleep mode (trl #5312, #2856): the merged weights are pushed, then the
+    # engine's wake-up reloads its weights from the model folder on disk, so rollouts run on W0.
+    sync.load_merged()
+    sync.probe("full-merged")
+    sync.reload_from_disk()
+    sync.probe("after-wake-up")
+
+
+def verl_adapter(sync: Sync) -> None:
+    # verl with LoRA rollouts (verl #3516, #6782 for its failure modes): the engine keeps the base it
+    # loaded from disk and receives only the adapter, under a fresh id, at every sync.
+    sync.reload_from_disk()
+    sync.add_adapter()
+    sync.probe("adapter")
+    sync.add_adapter()
+    sync.probe("adapter")
+
+
+def adapter_reused_id(sync: Sync) -> None:
+    # An adapter sync that re-adds new weights under the id the engine already cached, without
+    # load_inplace=True: vLLM keeps serving the cached (previous) adapter.
+    sync.reload_from_disk()
+    sync.add_adapter(id=1, weights="previous")
+    sync.add_adapter(id=1, weights="current")
+    sync.probe("adapter-same-id")
+
+
+def merged_bf16_drift(sync: Sync) -> None:
+    # Merge/unmerge in bf16 at every step (trl #6688): rounding error accumulates in the trainer's
+    # copy of W0, so the pushed weights drift from W0 + ΔW.
+    sync.load_merged(dtype="bfloat16", cycles=DRIFT_CYCLES)
+    sync.probe(f"full-merged-bf16x{DRIFT_CYCLES}")
+
+
+def rslora_ignored(sync: Sync) -> None:
+    # A merge that scales an rsLoRA adapter as plain LoRA (alpha/r instead of alpha/sqrt(r)): the
+    # engine ends up with ΔW/sqrt(r).
+    spec = sync.checkpoint.spec
+    if not spec.use_rslora:
+        raise BadInput("plan rslora-ignored needs an rsLoRA adapter (use_rslora: true in adapter_config.json)")
+    sync.load_merged(scale=1 / math.sqrt(spec.r))
+    sync.probe("full-merged-plain-scaling")
 
 
 PLANS: dict[str, Plan] = {
@@ -54,13 +109,49 @@ PLANS: dict[str, Plan] = {
         Plan("swift-colocate-lora", "ms-swift 3.10.0–4.0.1 colocate LoRA after resume: merged base, then adapter on top (#8233)", swift_colocate_lora),
         Plan("swift-fixed", "ms-swift >= 4.0.2: unmerged base + adapter, then adapter syncs (PR #8275)", swift_fixed),
         Plan("merged", "merge, push all weights, unmerge at every step (TRL; ms-swift without vllm_enable_lora)", merged),
+        Plan("trl-sleep-reload", "TRL sleep mode: merged weights pushed, then wake-up reloads the base from disk (#5312)", trl_sleep_reload),
+        Plan("verl-adapter", "verl LoRA rollouts: disk base + the adapter under a fresh id at every sync", verl_adapter),
+        Plan("adapter-reused-id", "new adapter weights re-added under a cached id without load_inplace (needs --previous)", adapter_reused_id, needs_previous=True),
+        Plan("merged-bf16-drift", f"merge/unmerge in bf16 for {DRIFT_CYCLES} steps, then push (precision drift, trl #6688)", merged_bf16_drift),
+        Plan("rslora-ignored", "an rsLoRA adapter merged with plain alpha/r scaling (needs an rsLoRA adapter)", rslora_ignored),
     )
 }
 DEFAULT_PLAN = "swift-colocate-lora"
 
 
 def get_plan(name: str) -> Plan:
-    try:
+    """A built-in plan by name, or a custom one as `file.py:function` / `package.module:function`."""
+    if name in PLANS:
         return PLANS[name]
-    except KeyError:
-        raise BadInput(f"unknown plan {name!r}; known plans: {', '.join(PLANS)} (see 'lora-doctor plans')") from None
+    if ":" in name:
+        return _custom_plan(name)
+    raise BadInput(f"unknown plan {name!r}; known plans: {', '.join(PLANS)}, or FILE.py:FUNCTION (see 'lora-doctor plans')")
+
+
+def _custom_plan(spec: str) -> Plan:
+    source, _, function_name = spec.rpartition(":")
+    if not source or not function_name:
+        raise BadInput(f"--plan {spec!r}: expected FILE.py:FUNCTION or MODULE:FUNCTION")
+    module = _load_module(source, spec)
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise BadInput(f"--plan {spec!r}: {source} has no function {function_name!r}")
+    doc = inspect.getdoc(function) or f"custom plan {spec}"
+    return Plan(name=spec, summary=doc.splitlines()[0], run=function, needs_previous=getattr(function, "needs_previous", False))
+
+
+def _load_module(source: str, spec: str):
+    path = Path(source)
+    try:
+        if source.endswith(".py") or path.is_file():
+            if not path.is_file():
+                raise BadInput(f"--plan {spec!r}: no such file {source}")
+            module_spec = importlib.util.spec_from_file_location(f"lora_doctor_plan_{path.stem}", path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+            return module
+        return importlib.import_module(source)
+    except BadInput:
+        raise
+    except Exception as error:  # the user's code: report its failure in one line
+        raise BadInput(f"--plan {spec!r}: cannot load {source} ({type(error).__name__}: {error})") from None

@@ -10,6 +10,7 @@ from .checkpoint import Checkpoint
 from .errors import BadInput
 
 ADAPTER_NAME = "default"
+PREVIOUS_ADAPTER = "previous"
 
 
 class Reference:
@@ -28,9 +29,26 @@ class Reference:
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise BadInput(f"cannot load {checkpoint.adapter_dir} on base {checkpoint.base_dir}: {first_line}") from None
         self.model.eval()
+        self.adapter = ADAPTER_NAME
+        self._index()
+
+    @classmethod
+    def from_peft_model(cls, model, checkpoint: Checkpoint) -> Reference:
+        """Wrap a PEFT model that is already loaded (a trainer's policy), without copying it."""
+        reference = cls.__new__(cls)
+        reference.checkpoint = checkpoint
+        reference.model = model
+        reference.dtype = next(model.parameters()).dtype
+        active = model.active_adapter
+        reference.adapter = active if isinstance(active, str) else active[0]
+        reference._index()
+        return reference
+
+    def _index(self) -> None:
         self.vocab_size = self.model.config.vocab_size
+        self.device = next(self.model.parameters()).device
         self._lora_layers = [m for m in self.model.modules() if _is_lora_layer(m)]
-        self._scaling = {id(m): m.scaling[ADAPTER_NAME] for m in self._lora_layers}
+        self._scaling = self._own_scaling(self.adapter)
         # Base module name → position in the architecture (q, k, v, o, gate, up, down per layer).
         self.module_order = {
             name.removeprefix("base_model.model."): position
@@ -38,23 +56,40 @@ class Reference:
             if _is_lora_layer(module)
         }
 
-    def set_scale(self, scale: float) -> None:
+    def load_previous(self, previous: Checkpoint) -> None:
+        """Add an older state of the adapter (for telling a stale engine from a wrong one)."""
+        try:
+            self.model.load_adapter(str(previous.adapter_dir), adapter_name=PREVIOUS_ADAPTER)
+        except (OSError, ValueError, RuntimeError, KeyError) as error:
+            raise BadInput(f"cannot load previous adapter {previous.adapter_dir}: {error}") from None
+        self._scaling.update(self._own_scaling(PREVIOUS_ADAPTER))
+        self.model.set_adapter(self.adapter)
+
+    def set_scale(self, scale: float, adapter: str | None = None) -> None:
         """Multiply every LoRA layer's own scaling (alpha/r, rank/alpha patterns included) by `scale`."""
+        adapter = adapter or self.adapter
         for module in self._lora_layers:
-            module.scaling[ADAPTER_NAME] = self._scaling[id(module)] * scale
+            if adapter in module.scaling:
+                module.scaling[adapter] = self._scaling[(id(module), adapter)] * scale
 
     @torch.inference_mode()
-    def prompt_logprobs(self, prompts: list[list[int]], scale: float = 1.0) -> list[torch.Tensor]:
+    def prompt_logprobs(self, prompts: list[list[int]], scale: float = 1.0, adapter: str | None = None) -> list[torch.Tensor]:
         """Per prompt, `(len-1, vocab)` float32 log-probs of every next token over the full vocabulary."""
-        self.set_scale(scale)
+        adapter = adapter or self.adapter
+        self.model.set_adapter(adapter)
+        self.set_scale(scale, adapter)
         try:
             out = []
             for ids in prompts:
-                logits = self.model(input_ids=torch.tensor([ids])).logits[0, :-1]
-                out.append(torch.log_softmax(logits.float(), dim=-1))
+                logits = self.model(input_ids=torch.tensor([ids], device=self.device)).logits[0, :-1]
+                out.append(torch.log_softmax(logits.float(), dim=-1).cpu())
             return out
         finally:
-            self.set_scale(1.0)
+            self.set_scale(1.0, adapter)
+            self.model.set_adapter(self.adapter)
+
+    def _own_scaling(self, adapter: str) -> dict[tuple[int, str], float]:
+        return {(id(m), adapter): m.scaling[adapter] for m in self._lora_layers if adapter in m.scaling}
 
     @torch.inference_mode()
     def greedy(self, prompts: list[list[int]], max_new_tokens: int, eos_token_ids: set[int], scale: float = 1.0) -> list[list[int]]:
@@ -65,8 +100,8 @@ class Reference:
             continuations = []
             for ids in prompts:
                 output = self.model.generate(
-                    input_ids=torch.tensor([ids]),
-                    attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                    input_ids=torch.tensor([ids], device=self.device),
+                    attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=self.device),
                     max_new_tokens=max_new_tokens,
                     do_sample=False,
                     eos_token_id=eos,
@@ -80,9 +115,9 @@ class Reference:
     def delta_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """`(base weight name, ΔW)` for every LoRA-targeted module, via PEFT's `get_delta_weight`."""
         for name, module in self.model.named_modules():
-            if _is_lora_layer(module) and ADAPTER_NAME in module.lora_A:
+            if _is_lora_layer(module) and self.adapter in module.lora_A:
                 base_name = name.removeprefix("base_model.model.")
-                yield f"{base_name}.weight", module.get_delta_weight(ADAPTER_NAME).detach()
+                yield f"{base_name}.weight", module.get_delta_weight(self.adapter).detach()
 
 
 def _is_lora_layer(module: torch.nn.Module) -> bool:

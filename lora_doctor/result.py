@@ -43,6 +43,8 @@ class PhaseResult:
     layers: list[LayerResult] = field(default_factory=list)
     samples: list[Sample] = field(default_factory=list)
     kl_per_token: list[list[float]] = field(default_factory=list)
+    # Mean KL(previous adapter's reference ‖ engine), when a previous checkpoint was given.
+    kl_previous: float | None = None
     # Wall seconds per step of the measurement (engine requests, scale fit, per-layer read).
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -63,6 +65,8 @@ class Report:
     exit_code: int
     # Wall seconds of the check's stages (reference load, engine start, plan).
     seconds: dict[str, float] = field(default_factory=dict)
+    # Pre-flight findings on the checkpoint (code, severity, message, fix, subjects).
+    preflight: list[dict] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
 
     @property

@@ -1,4 +1,18 @@
-"""The handle a sync plan drives: the operations a trainer performs on its engine."""
+"""The handle a sync plan drives: the operations a trainer performs on its engine.
+
+A plan is a Python function that receives a `Sync` and calls, in the trainer's order:
+
+- `load_base()`: full sync of the unmerged base weights `W0`;
+- `load_merged(scale=1.0, layers=None, dtype=None, cycles=0)`: full sync of `W0 + scale·ΔW`, optionally
+  for some decoder layers only, optionally computed the way a half-precision trainer does after
+  `cycles` merge/unmerge rounds (precision drift);
+- `add_adapter(id=None, load_inplace=False, weights="current")`: adapter sync of the checkpoint's
+  adapter ("current"), of `--previous` ("previous"), or of any adapter folder (a path); later probes
+  generate with it;
+- `drop_adapter()`: later probes generate without an adapter;
+- `reload_from_disk()`: the engine reloads its base from its model folder (sleep-mode wake-up);
+- `probe(name)`: measure the engine now against the checkpoint's `W0 + ΔW` and record a phase.
+"""
 
 from __future__ import annotations
 
@@ -10,18 +24,16 @@ import torch
 
 from .checkpoint import Checkpoint
 from .engine import Engine
+from .errors import BadInput
 from .reference import Reference
 from .result import PhaseResult
 
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 class Sync:
-    """Engine operations in a trainer's terms; `probe(name)` measures the engine as it is now.
-
-    The trainer's expected policy is always the checkpoint's `W0 + ΔW`. `probe` generates the way
-    the trainer does right after its sync: with the adapter it last added, unless told otherwise.
-    """
+    """Engine operations in a trainer's terms. The expected policy is always the checkpoint's `W0 + ΔW`."""
 
     def __init__(
         self,
@@ -29,9 +41,11 @@ class Sync:
         checkpoint: Checkpoint,
         reference: Reference,
         measure: Callable[[str, object], PhaseResult],
+        previous: Checkpoint | None = None,
     ):
         self.engine = engine
         self.checkpoint = checkpoint
+        self.previous = previous
         self.reference = reference
         self._measure = measure
         self._delta: dict[str, torch.Tensor] | None = None
@@ -42,15 +56,33 @@ class Sync:
         """Full sync of the unmodified base weights `W0` (the LoRA kept aside)."""
         self.engine.load_weights(self._base_weights())
 
-    def load_merged(self, scale: float = 1.0, layers: set[int] | None = None) -> None:
-        """Full sync of merged weights `W0 + scale·ΔW` (optionally only for some decoder layers)."""
+    def load_merged(
+        self,
+        scale: float = 1.0,
+        layers: set[int] | None = None,
+        dtype: str | None = None,
+        cycles: int = 0,
+    ) -> None:
+        """Full sync of merged weights `W0 + scale·ΔW`.
+
+        `layers` limits the merge to some decoder layers. With `dtype` (e.g. "bfloat16") every weight is
+        held in that precision, as a half-precision trainer holds it, and merged then unmerged `cycles`
+        times before the final merge: the rounding drift of trl #6688.
+        """
+        if dtype is not None and dtype not in _DTYPES:
+            raise BadInput(f"load_merged: unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
         delta = self._deltas()
+        precision = _DTYPES.get(dtype or "float32")
 
         def merged() -> Iterator[tuple[str, torch.Tensor]]:
             for name, weight in self._base_weights():
+                held = weight.to(precision)
                 if name in delta and _in_layers(name, layers):
-                    weight = weight.float() + scale * delta[name]
-                yield name, weight
+                    step = (scale * delta[name]).to(precision)
+                    for _ in range(cycles):
+                        held = (held + step) - step  # each op rounds to `precision`
+                    held = held + step
+                yield name, held.float()
 
         self.engine.load_weights(merged())
 
@@ -58,10 +90,10 @@ class Sync:
         """The engine reloads its base from its model folder (what sleep-mode wake-up does)."""
         self.engine.reload_from_disk()
 
-    def add_adapter(self, id: int | None = None, load_inplace: bool = False, path: str | Path | None = None) -> int:
-        """Adapter sync: register an adapter folder (the checkpoint's by default); later probes use it."""
+    def add_adapter(self, id: int | None = None, load_inplace: bool = False, weights: str | Path = "current") -> int:
+        """Adapter sync; `weights` is "current", "previous" (needs --previous) or an adapter folder."""
         int_id = self.engine.new_adapter_id() if id is None else id
-        self.lora_request = self.engine.add_adapter(Path(path or self.checkpoint.adapter_dir), int_id, load_inplace)
+        self.lora_request = self.engine.add_adapter(self._adapter_path(weights), int_id, load_inplace)
         return int_id
 
     def drop_adapter(self) -> None:
@@ -73,6 +105,18 @@ class Sync:
         result = self._measure(name, self.lora_request)
         self.phases.append(result)
         return result
+
+    def _adapter_path(self, weights: str | Path) -> Path:
+        if weights == "current":
+            return self.checkpoint.adapter_dir
+        if weights == "previous":
+            if self.previous is None:
+                raise BadInput("this plan syncs the previous adapter: pass --previous <older checkpoint>")
+            return self.previous.adapter_dir
+        path = Path(weights)
+        if not (path / "adapter_config.json").is_file():
+            raise BadInput(f"add_adapter: {path} is not an adapter folder (no adapter_config.json)")
+        return path
 
     def _base_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         from safetensors import safe_open

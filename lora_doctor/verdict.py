@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -105,15 +106,36 @@ def phase_verdict(kl_mean: float, fitted_scale: float, fitted_kl: float, thresho
         return DOUBLE_COUNTED
     if abs(fitted_scale) <= thresholds.scale_tolerance:
         return MISSING
+    if abs(fitted_scale - 1.0) <= thresholds.scale_tolerance:
+        # The right scale yet the wrong outputs: not a LoRA-scale problem.
+        return DIVERGED
     return SCALED
 
 
-def layer_verdict(effective_scale: float | None, divergence: float | None, thresholds: Thresholds) -> str:
+def scale_hint(factor: float, r: int, lora_alpha: float, use_rslora: bool) -> str | None:
+    """Name a scale factor that matches a known scaling confusion (within 5%), if any."""
+    plain, rs = lora_alpha / r, lora_alpha / math.sqrt(r)
+    own = rs if use_rslora else plain
+    known = [
+        (plain / rs, "= 1/sqrt(r): an rsLoRA adapter scaled as plain LoRA (alpha/r instead of alpha/sqrt(r))"),
+        (rs / plain, "= sqrt(r): a plain LoRA adapter scaled as rsLoRA (alpha/sqrt(r) instead of alpha/r)"),
+        (1 / own, f"= 1/scaling: the LoRA scaling ({own:g}) was dropped (B·A applied unscaled)"),
+        (own, f"= scaling: the LoRA scaling ({own:g}) was applied twice"),
+    ]
+    for value, hint in known:
+        if value != 1.0 and abs(factor - value) <= 0.05 * abs(value):
+            return hint
+    return None
+
+
+def layer_verdict(effective_scale: float | None, residual: float | None, divergence: float | None, thresholds: Thresholds) -> str:
     """Name what the engine holds for one module, from its weights."""
     if effective_scale is None or divergence is None:
         return OK
     if abs(effective_scale - 1.0) <= thresholds.layer_scale_tolerance and divergence <= thresholds.layer_divergence:
         return OK
+    if residual is not None and residual > thresholds.layer_divergence:
+        return DIVERGED  # not a multiple of ΔW
     if abs(effective_scale - 2.0) <= thresholds.scale_tolerance:
         return DOUBLE_COUNTED
     if abs(effective_scale) <= thresholds.scale_tolerance:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+
+# Before torch loads: see lora_doctor/__init__.py (OpenMP threads spinning beside the engine).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -16,9 +19,13 @@ FIXTURES = ROOT / "fixtures"
 CHECKPOINT = FIXTURES / "checkpoint-500"
 BASE = FIXTURES / "tiny-qwen2"
 PROMPTS = FIXTURES / "prompts.jsonl"
+# An older state of the same LoRA run (for the stale-adapter plans).
+PREVIOUS = FIXTURES / "checkpoint-250"
+# A Llama base with an rsLoRA adapter (r=16).
+LLAMA_RSLORA = FIXTURES / "checkpoint-llama-rslora"
 
 # The engine runs in-process, with a small KV cache (the CPU default reserves most of the memory).
-ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 
 
 @dataclass
@@ -53,3 +60,13 @@ def checkpoint_dir() -> Path:
 @pytest.fixture(scope="session")
 def base_dir() -> Path:
     return BASE
+
+
+@pytest.fixture(scope="session")
+def checker():
+    """One in-process engine on the fixture for every library-level test (engines are slow to start)."""
+    from lora_doctor.check import Checker
+
+    os.environ.update(ENGINE_ENV)
+    with Checker(CHECKPOINT, previous=PREVIOUS, prompts=PROMPTS) as shared:
+        yield shared

@@ -5,6 +5,7 @@ Each plan runs as a user would run it (a fresh process), and the JSON report is 
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -16,6 +17,7 @@ FORMAT = re.compile(r"<think>.*</think>\s*<answer>.*</answer>", re.DOTALL)
 # Float32 on CPU: a correct sync measured ~1e-7 mean KL; the issue's bar is 1e-4.
 KL_HEALTHY = 1e-4
 SCALE_TOLERANCE = 0.05
+REPORT_DIRS: dict = {}
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +25,12 @@ def runs(tmp_path_factory):
     """One CLI run per plan, shared by the assertions below."""
     out = tmp_path_factory.mktemp("reports")
     results = {}
+    REPORT_DIRS.clear()
     for plan in ("swift-colocate-lora", "swift-fixed", "merged"):
         path = out / f"{plan}.json"
-        run = run_cli("check", CHECKPOINT, "--plan", plan, "--json", path)
+        run = run_cli("check", CHECKPOINT, "--plan", plan, "--json", path, "--report", out / f"{plan}-report")
         results[plan] = (run, run.report(path) if path.exists() else None)
+        REPORT_DIRS[plan] = out / f"{plan}-report"
     return results
 
 
@@ -130,3 +134,15 @@ def test_tensor_parallel_2_gives_the_single_worker_figures(runs, tmp_path):
         for a, b in zip(one["layers"], two["layers"]):
             for key in ("effective_scale", "residual", "divergence"):
                 assert b[key] == pytest.approx(a[key], abs=1e-4), (a, b)
+
+
+def test_bug_report_attachments_are_written_and_re_rendered(runs, tmp_path):
+    attachments = sorted(p.name for p in REPORT_DIRS["swift-colocate-lora"].iterdir())
+    assert attachments == ["report.html", "report.json", "report.md"]
+    saved = REPORT_DIRS["swift-colocate-lora"] / "report.json"
+    assert json.loads(saved.read_text())["phases"][1]["verdict"] == "double_counted"
+    for fmt, name in (("md", "report.md"), ("html", "report.html")):
+        out = tmp_path / name
+        rerun = run_cli("report", saved, "--format", fmt, "--output", out)
+        assert rerun.exit_code == 1  # the saved report's own exit code
+        assert out.read_text() == (REPORT_DIRS["swift-colocate-lora"] / name).read_text()

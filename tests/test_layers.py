@@ -3,25 +3,14 @@ found, and only those modules are named."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 from rich.console import Console
 
-from conftest import CHECKPOINT, ENGINE_ENV, PROMPTS
-from lora_doctor.check import Checker
 from lora_doctor.plans import Plan
 from lora_doctor.report import render_terminal
 
 # float32: the engine's weights matched W0 + ΔW to ~1e-7 relative; the issue's bar is ±0.02.
 SCALE_TOLERANCE = 0.02
-
-
-@pytest.fixture(scope="module")
-def checker():
-    os.environ.update(ENGINE_ENV)
-    with Checker(CHECKPOINT, prompts=PROMPTS) as shared:
-        yield shared
 
 
 def merged_layer0_then_adapter(sync) -> None:

