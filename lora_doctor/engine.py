@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import BadInput, EnvironmentProblem
+from .errors import BadInput, EnvironmentProblem, LoraDoctorError
 
 WORKER_EXTENSION = "lora_doctor.worker.LoraDoctorWorker"
 INSTALL_HINT = "install the engine with: pip install 'lora-doctor[cpu]' (CPU) or 'lora-doctor[gpu]'"
@@ -171,7 +171,12 @@ class Engine:
 
     def rpc(self, method: str, *args):
         """Call a method of lora-doctor's worker extension on every rank; one result per rank."""
-        return self.llm.collective_rpc(method, args=args)
+        try:
+            return self.llm.collective_rpc(method, args=args)
+        except LoraDoctorError:
+            raise
+        except Exception as error:  # a worker's failure comes back as whatever the executor wraps it in
+            raise EnvironmentProblem(f"the engine's worker failed in {method}: {one_line(error)}") from None
 
     @property
     def vocab_size(self) -> int:

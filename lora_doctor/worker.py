@@ -24,7 +24,7 @@ from vllm.lora.layers import (
 from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
 from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 
-from .errors import BadInput
+from .errors import BadInput, EnvironmentProblem
 from .lora_delta import LoraFactors, load_lora_factors
 
 # Weights are streamed in column blocks of at most this many elements per matrix,
@@ -64,7 +64,7 @@ class LoraDoctorWorker:
         model = self.model_runner.get_model()
         manager = model.lora_manager
         if self.model_runner.lora_config.fully_sharded_loras:
-            raise NotImplementedError("fully sharded LoRA layers are not supported")
+            raise EnvironmentProblem(f"the per-module read does not support fully sharded LoRA layers; {_LOGITS_ONLY}")
         slots = manager.lora_index_to_id
         slot = slots.index(lora_int_id) if lora_int_id is not None and lora_int_id in slots else None
         mapper = getattr(model, "hf_to_vllm_mapper", None)
@@ -109,7 +109,7 @@ def _shards(name: str, layer, packed: dict[str, list[str]]) -> list[_Shard]:
     if isinstance(layer, MergedColumnParallelLinearWithLoRA):
         subs = packed.get(leaf, [])
         if len(subs) != layer.n_slices:
-            raise NotImplementedError(f"{name}: {layer.n_slices} slices but packed mapping {subs}")
+            raise EnvironmentProblem(f"{name}: {layer.n_slices} LoRA slices but packed mapping {subs}; {_LOGITS_ONLY}")
         shards, row = [], 0
         # output_ids is the shard index of each slice: tp_rank, or tp_rank // replicas for
         # replicated kv heads (then several ranks hold the same k/v rows).
@@ -138,7 +138,7 @@ def _shards(name: str, layer, packed: dict[str, list[str]]) -> list[_Shard]:
             _Shard(name, 0, half, layer.tp_rank * half, 0, in_size),
             _Shard(name, half, half, (layer.tp_size + layer.tp_rank) * half, 0, in_size),
         ]
-    raise NotImplementedError(f"{name}: {type(layer).__name__} is not supported")
+    raise EnvironmentProblem(f"the per-module read does not know {type(layer).__name__} ({name}); {_LOGITS_ONLY}")
 
 
 def _shard_stats(
