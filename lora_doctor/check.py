@@ -15,10 +15,10 @@ from .engine import Engine, EngineConfig
 from .errors import BadInput
 from .metrics import compare_logprobs, fit_scale, greedy_match, mean_kl
 from .plans import DEFAULT_PLAN, Plan, get_plan
-from .preflight import inspect_checkpoint
+from .preflight import inspect_checkpoint, vllm_lora_ranks
 from .prompts import load_prompts
-from .reference import PREVIOUS_ADAPTER, Reference
 from .lora_delta import combine_layer_stats
+from .reference import PREVIOUS_ADAPTER, Reference
 from .result import LayerResult, PhaseResult, Report, Sample
 from .sync import Sync
 from .verdict import (
@@ -38,8 +38,6 @@ from .verdict import (
 )
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# vLLM accepts these LoRA ranks; the engine is sized to the smallest that holds the adapter.
-VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 SAMPLES_PER_PHASE = 3
 
 Progress = Callable[[str], None]
@@ -52,8 +50,8 @@ def check(checkpoint: str | Path, *, plan: str = DEFAULT_PLAN, **options) -> Rep
     `EnvironmentProblem` (exit 3) when the check cannot be run at all.
     """
     chosen = get_plan(plan)
-    if chosen.needs_previous and options.get("previous") is None:
-        raise BadInput(f"plan {chosen.name} needs two states of the adapter: pass --previous <older checkpoint>")
+    # Before the reference and the engine are loaded: the plan cannot run without it.
+    _require_previous(chosen, options.get("previous"))
     with Checker(checkpoint, **options) as checker:
         return checker.run(chosen)
 
@@ -110,8 +108,7 @@ class Checker:
 
     def run(self, plan: Plan) -> Report:
         """Replay one plan and judge every phase it probes."""
-        if plan.needs_previous and self.previous is None:
-            raise BadInput(f"plan {plan.name} needs two states of the adapter: pass --previous <older checkpoint>")
+        _require_previous(plan, self.previous)
         sync = Sync(self.engine, self.checkpoint, self.reference, self._measure, self.previous)
         self._sync = sync
         started = time.perf_counter()
@@ -145,6 +142,11 @@ class Checker:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def _require_previous(plan: Plan, previous) -> None:
+    if plan.needs_previous and previous is None:
+        raise BadInput(f"plan {plan.name} needs two states of the adapter: pass --previous <older checkpoint>")
 
 
 class _Measurer:
@@ -295,10 +297,11 @@ def _eos_ids(tokenizer, reference: Reference) -> set[int]:
 
 
 def _engine_config(ckpt, reference, token_ids, max_new_tokens, dtype, tensor_parallel_size, kv_cache_gib) -> EngineConfig:
-    ranks = [ckpt.spec.r, *map(int, ckpt.spec.rank_pattern.values())]
-    lora_rank = next((r for r in VLLM_LORA_RANKS if r >= max(ranks)), None)
+    # vLLM accepts only some max_lora_rank values: size the engine to the smallest that holds the adapter.
+    allowed, _default = vllm_lora_ranks()
+    lora_rank = next((r for r in allowed if r >= ckpt.spec.max_rank), None)
     if lora_rank is None:
-        raise BadInput(f"LoRA rank {max(ranks)} is above the largest rank vLLM serves ({VLLM_LORA_RANKS[-1]})")
+        raise BadInput(f"LoRA rank {ckpt.spec.max_rank} is above the largest rank vLLM serves ({allowed[-1]})")
     needed = max(len(ids) for ids in token_ids) + max_new_tokens + 1
     limit = getattr(reference.model.config, "max_position_embeddings", None) or needed
     if needed > limit:
@@ -324,7 +327,6 @@ def checkpoint_summary(ckpt: Checkpoint) -> dict:
         "scaling": spec.scaling,
         "target_modules": spec.target_modules,
     }
-
 
 
 def environment() -> dict:

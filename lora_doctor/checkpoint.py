@@ -28,6 +28,11 @@ class LoraSpec:
     use_dora: bool = False
 
     @property
+    def max_rank(self) -> int:
+        """The largest rank of any module (r, or a `rank_pattern` override)."""
+        return max([self.r, *map(int, self.rank_pattern.values())])
+
+    @property
     def scaling(self) -> float:
         """PEFT's `s`: alpha/r, or alpha/sqrt(r) with rsLoRA."""
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)

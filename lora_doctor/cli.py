@@ -97,8 +97,11 @@ def report(
         raise BadInput(f"no such report: {report_json}") from None
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise BadInput(f"{report_json} is not a lora-doctor JSON report ({error})") from None
-    if output_format == "terminal":
-        render_terminal(saved, _stdout_console() if output is None else Console(file=output.open("w"), width=140))
+    if output_format == "terminal" and output is None:
+        render_terminal(saved, _stdout_console())
+    elif output_format == "terminal":
+        with output.open("w") as handle:
+            render_terminal(saved, Console(file=handle, width=140))
     else:
         _write(renderers[output_format](saved), output or Path("-"))
     raise typer.Exit(saved.exit_code)

@@ -16,7 +16,6 @@ A plan is a Python function that receives a `Sync` and calls, in the trainer's o
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -26,9 +25,9 @@ from .checkpoint import Checkpoint
 from .engine import Engine
 from .errors import BadInput
 from .reference import Reference
+from .modules import layer_index
 from .result import PhaseResult
 
-_LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -135,5 +134,4 @@ class Sync:
 def _in_layers(name: str, layers: set[int] | None) -> bool:
     if layers is None:
         return True
-    match = _LAYER_INDEX.search(name)
-    return match is not None and int(match.group(1)) in layers
+    return layer_index(name) in layers

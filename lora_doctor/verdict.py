@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import asdict, dataclass, fields, replace
 
-_LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+from .modules import layer_index, module_kind
+
 
 OK = "ok"
 DOUBLE_COUNTED = "double_counted"
@@ -171,7 +171,7 @@ def describe_modules(modules: list[tuple[str, str]]) -> str:
 
 def _layer_ranges(names: list[str]) -> str:
     """Module names → "layers 0–6 (k_proj, q_proj)"; names without a layer index are listed as they are."""
-    indices = sorted({int(m.group(1)) for n in names if (m := _LAYER_INDEX.search(n))})
+    indices = sorted({i for n in names if (i := layer_index(n)) is not None})
     if not indices:
         return ", ".join(sorted(names))
     runs: list[list[int]] = []
@@ -181,7 +181,7 @@ def _layer_ranges(names: list[str]) -> str:
         else:
             runs.append([index])
     spans = ", ".join(f"{r[0]}" if len(r) == 1 else f"{r[0]}–{r[-1]}" for r in runs)
-    kinds = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in names}))
+    kinds = ", ".join(sorted({module_kind(n) for n in names}))
     return f"{'layer' if len(indices) == 1 else 'layers'} {spans} ({kinds})"
 
 

@@ -19,20 +19,18 @@ import math
 from html import escape
 
 from ..result import LayerResult, PhaseResult, Report
+from ..modules import module_kind
+from .grid import layer_grid, layer_label, wrong_layers
 from .markdown import (
     ENVIRONMENT_KEYS,
     cause_for,
     fmt,
     has_previous,
     headline,
-    layer_grid,
-    layer_label,
-    module_kind,
     phase_columns,
     phase_figures,
     preflight_findings,
     thresholds_items,
-    wrong_layers,
 )
 
 # Okabe–Ito: distinguishable with colour-vision deficiencies.

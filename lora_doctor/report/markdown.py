@@ -14,10 +14,10 @@ from html import escape
 
 from ..result import LayerResult, PhaseResult, Report
 from ..verdict import CAUSES
+from .grid import layer_grid, wrong_layers
 
 ENVIRONMENT_KEYS = ("python", "torch", "vllm", "transformers", "peft", "device")
 PHASE_COLUMNS = ("#", "phase", "adapter", "verdict", "α", "KL mean", "KL max", "KL at α", "top-1", "greedy")
-_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,36 +75,6 @@ def phase_figures(phase: PhaseResult, previous: bool = False) -> list[str]:
     if previous:
         cells.append(fmt(getattr(phase, "kl_previous", None), ".2e"))
     return cells
-
-
-def module_kind(module: str) -> str:
-    """"model.layers.3.self_attn.q_proj" → "q_proj"."""
-    return module.rpartition(".")[2] or module
-
-
-def layer_label(module: str) -> str:
-    """"model.layers.3.self_attn.q_proj" → "3"; a module without a layer index keeps its parent's name."""
-    match = _LAYER_INDEX.search(module)
-    if match:
-        return match.group(1)
-    parent = module.rpartition(".")[0]
-    return parent or module
-
-
-def layer_grid(layers: list[LayerResult]) -> tuple[list[str], list[tuple[str, dict[str, LayerResult]]]]:
-    """Module kinds in report order, and a row per layer label mapping kind → module (report order)."""
-    kinds: list[str] = []
-    rows: dict[str, dict[str, LayerResult]] = {}
-    for layer in layers:
-        kind = module_kind(layer.module)
-        if kind not in kinds:
-            kinds.append(kind)
-        rows.setdefault(layer_label(layer.module), {})[kind] = layer
-    return kinds, list(rows.items())
-
-
-def wrong_layers(phase: PhaseResult) -> list[LayerResult]:
-    return [layer for layer in phase.layers if layer.verdict != "ok"]
 
 
 def cause_for(verdict: str) -> str | None:

@@ -9,6 +9,7 @@ from rich.text import Text
 
 from ..result import PhaseResult, Report
 from ..verdict import CAUSES
+from .grid import layer_grid, wrong_layers
 
 VERDICT_STYLE = {"ok": "bold green", "pass": "bold green", "fail": "bold red"}
 
@@ -78,7 +79,7 @@ def _layer_summary(phase: PhaseResult, full: bool):
     title = f"phase {phase.index + 1} {phase.name}"
     if not phase.layers:
         return Text(f"{title}: per-module figures not measured", style="dim")
-    wrong = [layer for layer in phase.layers if layer.verdict != "ok"]
+    wrong = wrong_layers(phase)
     if not wrong and not full:
         worst = max(layer.divergence for layer in phase.layers)
         scales = [layer.effective_scale for layer in phase.layers]
@@ -87,33 +88,18 @@ def _layer_summary(phase: PhaseResult, full: bool):
             f"(α {min(scales):.3f}–{max(scales):.3f}, max divergence {worst:.1e})",
             style="green",
         )
-    grid: dict[str, dict[str, object]] = {}
-    kinds: list[str] = []
-    for layer in phase.layers:
-        row, _, kind = layer.module.rpartition(".")
-        grid.setdefault(_layer_label(row), {})[kind] = layer
-        if kind not in kinds:
-            kinds.append(kind)
+    kinds, rows = layer_grid(phase.layers)
     table = Table(title=f"{title}: effective LoRA scale per module ({len(wrong)}/{len(phase.layers)} wrong)", title_justify="left")
     table.add_column("layer", justify="right")
     for kind in kinds:
         table.add_column(kind, justify="right")
-    for label, row in grid.items():
+    for label, row in rows:
         cells = []
         for kind in kinds:
             layer = row.get(kind)
             cells.append(Text(f"{layer.effective_scale:.3f}", style=_style(layer.verdict)) if layer else Text("—", style="dim"))
         table.add_row(label, *cells)
     return table
-
-
-def _layer_label(parent: str) -> str:
-    """"model.layers.3.self_attn" → "3"; anything without a layer index keeps its name."""
-    parts = parent.split(".")
-    for before, part in zip(parts, parts[1:]):
-        if before == "layers" and part.isdigit():
-            return part
-    return parent
 
 
 def _layer_detail(phase: PhaseResult) -> Table:
