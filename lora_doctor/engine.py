@@ -65,7 +65,6 @@ class Engine:
     def __init__(self, base_dir: Path, config: EngineConfig):
         _prepare_environment(config)
         vllm = import_vllm()
-        self.config = config
         self._adapter_ids = 0
         self._owned = True
         try:
@@ -93,7 +92,6 @@ class Engine:
         """Wrap an engine the caller already has (inside a trainer); `close` leaves it running."""
         engine = cls.__new__(cls)
         engine.llm = llm
-        engine.config = None
         engine._adapter_ids = 0
         engine._owned = False
         engine._batch_prompt_logprobs = engine._can_batch_prompt_logprobs()
