@@ -28,6 +28,8 @@ demo: install
 test: install
 	@# The HTML report test renders in headless Chromium (Debian's package).
 	bash scripts/ensure-chromium.sh
+	@# Lint first: undefined names and unused imports are bugs the happy path never reaches.
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
 bench: install

@@ -11,8 +11,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 __version__ = "0.1.0"
 
 from .check import check  # noqa: E402
-from .live import gate, probe  # noqa: E402
 from .errors import BadInput, EnvironmentProblem, LoraDoctorError, ProblemDetected  # noqa: E402
+from .live import gate, probe  # noqa: E402
 from .result import LayerResult, PhaseResult, Report, Sample  # noqa: E402
 from .verdict import Thresholds  # noqa: E402
 

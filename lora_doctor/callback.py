@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from transformers import TrainerCallback
 
 from .live import probe

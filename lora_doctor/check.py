@@ -13,11 +13,11 @@ from . import __version__
 from .checkpoint import Checkpoint, load_checkpoint
 from .engine import Engine, EngineConfig
 from .errors import BadInput
+from .lora_delta import combine_layer_stats
 from .metrics import compare_logprobs, fit_scale, greedy_match, mean_kl
 from .plans import DEFAULT_PLAN, Plan, get_plan
 from .preflight import inspect_checkpoint, vllm_lora_ranks
 from .prompts import load_prompts
-from .lora_delta import combine_layer_stats
 from .reference import PREVIOUS_ADAPTER, Reference
 from .result import LayerResult, PhaseResult, Report, Sample
 from .sync import Sync

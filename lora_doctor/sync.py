@@ -24,8 +24,8 @@ import torch
 from .checkpoint import Checkpoint
 from .engine import Engine
 from .errors import BadInput
-from .reference import Reference
 from .modules import layer_index
+from .reference import Reference
 from .result import PhaseResult
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

@@ -7,7 +7,6 @@ from dataclasses import asdict, dataclass, fields, replace
 
 from .modules import layer_index, module_kind
 
-
 OK = "ok"
 DOUBLE_COUNTED = "double_counted"
 MISSING = "missing"

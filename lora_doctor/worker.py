@@ -31,6 +31,9 @@ from .lora_delta import LoraFactors, load_lora_factors
 # so memory stays bounded on large layers.
 _BLOCK_ELEMENTS = 1 << 22
 
+# The way out when the per-module read cannot place an engine layout: the logit figures still work.
+_LOGITS_ONLY = "run with --no-layer-check for the logit figures only"
+
 
 class LoraDoctorWorker:
     """Mixed into vLLM's worker class: `self.model_runner` is the worker's model runner."""

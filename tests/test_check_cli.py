@@ -9,7 +9,6 @@ import json
 import re
 
 import pytest
-
 from conftest import CHECKPOINT, run_cli
 
 # The fixture's LoRA teaches this answer format; losing it is the bug report's symptom.

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import BASE, CHECKPOINT, ENGINE_ENV, PROMPTS, ROOT
+
 from lora_doctor import probe
 from lora_doctor.callback import LoraDoctorCallback
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import BASE, CHECKPOINT
+
 from lora_doctor.lora_delta import load_lora_factors
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import LLAMA_RSLORA, ROOT, run_cli
+
 from lora_doctor.errors import BadInput
 from lora_doctor.plans import PLANS, get_plan
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import BASE, CHECKPOINT
 from rich.console import Console
 
-from conftest import BASE, CHECKPOINT
 from lora_doctor.errors import BadInput
 from lora_doctor.preflight import PreflightReport, inspect_checkpoint, vllm_lora_ranks
 from lora_doctor.report.preflight import render_preflight_json, render_preflight_terminal

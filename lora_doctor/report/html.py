@@ -18,8 +18,8 @@ import json
 import math
 from html import escape
 
-from ..result import LayerResult, PhaseResult, Report
 from ..modules import module_kind
+from ..result import LayerResult, PhaseResult, Report
 from .grid import layer_grid, layer_label, wrong_layers
 from .markdown import (
     ENVIRONMENT_KEYS,

@@ -12,7 +12,7 @@ import math
 import re
 from html import escape
 
-from ..result import LayerResult, PhaseResult, Report
+from ..result import PhaseResult, Report
 from ..verdict import CAUSES
 from .grid import layer_grid, wrong_layers
 
