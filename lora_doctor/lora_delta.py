@@ -33,6 +33,16 @@ class LoraFactors:
         return delta.T if self.fan_in_fan_out else delta
 
 
+def merge_in_dtype(w0: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """What a trainer's merge `W0 + ΔW` holds when its weights live in `dtype`.
+
+    PEFT's `merge` computes ΔW in float32 and casts it to the weight's dtype, then adds it in place:
+    round(round(W0) + round(ΔW)). In bf16 every part of ΔW below half an ulp of W0 is lost, so a
+    merged sync in bf16 is expected to hold this, not the exact W0 + ΔW.
+    """
+    return (w0.to(dtype) + delta.to(dtype)).to(dtype)
+
+
 def load_lora_factors(adapter_dir: str | Path) -> dict[str, LoraFactors]:
     """Module name of the base model (e.g. "model.layers.0.self_attn.q_proj") → its LoRA factors."""
     from safetensors.torch import load_file

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import BASE, CHECKPOINT
 
-from lora_doctor.lora_delta import load_lora_factors
+from lora_doctor.lora_delta import load_lora_factors, merge_in_dtype
 
 
 def peft_deltas(adapter_dir) -> dict[str, torch.Tensor]:
@@ -60,3 +60,17 @@ def test_fixture_adapter_matches_peft():
 def test_scaling_rules_match_peft(tmp_path, config):
     save_adapter(tmp_path / "adapter", **config)
     assert_same_deltas(tmp_path / "adapter")
+
+
+def test_merge_in_dtype_rounds_like_a_half_precision_trainer():
+    # A ΔW far below half an ulp of W0 vanishes in a bf16 merge and survives in float32.
+    w0 = torch.full((4, 4), 1.0)
+    delta = torch.full((4, 4), 1e-4)
+    assert torch.equal(merge_in_dtype(w0, delta, torch.bfloat16).float(), w0)
+    assert torch.allclose(merge_in_dtype(w0, delta, torch.float32), w0 + delta)
+    # What PEFT's in-place merge on a bf16 weight holds.
+    w0 = torch.randn(64, 64)
+    delta = 0.01 * torch.randn(64, 64)
+    peft_style = w0.to(torch.bfloat16)
+    peft_style += delta.to(torch.bfloat16)
+    assert torch.equal(merge_in_dtype(w0, delta, torch.bfloat16), peft_style)
