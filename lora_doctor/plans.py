@@ -10,11 +10,12 @@ import importlib
 import importlib.util
 import inspect
 import math
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import BadInput
+from .errors import BadInput, LoraDoctorError
 from .sync import Sync
 
 # Merge/unmerge rounds before the drift plan's final merge: a few hundred optimizer steps.
@@ -25,8 +26,31 @@ DRIFT_CYCLES = 200
 class Plan:
     name: str
     summary: str
-    run: Callable[[Sync], None]
+    function: Callable[[Sync], None]
     needs_previous: bool = False
+    # The file a custom plan was loaded from: its errors are the user's, reported at their line.
+    source: str | None = None
+
+    def run(self, sync: Sync) -> None:
+        """Replay the plan on `sync`; a custom plan's own failure is bad input, never a crash."""
+        try:
+            self.function(sync)
+        except LoraDoctorError:
+            raise
+        except Exception as error:
+            where = self._user_frame(error)
+            if where is None:
+                raise  # lora-doctor's own code failed: a crash, not the user's input
+            raise BadInput(f"plan {self.name} failed at {where}: {type(error).__name__}: {error}") from None
+        if not sync.phases:
+            raise BadInput(f"plan {self.name} measured nothing: it never called sync.probe(name)")
+
+    def _user_frame(self, error: BaseException) -> str | None:
+        """`file:line` of the innermost frame of the custom plan's source in the error's traceback."""
+        if self.source is None:
+            return None
+        frames = [f for f in traceback.extract_tb(error.__traceback__) if Path(f.filename).resolve() == Path(self.source).resolve()]
+        return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else None
 
 
 def swift_colocate_lora(sync: Sync) -> None:
@@ -136,8 +160,27 @@ def _custom_plan(spec: str) -> Plan:
     function = getattr(module, function_name, None)
     if not callable(function):
         raise BadInput(f"--plan {spec!r}: {source} has no function {function_name!r}")
+    try:
+        inspect.signature(function).bind(object())
+    except TypeError:
+        raise BadInput(f"--plan {spec!r}: {function_name}{_signature(function)} must take one argument, the sync handle: def {function_name}(sync)") from None
+    except ValueError:
+        pass  # a builtin without an introspectable signature: let the call decide
     doc = inspect.getdoc(function) or f"custom plan {spec}"
-    return Plan(name=spec, summary=doc.splitlines()[0], run=function, needs_previous=getattr(function, "needs_previous", False))
+    return Plan(
+        name=spec,
+        summary=doc.splitlines()[0],
+        function=function,
+        needs_previous=getattr(function, "needs_previous", False),
+        source=inspect.getsourcefile(function),
+    )
+
+
+def _signature(function) -> str:
+    try:
+        return str(inspect.signature(function))
+    except ValueError:
+        return "(...)"
 
 
 def _load_module(source: str, spec: str):
