@@ -10,13 +10,13 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .checkpoint import Checkpoint, load_checkpoint
+from .checkpoint import Checkpoint, load_checkpoint, read_json
 from .engine import Engine, EngineConfig
 from .errors import BadInput
 from .lora_delta import combine_layer_stats
 from .metrics import compare_logprobs, fit_scale, greedy_match, mean_kl
 from .plans import DEFAULT_PLAN, Plan, get_plan
-from .preflight import inspect_checkpoint, vllm_lora_ranks
+from .preflight import PreflightReport, inspect_checkpoint, vllm_lora_ranks
 from .prompts import load_prompts
 from .reference import PREVIOUS_ADAPTER, Reference
 from .result import LayerResult, PhaseResult, Report, Sample
@@ -39,6 +39,10 @@ from .verdict import (
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SAMPLES_PER_PHASE = 3
+# Pre-flight problems after which engine-vs-reference figures mean nothing, so the check stops
+# before loading anything: NaN/Inf factors make both forwards NaN (any verdict would be noise);
+# DoRA's ΔW is not scaling·B·A, so no per-module or scale figure applies.
+BLOCKING_FINDINGS = frozenset({"nan_inf", "dora"})
 
 Progress = Callable[[str], None]
 
@@ -49,11 +53,54 @@ def check(checkpoint: str | Path, *, plan: str = DEFAULT_PLAN, **options) -> Rep
     `options` are those of `Checker`. Returns the report; raises `BadInput` (exit 2) or
     `EnvironmentProblem` (exit 3) when the check cannot be run at all.
     """
+    validate_options(**{k: v for k, v in options.items() if k in _VALIDATED})
     chosen = get_plan(plan)
     # Before the reference and the engine are loaded: the plan cannot run without it.
     _require_previous(chosen, options.get("previous"))
-    with Checker(checkpoint, **options) as checker:
+    preflight = inspect_checkpoint(checkpoint, base=options.get("base"))
+    blockers = measurement_blockers(preflight)
+    if blockers:
+        # Measuring an adapter the engine cannot hold meaningfully would only report garbage.
+        return stopped_report(load_checkpoint(checkpoint, options.get("base")), chosen, preflight, blockers, options.get("thresholds"), options.get("dtype", "float32"))
+    with Checker(checkpoint, preflight=preflight, **options) as checker:
         return checker.run(chosen)
+
+
+_VALIDATED = ("dtype", "max_new_tokens", "tensor_parallel_size", "kv_cache_gib")
+
+
+def validate_options(dtype: str = "float32", max_new_tokens: int = 32, tensor_parallel_size: int = 1, kv_cache_gib: int | None = None) -> None:
+    """Options that cannot work, refused before anything is read or loaded."""
+    if dtype not in DTYPES:
+        raise BadInput(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    if max_new_tokens < 1:
+        raise BadInput("--max-new-tokens must be at least 1")
+    if tensor_parallel_size < 1:
+        raise BadInput("--tensor-parallel-size must be at least 1")
+    if kv_cache_gib is not None and kv_cache_gib < 1:
+        raise BadInput(f"--kv-cache-gib must be at least 1 (GiB of CPU KV cache), got {kv_cache_gib}")
+
+
+def measurement_blockers(preflight: PreflightReport) -> list:
+    """Pre-flight problems that make the engine-vs-reference figures meaningless."""
+    return [finding for finding in preflight.problems if finding.code in BLOCKING_FINDINGS]
+
+
+def stopped_report(ckpt: Checkpoint, plan: Plan, preflight: PreflightReport, blockers: list, thresholds: Thresholds | None, dtype: str) -> Report:
+    """The report of a check stopped by the pre-flight: its findings, no phases, exit 1."""
+    codes = ", ".join(sorted({finding.code for finding in blockers}))
+    return Report(
+        tool={"name": "lora-doctor", "version": __version__},
+        environment=environment(),
+        checkpoint=dict(checkpoint_summary(ckpt), previous=None),
+        plan={"name": plan.name, "summary": plan.summary, "phases": []},
+        thresholds=(thresholds or Thresholds.for_dtype(dtype)).as_dict(),
+        phases=[],
+        verdict=FAIL,
+        exit_code=1,
+        preflight=[finding.to_dict() for finding in preflight.findings],
+        stopped=f"the pre-flight found problems that make the measurement meaningless ({codes}); nothing was loaded",
+    )
 
 
 class Checker:
@@ -70,23 +117,23 @@ class Checker:
         dtype: str = "float32",
         thresholds: Thresholds | None = None,
         tensor_parallel_size: int = 1,
-        kv_cache_gib: int = 1,
+        kv_cache_gib: int | None = None,
         layers: bool = True,
         progress: Progress | None = None,
+        preflight: PreflightReport | None = None,
     ):
         self.say = progress or (lambda _message: None)
-        if dtype not in DTYPES:
-            raise BadInput(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-        if max_new_tokens < 1:
-            raise BadInput("--max-new-tokens must be at least 1")
-        if tensor_parallel_size < 1:
-            raise BadInput("--tensor-parallel-size must be at least 1")
-        self.preflight = inspect_checkpoint(checkpoint, base=base)
+        validate_options(dtype=dtype, max_new_tokens=max_new_tokens, tensor_parallel_size=tensor_parallel_size, kv_cache_gib=kv_cache_gib)
+        self.preflight = preflight or inspect_checkpoint(checkpoint, base=base)
         self.checkpoint = load_checkpoint(checkpoint, base)
+        check_parallel_fit(self.checkpoint.base_dir, tensor_parallel_size)
         # The older adapter state must apply to the same base.
         self.previous = load_checkpoint(previous, self.checkpoint.base_dir) if previous is not None else None
         texts = list(prompts) if isinstance(prompts, list) else load_prompts(prompts)
         self.thresholds = thresholds or Thresholds.for_dtype(dtype)
+
+        tokenizer = _tokenizer(self.checkpoint)
+        token_ids = _tokenize(tokenizer, texts, self.checkpoint)
 
         self.seconds: dict[str, float] = {}
         started = time.perf_counter()
@@ -94,8 +141,6 @@ class Checker:
         self.reference = Reference(self.checkpoint, DTYPES[dtype])
         if self.previous is not None:
             self.reference.load_previous(self.previous)
-        tokenizer = _tokenizer(self.checkpoint)
-        token_ids = [tokenizer(text).input_ids for text in texts]
         self.measurer = _Measurer(self.reference, self.previous, tokenizer, texts, token_ids, max_new_tokens, self.thresholds, layers)
 
         self.seconds["reference"] = time.perf_counter() - started
@@ -117,7 +162,7 @@ class Checker:
         verdict = overall_verdict([p.verdict for p in sync.phases])
         return Report(
             tool={"name": "lora-doctor", "version": __version__},
-            environment=environment(),
+            environment=dict(environment(), kv_cache_gib=self.engine.kv_cache_gib),
             checkpoint=dict(
                 checkpoint_summary(self.checkpoint),
                 previous=str(self.previous.adapter_dir) if self.previous is not None else None,
@@ -288,6 +333,15 @@ def _tokenizer(ckpt: Checkpoint):
         raise BadInput(f"no usable tokenizer in {ckpt.tokenizer_dir} ({error})") from None
 
 
+def _tokenize(tokenizer, texts: list[str], ckpt: Checkpoint) -> list[list[int]]:
+    token_ids = [tokenizer(text).input_ids for text in texts]
+    empty = [i + 1 for i, ids in enumerate(token_ids) if not ids]
+    if empty:
+        # transformers builds an empty tokenizer from a config alone, when the vocabulary files are missing.
+        raise BadInput(f"the tokenizer in {ckpt.tokenizer_dir} turns prompt {empty[0]} into no tokens: is tokenizer.json missing there?")
+    return token_ids
+
+
 def _eos_ids(tokenizer, reference: Reference) -> set[int]:
     ids = reference.model.config.eos_token_id
     ids = set(ids) if isinstance(ids, list) else ({ids} if ids is not None else set())
@@ -313,6 +367,28 @@ def _engine_config(ckpt, reference, token_ids, max_new_tokens, dtype, tensor_par
         tensor_parallel_size=tensor_parallel_size,
         kv_cache_gib=kv_cache_gib,
     )
+
+
+def check_parallel_fit(base_dir: Path, tensor_parallel_size: int) -> None:
+    """Refuse a tensor-parallel size the model cannot be split into, before anything loads.
+
+    vLLM splits attention heads and the MLP's intermediate rows evenly across ranks; key/value
+    heads may instead be replicated when there are fewer of them than ranks.
+    """
+    if tensor_parallel_size == 1:
+        return
+    config = read_json(base_dir / "config.json")
+    config = config.get("text_config", config)
+    option = f"--tensor-parallel-size {tensor_parallel_size}"
+    heads = config.get("num_attention_heads")
+    if heads and heads % tensor_parallel_size:
+        raise BadInput(f"{option} does not divide the model's {heads} attention heads; use a divisor of {heads}")
+    kv_heads = config.get("num_key_value_heads") or heads
+    if kv_heads and kv_heads % tensor_parallel_size and tensor_parallel_size % kv_heads:
+        raise BadInput(f"{option} and the model's {kv_heads} key/value heads: one must divide the other")
+    intermediate = config.get("intermediate_size")
+    if intermediate and intermediate % tensor_parallel_size:
+        raise BadInput(f"{option} does not divide the model's intermediate size {intermediate}")
 
 
 def checkpoint_summary(ckpt: Checkpoint) -> dict:

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import BadInput
+from .errors import BadInput, unreadable_safetensors
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -163,7 +163,7 @@ def adapter_shapes(adapter_dir: Path) -> dict[str, dict[str, tuple[int, ...]]]:
                         module = key[: -len(suffix)].removeprefix(PEFT_PREFIX)
                         shapes.setdefault(module, {})[kind] = tuple(handle.get_slice(key).get_shape())
     except Exception as error:  # safetensors raises its own error types for corrupt headers
-        raise BadInput(f"{weights} is not a readable safetensors file ({error})") from None
+        raise unreadable_safetensors(weights, error) from None
     if not shapes:
         raise BadInput(f"{weights} holds no LoRA weights (no '*.lora_A.weight' tensors)")
     incomplete = sorted(m for m, s in shapes.items() if set(s) != {"A", "B"})
@@ -186,7 +186,7 @@ def base_weight_shapes(base_dir: Path) -> dict[str, tuple[int, ...]]:
                 for key in handle.keys():
                     shapes[key] = tuple(handle.get_slice(key).get_shape())
         except Exception as error:
-            raise BadInput(f"{file} is not a readable safetensors file ({error})") from None
+            raise unreadable_safetensors(file, error) from None
     return shapes
 
 

@@ -9,12 +9,15 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from .errors import BadInput, LoraDoctorError
+from .errors import INTERNAL_ERROR_EXIT_CODE, BadInput, LoraDoctorError
+from .output import save_crash
 
 app = typer.Typer(
     help="Catch LoRA weight-sync bugs between an RL trainer and its vLLM rollout engine.\n\n"
-    "Exit codes: 0 every phase healthy, 1 a problem was detected, 2 bad input, 3 environment (no usable vLLM).",
+    "Exit codes: 0 every phase healthy, 1 a problem was detected, 2 bad input, 3 environment (no usable vLLM, "
+    "engine failed, out of memory), 4 internal error (lora-doctor crashed; the traceback is saved to a file).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -32,7 +35,7 @@ def check(
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Length of the greedy continuations compared."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 (tight thresholds), bfloat16 or float16."),
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", "-tp", help="vLLM tensor-parallel ranks."),
-    kv_cache_gib: int = typer.Option(1, "--kv-cache-gib", help="CPU KV cache of the engine, in GiB."),
+    kv_cache_gib: Optional[int] = typer.Option(None, "--kv-cache-gib", help="CPU KV cache of the engine, in GiB (at least 1). Default: VLLM_CPU_KVCACHE_SPACE if set, else 1; the option wins over the variable."),
     threshold: list[str] = typer.Option([], "--threshold", help="Override a threshold, NAME=VALUE (repeatable)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the JSON report here ('-' for stdout)."),
     report_dir: Optional[Path] = typer.Option(None, "--report", help="Write report.json, report.md (paste into an issue) and report.html into this folder."),
@@ -40,9 +43,13 @@ def check(
     layers: bool = typer.Option(False, "--layers", help="Show every LoRA module's effective scale, residual and divergence."),
     no_layer_check: bool = typer.Option(False, "--no-layer-check", help="Skip reading the engine's weights per module (logits only)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No terminal report, only the exit code (and --json)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the engine's own logs and progress bars (vLLM, torch, transformers) instead of keeping them in a log file."),
 ) -> None:
     """Replay a trainer's sync plan into a real vLLM engine and compare it with HF + PEFT after each phase."""
+    import os
+
     from .check import check as run_check
+    from .output import engine_output_to_log
     from .report import render_json, render_terminal
     from .verdict import Thresholds
 
@@ -53,7 +60,9 @@ def check(
         limits = limits.override(_parse_thresholds(threshold))
     except ValueError as error:
         raise BadInput(f"--threshold: {error}") from None
-    with stderr.status("checking", spinner="dots") as status:
+    if verbose:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO")
+    with engine_output_to_log(enabled=not verbose) as captured, Console(file=captured.stderr).status("checking", spinner="dots") as status:
         report = run_check(
             checkpoint,
             base=base,
@@ -205,7 +214,9 @@ def main() -> None:
         # Outside standalone mode the command's exit code is returned instead of exiting.
         code = app(standalone_mode=False)
     except LoraDoctorError as error:
-        stderr.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        log = getattr(error, "engine_log", None)
+        where = f" (engine log: {log})" if log is not None and error.exit_code == 3 else ""
+        stderr.print(f"[bold red]error:[/] {escape(str(error))}{escape(where)}", highlight=False, soft_wrap=True)
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
         stderr.print("interrupted")
@@ -215,5 +226,17 @@ def main() -> None:
         if hasattr(error, "show") and isinstance(getattr(error, "exit_code", None), int):
             error.show()
             sys.exit(2 if error.exit_code != 0 else 0)
-        raise
+        crash = save_crash(error)
+        stderr.print(
+            f"[bold red]internal error:[/] {escape(type(error).__name__)}: {escape(_first_line(error))} — lora-doctor crashed; "
+            f"the full traceback is in {escape(str(crash))} (please attach it to a bug report)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(INTERNAL_ERROR_EXIT_CODE)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else "(no message)"

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import torch
 
-from .errors import BadInput, EnvironmentProblem, LoraDoctorError
+from .errors import BadInput, EnvironmentProblem, LoraDoctorError, memory_problem, out_of_memory
 
 WORKER_EXTENSION = "lora_doctor.worker.LoraDoctorWorker"
 INSTALL_HINT = "install the engine with: pip install 'lora-doctor[cpu]' (CPU) or 'lora-doctor[gpu]'"
+# One GiB of KV cache holds tens of thousands of tokens of a small model: far more than a check's prompts.
+DEFAULT_KV_CACHE_GIB = 1
 
 
 @dataclass(frozen=True)
@@ -23,15 +25,19 @@ class EngineConfig:
     max_lora_rank: int = 16
     max_model_len: int = 512
     tensor_parallel_size: int = 1
-    # GiB of CPU KV cache: vLLM's CPU default reserves most of the machine's memory.
-    kv_cache_gib: int = 1
+    # GiB of CPU KV cache: vLLM's CPU default reserves most of the machine's memory. None: the
+    # environment's VLLM_CPU_KVCACHE_SPACE if set, else DEFAULT_KV_CACHE_GIB; a value wins over it.
+    kv_cache_gib: int | None = None
     seed: int = 0
 
 
 def _prepare_environment(config: EngineConfig) -> None:
     # The engine runs in this process so that weights and LoRA buffers are reachable directly.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.kv_cache_gib))
+    if config.kv_cache_gib is not None:
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(config.kv_cache_gib)  # an explicit option wins
+    else:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(DEFAULT_KV_CACHE_GIB))
     # The engine's own start-up chatter would bury the report; VLLM_LOGGING_LEVEL=INFO brings it back.
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     if config.tensor_parallel_size > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
@@ -55,6 +61,8 @@ def import_vllm():
         import vllm
         from vllm.lora.request import LoRARequest  # noqa: F401
     except Exception as error:
+        if out_of_memory(error):
+            raise memory_problem("import vLLM", error) from None
         raise EnvironmentProblem(f"vLLM is not usable here ({type(error).__name__}: {error}); {INSTALL_HINT}") from None
     return vllm
 
@@ -84,6 +92,8 @@ class Engine:
                 worker_extension_cls=WORKER_EXTENSION,
             )
         except Exception as error:
+            if out_of_memory(error):
+                raise memory_problem("start the vLLM engine", error) from None
             raise EnvironmentProblem(f"the vLLM engine failed to start: {one_line(error)}") from None
         self._batch_prompt_logprobs = self._can_batch_prompt_logprobs()
 
@@ -175,6 +185,12 @@ class Engine:
             raise
         except Exception as error:  # a worker's failure comes back as whatever the executor wraps it in
             raise EnvironmentProblem(f"the engine's worker failed in {method}: {one_line(error)}") from None
+
+    @property
+    def kv_cache_gib(self) -> float | None:
+        """The KV cache the engine was given, in GiB (None where the engine sizes it itself)."""
+        size = self.llm.llm_engine.vllm_config.cache_config.kv_cache_memory_bytes
+        return size / (1 << 30) if size else None
 
     @property
     def vocab_size(self) -> int:

@@ -1,7 +1,12 @@
 """Errors that map to the documented exit codes.
 
-Exit codes (shared by every command): 0 healthy, 1 problem found, 2 bad input, 3 environment.
+Exit codes (shared by every command): 0 healthy, 1 problem found, 2 bad input, 3 environment,
+4 internal error (lora-doctor itself crashed: never reported as a finding).
 """
+
+# Distinct from 1 so that a gate never reads a crash as "problem found", and from 2/3 so that a
+# bug in lora-doctor is not blamed on the user's input or machine.
+INTERNAL_ERROR_EXIT_CODE = 4
 
 
 class LoraDoctorError(Exception):
@@ -30,3 +35,24 @@ class ProblemDetected(LoraDoctorError):
     def __init__(self, message: str, report=None):
         super().__init__(message)
         self.report = report
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether an error means the machine ran out of memory (torch, Python, or the OS refusing a map)."""
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        return True
+    if isinstance(error, OSError) and error.errno == 12:  # ENOMEM
+        return True
+    text = str(error).lower()
+    return any(sign in text for sign in ("can't allocate memory", "cannot allocate memory", "out of memory", "os error 12"))
+
+
+def memory_problem(what: str, error: BaseException) -> EnvironmentProblem:
+    return EnvironmentProblem(f"not enough memory to {what} ({type(error).__name__}: {str(error).strip() or 'allocation failed'}); free memory or use a machine with more")
+
+
+def unreadable_safetensors(path, error: BaseException) -> LoraDoctorError:
+    """A safetensors file that cannot be read: bad input, unless the machine is out of memory."""
+    if out_of_memory(error):
+        return memory_problem(f"read {path}", error)
+    return BadInput(f"{path} is not a readable safetensors file ({error})")

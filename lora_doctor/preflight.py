@@ -36,7 +36,7 @@ from .checkpoint import (
     resolve_base,
     spec_from_config,
 )
-from .errors import BadInput
+from .errors import BadInput, unreadable_safetensors
 from .lora_delta import peft_scaling
 
 SCHEMA_VERSION = 1
@@ -268,7 +268,7 @@ def _base_tensors(base_dir: Path) -> dict[str, _Tensor]:
                     info = handle.get_slice(key)
                     tensors[key] = _Tensor(key, tuple(info.get_shape()), _dtype_name(info.get_dtype()))
         except Exception as error:  # safetensors raises its own error types for corrupt headers
-            raise BadInput(f"{file} is not a readable safetensors file ({error})") from None
+            raise unreadable_safetensors(file, error) from None
     return tensors
 
 
@@ -285,7 +285,7 @@ def _read_adapter(adapter_dir: Path) -> _Adapter:
                 info = handle.get_slice(key)
                 _classify(adapter, _Tensor(key, tuple(info.get_shape()), _dtype_name(info.get_dtype())))
     except Exception as error:
-        raise BadInput(f"{weights} is not a readable safetensors file ({error})") from None
+        raise unreadable_safetensors(weights, error) from None
     if not adapter.lora_modules:
         raise BadInput(f"{weights} holds no LoRA weights (no '*.lora_A.weight' or '*.lora_embedding_A' tensors)")
     return adapter
@@ -718,7 +718,7 @@ def _check_nan_inf(ctx: _Context) -> list[Finding]:
                     nan, inf = nan + n_nan, inf + n_inf
                     bad.append(f"{tensor.key.removeprefix(PEFT_PREFIX)} ({n_nan} NaN, {n_inf} Inf)")
     except Exception as error:
-        raise BadInput(f"{weights} is not a readable safetensors file ({error})") from None
+        raise unreadable_safetensors(weights, error) from None
     if not bad:
         return []
     return [

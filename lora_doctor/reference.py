@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import torch
 
 from .checkpoint import Checkpoint
-from .errors import BadInput
+from .errors import BadInput, memory_problem, out_of_memory
 
 ADAPTER_NAME = "default"
 PREVIOUS_ADAPTER = "previous"
@@ -25,7 +25,9 @@ class Reference:
         try:
             base = AutoModelForCausalLM.from_pretrained(str(checkpoint.base_dir), dtype=dtype)
             self.model = PeftModel.from_pretrained(base, str(checkpoint.adapter_dir), adapter_name=ADAPTER_NAME)
-        except (OSError, ValueError, RuntimeError, KeyError) as error:
+        except (OSError, ValueError, RuntimeError, KeyError, MemoryError) as error:
+            if out_of_memory(error):
+                raise memory_problem(f"load the reference model {checkpoint.base_dir} in {dtype}", error) from None
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise BadInput(f"cannot load {checkpoint.adapter_dir} on base {checkpoint.base_dir}: {first_line}") from None
         self.model.eval()

@@ -67,6 +67,8 @@ class Report:
     seconds: dict[str, float] = field(default_factory=dict)
     # Pre-flight findings on the checkpoint (code, severity, message, fix, subjects).
     preflight: list[dict] = field(default_factory=list)
+    # Why the check stopped before measuring anything (then `phases` is empty), or None.
+    stopped: str | None = None
     schema_version: int = SCHEMA_VERSION
 
     @property

@@ -38,18 +38,29 @@ class CliRun:
         return json.loads(path.read_text())
 
 
-def run_cli(*args: str | Path, timeout: float = 600) -> CliRun:
+def run_cli(*args: str | Path, timeout: float = 600, env: dict[str, str] | None = None) -> CliRun:
     """Run `lora-doctor` as a user does: a fresh process, real engine, real exit code."""
-    env = dict(os.environ, **ENGINE_ENV)
     done = subprocess.run(
         [sys.executable, "-m", "lora_doctor", *map(str, args)],
         capture_output=True,
         text=True,
-        env=env,
+        env={**os.environ, **ENGINE_ENV, **(env or {})},
         cwd=ROOT,
         timeout=timeout,
     )
     return CliRun(done.returncode, done.stdout, done.stderr)
+
+
+def assert_one_line_error(run: CliRun, exit_code: int, needle: str, unwritten: Path | None = None) -> str:
+    """The contract for every error: its exit code, one stderr line, no traceback, nothing written."""
+    assert run.exit_code == exit_code, run.stderr
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, run.stderr
+    assert "Traceback" not in run.stderr
+    assert needle in lines[0], lines[0]
+    if unwritten is not None:
+        assert not unwritten.exists()
+    return lines[0]
 
 
 @pytest.fixture(scope="session")

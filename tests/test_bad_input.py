@@ -7,16 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BASE, CHECKPOINT, run_cli
+from conftest import BASE, CHECKPOINT, assert_one_line_error, run_cli
 
 
 def assert_one_line_exit_2(run, report: Path, needle: str) -> None:
-    assert run.exit_code == 2, run.stderr
-    lines = [line for line in run.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, run.stderr
-    assert "Traceback" not in run.stderr
-    assert needle in lines[0]
-    assert not report.exists()
+    assert_one_line_error(run, 2, needle, unwritten=report)
 
 
 @pytest.fixture

@@ -107,7 +107,9 @@ def render_html(report: Report) -> str:
 
 def _banner(report: Report) -> str:
     bad = [phase for phase in report.phases if not phase.ok]
-    if len(bad) == 1:
+    if report.stopped:
+        what = "stopped before measuring"
+    elif len(bad) == 1:
         what = f"phase {bad[0].index + 1} <code>{esc(bad[0].name)}</code> {_badge(bad[0].verdict)}"
     elif bad:
         verdicts = list(dict.fromkeys(p.verdict for p in bad))
@@ -128,6 +130,8 @@ def _banner(report: Report) -> str:
 
 
 def _diagnosis(report: Report) -> str:
+    if report.stopped:
+        return f'<section class="diagnosis" id="diagnosis"><p>{esc(report.stopped)}: see the pre-flight findings.</p></section>'
     bad = [phase for phase in report.phases if not phase.ok]
     if not bad:
         return (

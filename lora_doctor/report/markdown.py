@@ -87,6 +87,8 @@ def thresholds_items(report: Report) -> list[tuple[str, str]]:
 
 def headline(report: Report) -> str:
     """"FAIL: phase 2 adapter double_counted" / "PASS: every phase ok" (what the verdict says)."""
+    if report.stopped:
+        return f"{report.verdict.upper()}: stopped before measuring — {report.stopped}"
     bad = [phase for phase in report.phases if not phase.ok]
     if not bad:
         return f"{report.verdict.upper()}: all {len(report.phases)} sync phases ok"
@@ -155,7 +157,7 @@ def render_markdown(report: Report) -> str:
     out += ["", *_diagnosis(report)]
     out += ["", *_preflight_section(report)] if preflight_findings(report) else []
     out += ["", *_context(report)]
-    out += ["", *_phase_section(report)]
+    out += ["", *_phase_section(report)] if report.phases else []
     for phase in report.phases:
         out += ["", *_layer_section(phase)]
     out += ["", *_samples_section(report)]
@@ -166,7 +168,9 @@ def render_markdown(report: Report) -> str:
 def _heading(report: Report) -> list[str]:
     mark = "✅" if report.ok else "❌"
     bad = [phase for phase in report.phases if not phase.ok]
-    if bad:
+    if report.stopped:
+        what = "stopped before measuring"
+    elif bad:
         what = "; ".join(f"phase {p.index + 1} {md_code(p.name)}: `{p.verdict}`" for p in bad)
     else:
         what = f"all {len(report.phases)} sync phases `ok`"
@@ -181,6 +185,8 @@ def _heading(report: Report) -> list[str]:
 
 
 def _diagnosis(report: Report) -> list[str]:
+    if report.stopped:
+        return [f"**Verdict:** {md_text(report.stopped)}: see the pre-flight findings."]
     bad = [phase for phase in report.phases if not phase.ok]
     if not bad:
         return ["**Verdict:** every sync phase computes the checkpoint's policy (W0 + ΔW)."]

@@ -32,7 +32,10 @@ def render_terminal(report: Report, console: Console, layers: bool = False) -> N
         if finding["severity"] in ("problem", "warning"):
             style = "bold red" if finding["severity"] == "problem" else "yellow"
             console.print(f"[{style}]preflight {finding['severity']}[/] {finding['code']}: {finding['message']}", highlight=False)
-    console.print(_phase_table(report))
+    if report.stopped:
+        console.print(f"[bold red]check stopped:[/] {report.stopped}", highlight=False)
+    else:
+        console.print(_phase_table(report))
     for phase in report.phases:
         console.print(_layer_summary(phase, full=layers))
         if layers:

@@ -1,0 +1,75 @@
+"""Where output goes: the user sees lora-doctor's progress and report; the engine's chatter goes to a log.
+
+vLLM, torch and transformers write to the process's file descriptors directly (progress bars,
+C++ warnings such as the NUMA-binding notice, logging set up before ours), so quieting their loggers
+is not enough: during the work, descriptors 1 and 2 point at a log file, and lora-doctor writes its
+progress to a copy of the original stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+
+@dataclass
+class Captured:
+    """The user's stderr while the engine's output is captured, and the log it goes to (None: not captured)."""
+
+    stderr: TextIO
+    log: Path | None
+
+
+@contextmanager
+def engine_output_to_log(enabled: bool = True) -> Iterator[Captured]:
+    """Send everything written to stdout/stderr inside the block to a log file.
+
+    The log is deleted when the block succeeds; when it raises, the log is kept and its path is set
+    on the exception as `engine_log`, so the one-line error can point to it.
+    """
+    if not enabled:
+        yield Captured(sys.stderr, None)
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    handle, name = tempfile.mkstemp(prefix="lora-doctor-engine-", suffix=".log")
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    user_stderr = os.fdopen(os.dup(saved[2]), "w", buffering=1)
+    for fd in saved:
+        os.dup2(handle, fd)
+    os.close(handle)
+    failed = False
+    try:
+        yield Captured(user_stderr, Path(name))
+    except BaseException as error:
+        failed = True
+        error.engine_log = Path(name)
+        raise
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)
+        user_stderr.close()
+        if not failed:
+            Path(name).unlink(missing_ok=True)
+
+
+def save_crash(error: BaseException) -> Path:
+    """Write the full traceback of an unexpected error to a file the user can attach to a bug report."""
+    handle, name = tempfile.mkstemp(prefix="lora-doctor-crash-", suffix=".txt")
+    with os.fdopen(handle, "w") as crash:
+        crash.write(f"lora-doctor {' '.join(sys.argv[1:])}\n\n")
+        crash.write("".join(traceback.format_exception(error)))
+        log = getattr(error, "engine_log", None)
+        if log is not None:
+            crash.write(f"\nengine log: {log}\n")
+    return Path(name)

@@ -1,0 +1,208 @@
+"""The exit code is the contract a training script gates on: 0 pass, 1 a measured problem, 2 bad input,
+3 environment, 4 a crash of lora-doctor itself. Every case runs the real CLI in a fresh process."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import BASE, CHECKPOINT, ENGINE_ENV, ROOT, assert_one_line_error, run_cli
+from safetensors.torch import load_file, save_file
+
+from lora_doctor.errors import EnvironmentProblem
+
+BAD_PLANS = ROOT / "tests" / "bad_plans.py"
+# What the engine and its libraries print on their own; none of it may reach a user by default.
+CHATTER = ("Loading safetensors checkpoint shards", "NUMA binding", "Triton is installed", "Loading weights", "[rank0]")
+
+
+def plan_line(function_name: str, text: str) -> int:
+    """The line of `text` inside `function_name` in tests/bad_plans.py."""
+    lines = BAD_PLANS.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"def {function_name}("))
+    return next(i for i in range(start, len(lines)) if text in lines[i]) + 1
+
+
+def test_a_custom_plan_that_raises_is_bad_input_at_its_line(tmp_path):
+    run = run_cli("check", CHECKPOINT, "--plan", f"{BAD_PLANS}:raises", "--json", tmp_path / "r.json")
+    line = assert_one_line_error(run, 2, "RuntimeError: boom", unwritten=tmp_path / "r.json")
+    assert f"bad_plans.py:{plan_line('raises', 'raise RuntimeError')}" in line
+
+
+def test_a_custom_plan_that_misuses_the_sync_handle_is_bad_input_at_its_line(tmp_path):
+    run = run_cli("check", CHECKPOINT, "--plan", f"{BAD_PLANS}:misuses_the_api", "--json", tmp_path / "r.json")
+    line = assert_one_line_error(run, 2, "TypeError", unwritten=tmp_path / "r.json")
+    assert f"bad_plans.py:{plan_line('misuses_the_api', 'load_merged')}" in line
+
+
+def test_a_custom_plan_with_a_wrong_signature_is_bad_input(tmp_path):
+    run = run_cli("check", CHECKPOINT, "--plan", f"{BAD_PLANS}:two_arguments", "--json", tmp_path / "r.json")
+    assert_one_line_error(run, 2, "must take one argument", unwritten=tmp_path / "r.json")
+
+
+def test_a_custom_plan_that_never_probes_measured_nothing(tmp_path):
+    run = run_cli("check", CHECKPOINT, "--plan", f"{BAD_PLANS}:never_probes", "--json", tmp_path / "r.json")
+    assert_one_line_error(run, 2, "measured nothing", unwritten=tmp_path / "r.json")
+
+
+def test_a_crash_is_exit_4_with_the_traceback_saved(tmp_path):
+    # An internal function failing the way a bug would, in a real CLI process.
+    script = (
+        "import importlib, sys\n"
+        "check = importlib.import_module('lora_doctor.check')\n"
+        "def broken(*args, **kwargs):\n"
+        "    raise ZeroDivisionError('division by zero')\n"
+        "check.inspect_checkpoint = broken\n"
+        "from lora_doctor.cli import main\n"
+        f"sys.argv = ['lora-doctor', 'check', {str(CHECKPOINT)!r}, '--json', {str(tmp_path / 'r.json')!r}]\n"
+        "main()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, **ENGINE_ENV), timeout=300)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 4, done.stderr
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "internal error: ZeroDivisionError" in lines[0]
+    saved = Path(re.search(r"traceback is in (\S+)", lines[0]).group(1))
+    assert "def broken" not in lines[0]
+    assert "Traceback (most recent call last)" in saved.read_text()
+    assert "ZeroDivisionError" in saved.read_text()
+    assert not (tmp_path / "r.json").exists()
+    saved.unlink()
+
+
+def test_kv_cache_of_zero_is_bad_input(tmp_path):
+    run = run_cli("check", CHECKPOINT, "--kv-cache-gib", "0", "--json", tmp_path / "r.json")
+    assert_one_line_error(run, 2, "--kv-cache-gib must be at least 1", unwritten=tmp_path / "r.json")
+
+
+def test_kv_cache_option_wins_over_the_environment_and_verbose_shows_the_engine(tmp_path):
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    run = run_cli("check", CHECKPOINT, "--plan", "merged", "--kv-cache-gib", "2", "--verbose", "--json", tmp_path / "r.json", env=env)
+    assert run.exit_code == 0, run.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["environment"]["kv_cache_gib"] == 2
+    # --verbose: the engine's own output is shown rather than kept in a log.
+    assert "Loading safetensors checkpoint shards" in run.stderr
+
+
+def test_the_environment_sizes_the_kv_cache_without_the_option_and_the_engine_stays_quiet(tmp_path):
+    run = run_cli("check", CHECKPOINT, "--plan", "merged", "--json", tmp_path / "r.json", env={"VLLM_CPU_KVCACHE_SPACE": "3"})
+    assert run.exit_code == 0, run.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["environment"]["kv_cache_gib"] == 3
+    assert run.stderr.strip() == "", run.stderr
+    assert not any(noise in run.stdout for noise in CHATTER), run.stdout
+
+
+@pytest.fixture
+def nan_checkpoint(tmp_path: Path) -> Path:
+    path = tmp_path / "checkpoint-nan"
+    shutil.copytree(CHECKPOINT, path)
+    weights = path / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = next(k for k in sorted(tensors) if k.endswith("lora_B.weight"))
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, weights)
+    return path
+
+
+def test_a_nan_adapter_stops_the_check_before_anything_loads(tmp_path, nan_checkpoint):
+    out = tmp_path / "report"
+    run = run_cli("check", nan_checkpoint, "--base", BASE, "--json", tmp_path / "r.json", "--report", out)
+    assert run.exit_code == 1, run.stderr
+    assert "nan_inf" in run.stdout and "check stopped" in run.stdout
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["phases"] == [] and report["verdict"] == "fail" and report["exit_code"] == 1
+    assert "nan_inf" in report["stopped"]
+    assert [f["code"] for f in report["preflight"] if f["severity"] == "problem"] == ["nan_inf"]
+    # Nothing was loaded: no engine, no reference.
+    assert "engine_start" not in report["seconds"] and "reference" not in report["seconds"]
+    assert "stopped before measuring" in (out / "report.md").read_text()
+    assert "stopped before measuring" in (out / "report.html").read_text()
+    rerendered = run_cli("report", out / "report.json", "--format", "terminal")
+    assert rerendered.exit_code == 1 and "check stopped" in rerendered.stdout
+
+
+def test_a_tensor_parallel_size_the_model_cannot_split_is_bad_input(tmp_path):
+    # The fixture has 2 attention heads: 3 ranks cannot share them.
+    run = run_cli("check", CHECKPOINT, "-tp", "3", "--json", tmp_path / "r.json")
+    assert_one_line_error(run, 2, "does not divide the model's 2 attention heads", unwritten=tmp_path / "r.json")
+
+
+@pytest.fixture
+def large_base(tmp_path: Path) -> Path:
+    """A real Qwen2 model whose bf16 weights (a 1M-token embedding, ~256 MB) double in float32."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config.from_pretrained(BASE)
+    config.vocab_size = 1_000_000
+    torch.manual_seed(0)
+    path = tmp_path / "large-base"
+    Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(BASE / name, path / name)
+    return path
+
+
+def test_a_reference_that_runs_out_of_memory_is_an_environment_problem(tmp_path, large_base):
+    # The process may map the base once (the pre-flight reads it) but not hold it in float32 as well:
+    # the address-space limit leaves room for the file plus 400 MB, the float32 reference needs twice the file.
+    weights = large_base / "model.safetensors"
+    margin = weights.stat().st_size + (400 << 20)
+    script = (
+        "import resource, sys\n"
+        "import torch, transformers, peft, lora_doctor.reference, lora_doctor.cli\n"
+        "size = int(next(l for l in open('/proc/self/status') if l.startswith('VmSize')).split()[1]) * 1024\n"
+        f"resource.setrlimit(resource.RLIMIT_AS, (size + {margin}, resource.RLIM_INFINITY))\n"
+        f"sys.argv = ['lora-doctor', 'check', {str(CHECKPOINT)!r}, '--base', {str(large_base)!r}, '--json', {str(tmp_path / 'r.json')!r}]\n"
+        "lora_doctor.cli.main()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, **ENGINE_ENV), timeout=300)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 3, done.stderr
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "not enough memory to load the reference model" in lines[0]
+    assert not (tmp_path / "r.json").exists()
+
+
+def worker_of(checker):
+    """The in-process engine's worker (lora-doctor's extension mixed in) and its model."""
+    worker = checker.engine.llm.llm_engine.model_executor.driver_worker.worker
+    return worker, worker.model_runner.get_model()
+
+
+def test_the_per_module_read_refuses_fully_sharded_lora_with_the_logits_only_hint(checker):
+    worker, _model = worker_of(checker)
+    config = worker.model_runner.lora_config
+    config.fully_sharded_loras = True
+    try:
+        with pytest.raises(EnvironmentProblem, match="fully sharded.*--no-layer-check"):
+            worker.lora_doctor_layer_stats(str(BASE), str(CHECKPOINT), None)
+    finally:
+        config.fully_sharded_loras = False
+
+
+def test_the_per_module_read_refuses_a_packed_layer_that_disagrees_with_its_mapping(checker):
+    from lora_doctor.worker import _shards
+
+    _worker, model = worker_of(checker)
+    name = "model.layers.0.self_attn.qkv_proj"
+    layer = model.lora_manager.modules[name]
+    with pytest.raises(EnvironmentProblem, match="3 LoRA slices but packed mapping.*--no-layer-check"):
+        _shards(name, layer, {"qkv_proj": ["q_proj", "k_proj"]})
+
+
+def test_the_per_module_read_refuses_a_layer_class_it_does_not_know(checker):
+    from lora_doctor.worker import _packed_mapping, _shards
+
+    _worker, model = worker_of(checker)
+    name = "model.layers.0.self_attn.qkv_proj"
+    unwrapped = model.lora_manager.modules[name].base_layer  # a vLLM linear layer without LoRA
+    with pytest.raises(EnvironmentProblem, match="does not know QKVParallelLinear.*--no-layer-check"):
+        _shards(name, unwrapped, _packed_mapping(model))
