@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BASE, CHECKPOINT, ENGINE_ENV, ROOT, assert_one_line_error, run_cli
+from conftest import BASE, CHECKPOINT, ENGINE_ENV, ROOT, CliRun, assert_one_line_error, run_cli
 from safetensors.torch import load_file, save_file
 
 from lora_doctor.errors import EnvironmentProblem
@@ -28,6 +28,12 @@ def plan_line(function_name: str, text: str) -> int:
     lines = BAD_PLANS.read_text().splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith(f"def {function_name}("))
     return next(i for i in range(start, len(lines)) if text in lines[i]) + 1
+
+
+def run_cli_script(script: str, exit_code: int, needle: str, unwritten: Path) -> str:
+    """Run a script that prepares the process (a broken function, a memory limit), then the CLI's `main`."""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, **ENGINE_ENV), timeout=300)
+    return assert_one_line_error(CliRun(done.returncode, done.stdout, done.stderr), exit_code, needle, unwritten)
 
 
 def test_a_custom_plan_that_raises_is_bad_input_at_its_line(tmp_path):
@@ -64,16 +70,10 @@ def test_a_crash_is_exit_4_with_the_traceback_saved(tmp_path):
         f"sys.argv = ['lora-doctor', 'check', {str(CHECKPOINT)!r}, '--json', {str(tmp_path / 'r.json')!r}]\n"
         "main()\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, **ENGINE_ENV), timeout=300)
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert done.returncode == 4, done.stderr
-    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
-    assert "internal error: ZeroDivisionError" in lines[0]
-    saved = Path(re.search(r"traceback is in (\S+)", lines[0]).group(1))
-    assert "def broken" not in lines[0]
+    line = run_cli_script(script, 4, "internal error: ZeroDivisionError", unwritten=tmp_path / "r.json")
+    saved = Path(re.search(r"traceback is in (\S+)", line).group(1))
     assert "Traceback (most recent call last)" in saved.read_text()
     assert "ZeroDivisionError" in saved.read_text()
-    assert not (tmp_path / "r.json").exists()
     saved.unlink()
 
 
@@ -163,12 +163,7 @@ def test_a_reference_that_runs_out_of_memory_is_an_environment_problem(tmp_path,
         f"sys.argv = ['lora-doctor', 'check', {str(CHECKPOINT)!r}, '--base', {str(large_base)!r}, '--json', {str(tmp_path / 'r.json')!r}]\n"
         "lora_doctor.cli.main()\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, **ENGINE_ENV), timeout=300)
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert done.returncode == 3, done.stderr
-    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
-    assert "not enough memory to load the reference model" in lines[0]
-    assert not (tmp_path / "r.json").exists()
+    run_cli_script(script, 3, "not enough memory to load the reference model", unwritten=tmp_path / "r.json")
 
 
 def worker_of(checker):
