@@ -1,0 +1,364 @@
+"""`audit`: verify a merged export (the LoRA merged into the base and saved) without an engine.
+
+Per module the adapter targets, the export's weight W_m is compared with what a correct merge in the
+export's dtype holds, E = merge_in_dtype(W0, ΔW, dtype): W0 + ΔW in float32, round_bf16(W0 + ΔW) in a
+bf16 export, which keeps only the part D = E − W0 of ΔW that bf16 can represent. The check's
+per-module figures, measured against that kept part (identical to the check's in float32):
+
+    effective_scale = <W_m − W0, ΔW> / <D, ΔW>          1 merged once, 2 twice, 0 not merged
+    residual        = ‖W_m − W0 − effective_scale·D‖ / ‖D‖   what no multiple of the merge explains
+    divergence      = ‖W_m − E‖ / ‖D‖
+
+Every other tensor must equal the base (cast to the export's dtype). Weights stream from disk in row
+chunks; one module's vectors at a time are held whole. No vLLM import.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .checkpoint import load_checkpoint
+from .errors import BadInput
+from .lora_delta import LoraFactors, load_lora_factors, merge_in_dtype
+from .modules import layer_index, module_kind
+from .result import LayerResult, PhaseResult, Report
+from .verdict import (
+    DIVERGED,
+    DOUBLE_COUNTED,
+    FAIL,
+    MISSING,
+    OK,
+    PARTIAL,
+    SCALED,
+    Thresholds,
+    describe_modules,
+    layer_verdict,
+    overall_verdict,
+    refine_with_layers,
+    scale_hint,
+)
+from .weight_files import TensorInfo, model_tensors, read_chunks
+
+PHASE = "export"
+# Bytes of one tensor read per chunk: large enough that per-call overhead vanishes, small enough to
+# stay in the CPU caches between the read and the comparison (reads of 4–8 MiB were the fastest here).
+CHUNK_BYTES = 8 * 2**20
+# In a low-precision export every element of W_m is rounded, so residual and divergence have a floor:
+# the module's rounding floor ρ = ‖E − (W0 + ΔW)‖ / ‖D‖ (0.16–0.23 for a bf16 merge at
+# ‖ΔW‖/‖W0‖ = 1e-2, ~1e-5 in float32). A correct export rounded another way (W0 + ΔW rounded once,
+# rather than PEFT's rounding of each part) measured up to 1.2ρ, a merge applied twice 0.7ρ; so the
+# per-module divergence limit is max(layer_divergence, ROUNDING_MARGIN·ρ).
+ROUNDING_MARGIN = 2.0
+MARGIN_NAME = "export_rounding_margin"
+# How many differing untouched tensors the report names.
+SHOWN_DIFFERENCES = 5
+_LORA_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+EXPLANATIONS = {
+    OK: "the export holds the checkpoint's policy W0 + ΔW (as far as its dtype can hold ΔW)",
+    DOUBLE_COUNTED: "the export holds the LoRA twice (W0 + 2ΔW): the merge was applied to weights that were already merged",
+    MISSING: "the export holds the base without the LoRA (W0): the merge wrote the base unchanged",
+    SCALED: "the export holds the LoRA at the wrong scale (W0 + c·ΔW): the merge computed the LoRA scaling differently from PEFT",
+    PARTIAL: "only some LoRA modules are merged right in the export (a merge that skipped or misnamed modules)",
+    DIVERGED: "the export's weights are W0 + c·ΔW at no scale c: another base or adapter, or corrupted tensors",
+}
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class _Module:
+    """One LoRA module while its chunks arrive: ΔW, e = W_m − E and D = E − W0 (float32, whole)."""
+
+    name: str
+    delta: torch.Tensor
+    e: torch.Tensor
+    kept: torch.Tensor
+
+
+@dataclass(frozen=True)
+class _Figures:
+    """One module's measurements; every norm is relative to ‖D‖ (the part of ΔW the export can hold)."""
+
+    module: str
+    e_delta: float  # <W_m − E, ΔW>
+    kept_delta: float  # <D, ΔW>
+    effective_scale: float
+    residual: float
+    divergence: float
+    rounding_floor: float
+
+
+@dataclass
+class _Difference:
+    """A tensor the LoRA does not touch that is not the base's."""
+
+    name: str
+    reason: str
+    elements: int = 0
+    max_abs: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"tensor": self.name, "reason": self.reason, "differing_elements": self.elements, "max_abs_difference": self.max_abs}
+
+
+@dataclass(frozen=True)
+class _Pair:
+    """An export tensor, the base tensor it must match, and the LoRA module it holds (if any)."""
+
+    name: str
+    export: TensorInfo
+    base: TensorInfo
+    module: str | None
+
+
+def audit(
+    export: str | Path,
+    adapter: str | Path,
+    *,
+    base: str | Path | None = None,
+    thresholds: dict[str, float] | None = None,
+    progress: Progress | None = None,
+) -> Report:
+    """Compare a merged export with its base and adapter: a report with one phase named `export`.
+
+    `thresholds` overrides the defaults for the export's dtype (names of `Thresholds`). Raises
+    `BadInput` when the export, the adapter or the base cannot be used.
+    """
+    say = progress or (lambda _message: None)
+    started = time.perf_counter()
+    ckpt = load_checkpoint(adapter, base)
+    export_dir = Path(export)
+    exported = model_tensors(export_dir)
+    factors = load_lora_factors(ckpt.adapter_dir)
+    pairs, absent = _pair(exported, model_tensors(ckpt.base_dir), factors, export_dir, ckpt.base_dir)
+    limits, margin = _thresholds(pairs, thresholds or {})
+
+    figures, differences = _stream(pairs, factors, say)
+    differences = absent + differences
+    layers = [_layer(f, limits, margin) for f in sorted(figures, key=lambda f: _module_order(f.module))]
+    verdict = refine_with_layers(OK, [layer.verdict for layer in layers])
+    if differences and verdict == OK:
+        verdict = DIVERGED
+    # All modules together: Σ<W_m − W0, ΔW> / Σ<D, ΔW>.
+    kept = sum(f.kept_delta for f in figures)
+    scale = 1.0 + sum(f.e_delta for f in figures) / kept if kept > 0 else None
+    seconds = time.perf_counter() - started
+
+    phase = PhaseResult(
+        index=0,
+        name=PHASE,
+        with_adapter=False,
+        verdict=verdict,
+        explanation=_explain(verdict, scale, layers, differences, ckpt.spec),
+        effective_scale=scale,
+        # Logit figures need an engine; an audit reads weights only.
+        kl_at_scale=None,
+        kl_mean=None,
+        kl_max=None,
+        top1_agreement=None,
+        greedy_match=None,
+        layers=layers,
+        seconds={"read_and_compare": seconds},
+    )
+    from .check import checkpoint_summary, environment
+
+    summary = checkpoint_summary(ckpt)
+    summary["export"] = {
+        "path": str(export_dir.resolve()),
+        "files": len({info.path for info in exported.values()}),
+        "tensors": len(exported),
+        "dtypes": sorted({str(info.dtype).removeprefix("torch.") for info in exported.values()}),
+        "lora_modules": len(figures),
+        "untouched_tensors": sum(pair.module is None for pair in pairs),
+        "differing_untouched": len(differences),
+        "first_differences": [d.to_dict() for d in differences[:SHOWN_DIFFERENCES]],
+        "max_rounding_floor": max((f.rounding_floor for f in figures), default=0.0),
+        "bytes_read": sum(pair.export.nbytes + pair.base.nbytes for pair in pairs),
+    }
+    final = overall_verdict([verdict])
+    return Report(
+        tool={"name": "lora-doctor", "version": __version__},
+        environment=environment(),
+        checkpoint=summary,
+        plan={"name": "audit", "summary": "a merged export on disk compared with base + adapter (no engine)", "phases": [PHASE]},
+        thresholds={**limits.as_dict(), MARGIN_NAME: margin},
+        phases=[phase],
+        verdict=final,
+        exit_code=1 if final == FAIL else 0,
+        seconds={"audit": seconds},
+    )
+
+
+def _pair(exported: dict[str, TensorInfo], based: dict[str, TensorInfo], factors, export_dir: Path, base_dir: Path):
+    """Pair the export's tensors with the base's, in the export's on-disk order; list the unpaired."""
+    pairs, absent = [], []
+    for name in dict.fromkeys([*based, *exported]):
+        mine, theirs = _lookup(exported, export_dir, name), _lookup(based, base_dir, name)
+        if mine is None:
+            absent.append(_Difference(name, "absent from the export"))
+            continue
+        if theirs is None:
+            absent.append(_Difference(name, "not in the base"))
+            continue
+        if mine.shape != theirs.shape:
+            raise BadInput(
+                f"{name} is {'x'.join(map(str, mine.shape))} in the export but {'x'.join(map(str, theirs.shape))} "
+                f"in base {base_dir}: not an export of this base (pass --base)"
+            )
+        module = name.removesuffix(".weight") if name.removesuffix(".weight") in factors else None
+        if module is not None and not (mine.dtype.is_floating_point and mine.dtype.itemsize >= 2):
+            raise BadInput(f"{name} is {mine.dtype} in the export: quantized exports are not supported")
+        pairs.append(_Pair(name, mine, theirs, module))
+    if not pairs:
+        raise BadInput(f"{export_dir} shares no tensor name with base {base_dir}: not an export of this base")
+    # Both folders are then read front to back when they are laid out alike.
+    pairs.sort(key=lambda pair: (str(pair.export.path), pair.export.start))
+    return pairs, absent
+
+
+def _lookup(tensors: dict[str, TensorInfo], folder: Path, name: str) -> TensorInfo | None:
+    """A tensor by name; a model with tied embeddings may leave its lm_head out (it is the embedding)."""
+    if name in tensors:
+        return tensors[name]
+    if name == "lm_head.weight" and _ties_embeddings(folder):
+        return tensors.get("model.embed_tokens.weight")
+    return None
+
+
+def _ties_embeddings(folder: Path) -> bool:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(config.get("tie_word_embeddings", False))
+
+
+def _thresholds(pairs: list[_Pair], overrides: dict[str, float]) -> tuple[Thresholds, float]:
+    """Defaults for the lowest precision among the export's LoRA-targeted weights, then overrides;
+    and the rounding margin (overridable as `export_rounding_margin`)."""
+    dtypes = {pair.export.dtype for pair in pairs if pair.module is not None}
+    name = "bfloat16" if torch.bfloat16 in dtypes else "float16" if torch.float16 in dtypes else "float32"
+    overrides = dict(overrides)
+    margin = overrides.pop(MARGIN_NAME, ROUNDING_MARGIN)
+    try:
+        return Thresholds.for_dtype(name).override(overrides), margin
+    except ValueError as error:
+        raise BadInput(f"--threshold: {error} or {MARGIN_NAME}") from None
+
+
+def _stream(pairs: list[_Pair], factors: dict[str, LoraFactors], say: Progress) -> tuple[list[_Figures], list[_Difference]]:
+    """Read every pair once: measure each LoRA module when its last rows arrive, compare the rest with the base."""
+    figures: list[_Figures] = []
+    differences: dict[str, _Difference] = {}
+    module: _Module | None = None
+    for chunk in read_chunks([[pair.export, pair.base] for pair in pairs], CHUNK_BYTES):
+        pair = pairs[chunk.group]
+        merged, w0 = chunk.tensors
+        if pair.module is None:
+            _compare_untouched(pair.name, merged, w0, differences)
+            continue
+        if chunk.row_start == 0:
+            say(f"comparing {pair.name}")
+            module = _start_module(pair.module, factors[pair.module], pair.export.shape)
+        _fill(module, chunk.row_start, chunk.row_end, merged, w0)
+        if chunk.last:
+            measured = _measure(module)
+            if measured is not None:
+                figures.append(measured)
+            module = None
+    return figures, list(differences.values())
+
+
+def _start_module(name: str, factors: LoraFactors, shape: tuple[int, ...]) -> _Module:
+    delta = factors.delta()
+    if tuple(delta.shape) != tuple(shape):
+        raise BadInput(f"the adapter's ΔW of {name} is {tuple(delta.shape)} but the export's weight is {shape}")
+    return _Module(name, delta, torch.empty_like(delta), torch.empty_like(delta))
+
+
+def _fill(module: _Module, start: int, end: int, merged: torch.Tensor, w0: torch.Tensor) -> None:
+    """Rows [start, end): e = W_m − E and D = E − W0, with E what a merge in the export's dtype holds."""
+    expected = merge_in_dtype(w0, module.delta[start:end], merged.dtype)
+    e, kept = module.e[start:end], module.kept[start:end]
+    e.copy_(merged)
+    e.sub_(expected)
+    kept.copy_(expected)
+    kept.sub_(w0)
+
+
+def _measure(module: _Module) -> _Figures | None:
+    """The module's figures from its whole vectors (overwritten on the way: the module is done)."""
+    flat_delta = module.delta.reshape(-1)
+    e_delta = torch.dot(module.e.reshape(-1), flat_delta).item()
+    kept_delta = torch.dot(module.kept.reshape(-1), flat_delta).item()
+    kept_norm = torch.linalg.vector_norm(module.kept).item()
+    if kept_delta <= 0 or kept_norm == 0:
+        return None  # the export's dtype rounds all of ΔW away: nothing to measure
+    divergence = torch.linalg.vector_norm(module.e).item()
+    scale = 1.0 + e_delta / kept_delta
+    # Formed as a vector rather than from dot products, which would cancel when W_m ≈ scale·D.
+    residual = torch.linalg.vector_norm(module.e.add_(module.kept, alpha=1.0 - scale)).item()
+    floor = torch.linalg.vector_norm(module.kept.sub_(module.delta)).item()
+    return _Figures(
+        module=module.name,
+        e_delta=e_delta,
+        kept_delta=kept_delta,
+        effective_scale=scale,
+        residual=residual / kept_norm,
+        divergence=divergence / kept_norm,
+        rounding_floor=floor / kept_norm,
+    )
+
+
+def _layer(figures: _Figures, limits: Thresholds, margin: float) -> LayerResult:
+    allowed = limits.override({"layer_divergence": max(limits.layer_divergence, margin * figures.rounding_floor)})
+    values = (figures.effective_scale, figures.residual, figures.divergence)
+    return LayerResult(figures.module, *values, verdict=layer_verdict(*values, allowed))
+
+
+def _compare_untouched(name: str, mine: torch.Tensor, theirs: torch.Tensor, differences: dict[str, _Difference]) -> None:
+    """Bit-equal to the base (or to the base cast to the export's dtype); else count what differs."""
+    if mine.dtype == theirs.dtype:
+        if torch.equal(mine.reshape(-1).view(torch.uint8), theirs.reshape(-1).view(torch.uint8)):
+            return
+        expected = theirs
+    else:
+        expected = theirs.to(mine.dtype)
+        if torch.equal(mine, expected):
+            return
+    found = differences.setdefault(name, _Difference(name, "differs from the base"))
+    if mine.dtype.is_floating_point:
+        gap = (mine.double() - expected.double()).abs().nan_to_num(nan=float("inf"))
+        found.elements += int((gap > 0).sum())
+        found.max_abs = max(found.max_abs, float(gap.max()))
+    else:
+        found.elements += int((mine != expected).sum())
+
+
+def _module_order(module: str) -> tuple:
+    kind = module_kind(module)
+    index = layer_index(module)
+    return (index if index is not None else -1, _LORA_KINDS.index(kind) if kind in _LORA_KINDS else len(_LORA_KINDS), module)
+
+
+def _explain(verdict: str, scale: float | None, layers: list[LayerResult], differences: list[_Difference], spec) -> str:
+    explanation = EXPLANATIONS[verdict]
+    if verdict == SCALED and scale is not None:
+        hint = scale_hint(scale, spec.r, spec.lora_alpha, spec.use_rslora)
+        explanation = f"{explanation}: α = {scale:.3f}" + (f" {hint}" if hint else "")
+    if verdict != OK and any(layer.verdict != OK for layer in layers):
+        detail = describe_modules([(layer.module, layer.verdict) for layer in layers])
+        explanation = f"{detail} — {explanation}" if verdict == PARTIAL else f"{explanation}; {detail}"
+    if differences:
+        shown = ", ".join(f"{d.name} ({d.reason})" for d in differences[:SHOWN_DIFFERENCES])
+        more = f" and {len(differences) - SHOWN_DIFFERENCES} more" if len(differences) > SHOWN_DIFFERENCES else ""
+        explanation += f"; {len(differences)} tensors the LoRA does not touch are not the base's: {shown}{more}"
+    return explanation
