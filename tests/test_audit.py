@@ -62,6 +62,8 @@ def test_export_merged_twice_is_double_counted(exports, tmp_path):
     phase = only_phase(report)
     assert (code, phase["verdict"]) == (1, "double_counted")
     assert all(layer["effective_scale"] == pytest.approx(2.0, abs=1e-4) for layer in phase["layers"])
+    # Exactly a multiple of ΔW: the sums must not cancel into a residual that would read as `diverged`.
+    assert max(layer["residual"] for layer in phase["layers"]) < 1e-5
 
 
 def test_export_identical_to_the_base_is_missing(exports, tmp_path):
