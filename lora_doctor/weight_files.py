@@ -11,7 +11,6 @@ the data.
 from __future__ import annotations
 
 import json
-import os
 import queue
 import threading
 from collections.abc import Iterator
@@ -201,8 +200,6 @@ def _read_into(groups, chunk_bytes, free: queue.Queue, ready: queue.Queue, stop:
             if any(info.rows != rows for info in group):
                 raise ValueError(f"tensors {[info.name for info in group]} differ in row count")
             step = _chunk_rows(group, chunk_bytes)
-            for info in group:
-                _prefetch(_open(handles, info.path), info)
             for row_start in range(0, max(rows, 1), step):
                 row_end = min(row_start + step, rows)
                 buffers = free.get()
@@ -234,13 +231,6 @@ def _open(handles: dict, path: Path):
     if path not in handles:
         handles[path] = path.open("rb", buffering=0)
     return handles[path]
-
-
-def _prefetch(handle, info: TensorInfo) -> None:
-    """Ask the kernel to start reading the tensor's bytes now: the chunks alternate between two files
-    in small reads, which the default read-ahead alone serves at a fraction of the disk's speed."""
-    if hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(handle.fileno(), info.start, info.nbytes, os.POSIX_FADV_WILLNEED)
 
 
 def _as_tensor(raw: torch.Tensor, info: TensorInfo, rows: int) -> torch.Tensor:
