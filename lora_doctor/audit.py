@@ -27,7 +27,7 @@ import numpy
 import torch
 
 from . import __version__
-from .checkpoint import load_checkpoint
+from .checkpoint import ADAPTER_WEIGHTS, PEFT_PREFIX, load_checkpoint
 from .errors import BadInput
 from .lora_delta import LoraFactors, load_lora_factors, merge_in_dtype
 from .modules import layer_index, module_kind
@@ -47,7 +47,7 @@ from .verdict import (
     refine_with_layers,
     scale_hint,
 )
-from .weight_files import TensorInfo, model_tensors, read_chunks
+from .weight_files import TensorInfo, model_tensors, read_chunks, read_header
 
 PHASE = "export"
 # Bytes of one tensor per read. The export and the base are read in turn; from a cold page cache,
@@ -158,7 +158,8 @@ class _Difference:
 
 @dataclass(frozen=True)
 class _Pair:
-    """An export tensor, the base tensor it must match, and the LoRA module it holds (if any)."""
+    """An export tensor, the tensor it must match (the base's, or the adapter's trained copy of a
+    `modules_to_save` module), and the LoRA module it holds (if any)."""
 
     name: str
     export: TensorInfo
@@ -185,7 +186,8 @@ def audit(
     export_dir = Path(export)
     exported = model_tensors(export_dir)
     factors = load_lora_factors(ckpt.adapter_dir)
-    pairs, absent = _pair(exported, model_tensors(ckpt.base_dir), factors, export_dir, ckpt.base_dir)
+    expected = dict(model_tensors(ckpt.base_dir), **_trained_copies(ckpt.adapter_dir))
+    pairs, absent = _pair(exported, expected, factors, export_dir, ckpt.base_dir)
     limits, margin = _thresholds(pairs, thresholds or {})
 
     with _one_compute_thread():
@@ -270,6 +272,12 @@ def _pair(exported: dict[str, TensorInfo], based: dict[str, TensorInfo], factors
     # Both folders are then read front to back when they are laid out alike.
     pairs.sort(key=lambda pair: (str(pair.export.path), pair.export.start))
     return pairs, absent
+
+
+def _trained_copies(adapter_dir: Path) -> dict[str, TensorInfo]:
+    """Whole tensors the adapter file holds (`modules_to_save`): a merge writes them in place of the base's."""
+    saved = read_header(adapter_dir / ADAPTER_WEIGHTS)
+    return {name.removeprefix(PEFT_PREFIX): info for name, info in saved.items() if ".lora_" not in name}
 
 
 def _lookup(tensors: dict[str, TensorInfo], folder: Path, name: str) -> TensorInfo | None:

@@ -132,6 +132,16 @@ def test_changed_untouched_tensor_is_named(exports, tmp_path):
     assert "model.norm.weight" in phase["explanation"]
 
 
+def test_modules_to_save_are_compared_with_the_adapters_trained_copies(tmp_path):
+    adapter, export = build_fixtures.export_with_modules_to_save(tmp_path / "adapter", tmp_path / "export")
+    code, report = audit(export, adapter, tmp_path)
+    assert (code, only_phase(report)["verdict"]) == (0, "ok")
+    # The same export against the plain adapter: the trained norms are not the base's.
+    code, report = audit(export, CHECKPOINT, tmp_path)
+    assert (code, only_phase(report)["verdict"]) == (1, "diverged")
+    assert "model.norm.weight" in {d["tensor"] for d in report["checkpoint"]["export"]["first_differences"]}
+
+
 def test_saved_report_renders_and_keeps_the_exit_code(exports, tmp_path):
     folder = tmp_path / "report"
     run = run_cli("audit", exports["merged-twice"], "--adapter", CHECKPOINT, "--report", folder)
