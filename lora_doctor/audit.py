@@ -190,8 +190,10 @@ def audit(
     pairs, absent = _pair(exported, expected, factors, export_dir, ckpt.base_dir)
     limits, margin = _thresholds(pairs, thresholds or {})
 
+    streaming = time.perf_counter()
     with _one_compute_thread():
         figures, differences = _stream(pairs, factors, say)
+    streaming = time.perf_counter() - streaming
     differences = absent + differences
     layers = [_layer(f, limits, margin) for f in sorted(figures, key=lambda f: _module_order(f.module))]
     verdict = refine_with_layers(OK, [layer.verdict for layer in layers])
@@ -216,7 +218,7 @@ def audit(
         top1_agreement=None,
         greedy_match=None,
         layers=layers,
-        seconds={"read_and_compare": seconds},
+        seconds={"read_and_compare": streaming},
     )
     from .check import checkpoint_summary, environment
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -196,6 +197,14 @@ def test_export_whose_shapes_do_not_match_the_base(exports, tmp_path):
     save_file(weights, str(export / "model.safetensors"), metadata={"format": "pt"})
     run = run_cli("audit", export, "--adapter", CHECKPOINT, "--json", tmp_path / "r.json")
     assert_exit_2(run, tmp_path / "r.json", "model.layers.0.mlp.up_proj.weight is 383x128 in the export")
+
+
+def test_index_naming_a_missing_shard(exports, tmp_path):
+    export = tmp_path / "export"
+    shutil.copytree(exports["sharded"], export)
+    (export / "model-00002-of-00006.safetensors").unlink()
+    run = run_cli("audit", export, "--adapter", CHECKPOINT, "--json", tmp_path / "r.json")
+    assert_exit_2(run, tmp_path / "r.json", "names shard model-00002-of-00006.safetensors")
 
 
 def test_truncated_shard(exports, tmp_path):
