@@ -149,6 +149,39 @@ def plans() -> None:
         console.print(f"[bold]{plan.name}[/]{default}: {plan.summary}")
 
 
+@app.command()
+def audit(
+    export: Path = typer.Argument(..., help="The merged model folder (model.safetensors, or shards with model.safetensors.index.json)."),
+    adapter: Path = typer.Option(..., "--adapter", help="The PEFT adapter folder or trainer checkpoint that was merged."),
+    base: Optional[Path] = typer.Option(None, "--base", help="Local base model folder (default: base_model_name_or_path from adapter_config.json)."),
+    threshold: list[str] = typer.Option([], "--threshold", help="Override a threshold, NAME=VALUE (repeatable)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the JSON report here ('-' for stdout)."),
+    report_dir: Optional[Path] = typer.Option(None, "--report", help="Write report.json, report.md (paste into an issue) and report.html into this folder."),
+    exit_zero: bool = typer.Option(False, "--exit-zero", help="Exit 0 even when a problem is found."),
+    layers: bool = typer.Option(False, "--layers", help="Show every LoRA module's effective scale, residual and divergence."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No terminal report, only the exit code (and --json)."),
+) -> None:
+    """Verify a merged export (LoRA merged into the base and saved) against its base and adapter, without an engine."""
+    from .audit import audit as run_audit
+    from .report import render_json, render_terminal
+
+    _check_output_path(json_path)
+    _check_report_dir(report_dir)
+    try:
+        overrides = _parse_thresholds(threshold)
+    except ValueError as error:
+        raise BadInput(f"--threshold: {error}") from None
+    with stderr.status("auditing", spinner="dots") as status:
+        report = run_audit(export, adapter, base=base, thresholds=overrides, progress=lambda message: status.update(message))
+    if not quiet:
+        render_terminal(report, stderr if json_path == Path("-") else _stdout_console(), layers=layers)
+    if json_path is not None:
+        _write(render_json(report), json_path)
+    if report_dir is not None:
+        _write_report_dir(report, report_dir)
+    raise typer.Exit(0 if exit_zero else report.exit_code)
+
+
 def _write(text: str, path: Path) -> None:
     """Write to a file, or to stdout for '-'."""
     if path == Path("-"):

@@ -10,6 +10,7 @@ from rich.text import Text
 from ..result import PhaseResult, Report
 from ..verdict import CAUSES
 from .grid import layer_grid, wrong_layers
+from .markdown import fmt
 
 VERDICT_STYLE = {"ok": "bold green", "pass": "bold green", "fail": "bold red"}
 
@@ -67,12 +68,13 @@ def _phase_table(report: Report) -> Table:
             phase.name,
             "yes" if phase.with_adapter else "no",
             Text(phase.verdict, style=_style(phase.verdict)),
-            f"{phase.effective_scale:.3f}",
-            f"{phase.kl_mean:.2e}",
-            f"{phase.kl_max:.2e}",
-            f"{phase.kl_at_scale:.2e}",
-            f"{phase.top1_agreement:.1%}",
-            f"{phase.greedy_match:.0%}",
+            # An audit of a merged export has no logits: those cells read "—".
+            fmt(phase.effective_scale, ".3f"),
+            fmt(phase.kl_mean, ".2e"),
+            fmt(phase.kl_max, ".2e"),
+            fmt(phase.kl_at_scale, ".2e"),
+            fmt(phase.top1_agreement, ".1%"),
+            fmt(phase.greedy_match, ".0%"),
         )
     return table
 

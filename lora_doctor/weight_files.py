@@ -1,0 +1,238 @@
+"""Where every tensor of a model folder sits on disk, and reading them in row chunks of bounded size.
+
+A model folder holds one `model.safetensors` or shards named by `model.safetensors.index.json`.
+Reading goes through plain file reads into a few reusable buffers, not through safetensors' memory
+map: the pages of a memory-mapped file stay resident in the process for as long as the file is open,
+so reading a multi-GB model through the map would hold all of it in RSS. A safetensors file is an
+8-byte little-endian header length, a JSON header (dtype, shape, byte range of every tensor), then
+the data.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import BadInput
+
+INDEX_FILE = "model.safetensors.index.json"
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+# A real header is a few hundred kB even for large models; a larger length means a corrupt file.
+_MAX_HEADER_BYTES = 100 * 2**20
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor's place in a safetensors file: bytes [start, end) of `path`."""
+
+    name: str
+    path: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_bytes(self) -> int:
+        return self.nbytes // self.rows if self.rows else 0
+
+
+def model_tensors(folder: Path) -> dict[str, TensorInfo]:
+    """Tensor name → where it sits, for every safetensors file of a model folder (headers only)."""
+    if not folder.exists():
+        raise BadInput(f"no such path: {folder}")
+    if not folder.is_dir():
+        raise BadInput(f"{folder} is not a folder; pass the model folder that holds the *.safetensors weights")
+    index = folder / INDEX_FILE
+    if index.is_file():
+        files = _indexed_files(index)
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise BadInput(f"{folder} has no *.safetensors weights")
+    tensors: dict[str, TensorInfo] = {}
+    for file in files:
+        for name, info in read_header(file).items():
+            if name in tensors:
+                raise BadInput(f"{folder}: tensor {name} is in both {tensors[name].path.name} and {file.name}")
+            tensors[name] = info
+    if index.is_file():
+        _check_index(index, tensors)
+    return tensors
+
+
+def _indexed_files(index: Path) -> list[Path]:
+    weight_map = _weight_map(index)
+    files = [index.parent / name for name in sorted(set(weight_map.values()))]
+    absent = [f.name for f in files if not f.is_file()]
+    if absent:
+        raise BadInput(f"{index} names shard {absent[0]}, which is not in {index.parent}")
+    return files
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise BadInput(f"{index} is not a safetensors index (no readable weight_map: {error})") from None
+    if not isinstance(weight_map, dict):
+        raise BadInput(f"{index}: weight_map is not an object")
+    return weight_map
+
+
+def _check_index(index: Path, tensors: dict[str, TensorInfo]) -> None:
+    for name, file in _weight_map(index).items():
+        if name not in tensors or tensors[name].path.name != file:
+            raise BadInput(f"{index} puts {name} in {file}, but that shard does not hold it")
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Tensor name → TensorInfo from one safetensors file's header."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            if not 0 < length <= min(_MAX_HEADER_BYTES, size - 8):
+                raise ValueError("header length out of range")
+            header = json.loads(handle.read(length))
+        data_start = 8 + length
+        tensors = {}
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = (data_start + offset for offset in meta["data_offsets"])
+            if meta["dtype"] not in _DTYPES:
+                raise ValueError(f"unsupported dtype {meta['dtype']} of {name}")
+            if not data_start <= begin <= end <= size:
+                raise ValueError(f"byte range of {name} lies outside the file")
+            tensors[name] = TensorInfo(name, path, _DTYPES[meta["dtype"]], tuple(meta["shape"]), begin, end)
+        return tensors
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+        raise BadInput(f"{path} is not a readable safetensors file ({error})") from None
+
+
+@dataclass
+class Chunk:
+    """Rows [row_start, row_end) of one group of tensors read together (e.g. an export's tensor and its base)."""
+
+    group: int
+    row_start: int
+    row_end: int
+    tensors: list[torch.Tensor]
+    last: bool
+
+
+def read_chunks(groups: list[list[TensorInfo]], chunk_bytes: int, read_ahead: int = 2) -> Iterator[Chunk]:
+    """Yield every group's tensors in row chunks of at most `chunk_bytes` per tensor (at least one row).
+
+    Tensors of one group must have the same number of rows. A thread reads up to `read_ahead` chunks
+    ahead while the caller computes; a chunk's tensors are valid until the caller asks for the next
+    one (their buffers are then reused), so at most `read_ahead + 1` chunks are in memory.
+    """
+    width = max((len(group) for group in groups), default=0)
+    largest = max((_chunk_rows(group, chunk_bytes) * info.row_bytes for group in groups for info in group), default=0)
+    free: queue.Queue = queue.Queue()
+    for _ in range(read_ahead + 1):
+        free.put([torch.empty(largest, dtype=torch.uint8) for _ in range(width)])
+    ready: queue.Queue = queue.Queue(maxsize=read_ahead + 1)
+    stop = threading.Event()
+    reader = threading.Thread(target=_read_into, args=(groups, chunk_bytes, free, ready, stop), daemon=True)
+    reader.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            chunk, buffers = item
+            yield chunk
+            free.put(buffers)
+    finally:
+        stop.set()
+        while reader.is_alive():
+            # Unblock a reader waiting for a free buffer or for room in `ready`.
+            try:
+                ready.get_nowait()
+            except queue.Empty:
+                free.put([])
+            reader.join(timeout=0.05)
+
+
+def _chunk_rows(group: list[TensorInfo], chunk_bytes: int) -> int:
+    widest = max(info.row_bytes for info in group)
+    return max(1, chunk_bytes // widest) if widest else 1
+
+
+def _read_into(groups, chunk_bytes, free: queue.Queue, ready: queue.Queue, stop: threading.Event) -> None:
+    handles: dict[Path, object] = {}
+    try:
+        for index, group in enumerate(groups):
+            rows = group[0].rows
+            if any(info.rows != rows for info in group):
+                raise ValueError(f"tensors {[info.name for info in group]} differ in row count")
+            step = _chunk_rows(group, chunk_bytes)
+            for row_start in range(0, max(rows, 1), step):
+                row_end = min(row_start + step, rows)
+                buffers = free.get()
+                if stop.is_set():
+                    return
+                views = []
+                for info, buffer in zip(group, buffers):
+                    begin = info.start + row_start * info.row_bytes
+                    size = (row_end - row_start) * info.row_bytes if info.shape else info.nbytes
+                    handle = _open(handles, info.path)
+                    handle.seek(begin)
+                    target = buffer[:size]
+                    if handle.readinto(memoryview(target.numpy())) != size:
+                        raise BadInput(f"{info.path} ends inside tensor {info.name}: truncated file")
+                    views.append(_as_tensor(target, info, row_end - row_start))
+                chunk = Chunk(index, row_start, row_end, views, last=row_end >= rows)
+                ready.put((chunk, buffers))
+        ready.put(None)
+    except OSError as error:
+        ready.put(BadInput(f"cannot read {error.filename or 'a weight file'} ({error.strerror or error})"))
+    except BaseException as error:  # handed to the caller's thread, which raises it
+        ready.put(error)
+    finally:
+        for handle in handles.values():
+            handle.close()
+
+
+def _open(handles: dict, path: Path):
+    if path not in handles:
+        handles[path] = path.open("rb", buffering=0)
+    return handles[path]
+
+
+def _as_tensor(raw: torch.Tensor, info: TensorInfo, rows: int) -> torch.Tensor:
+    shape = (rows, *info.shape[1:]) if info.shape else ()
+    return raw.view(info.dtype).view(shape)
