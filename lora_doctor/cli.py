@@ -50,7 +50,6 @@ def check(
 
     from .check import check as run_check
     from .output import engine_output_to_log
-    from .report import render_json, render_terminal
     from .verdict import Thresholds
 
     _check_output_path(json_path)
@@ -77,12 +76,7 @@ def check(
             layers=not no_layer_check,
             progress=lambda message: status.update(message),
         )
-    if not quiet:
-        render_terminal(report, stderr if json_path == Path("-") else _stdout_console(), layers=layers)
-    if json_path is not None:
-        _write(render_json(report), json_path)
-    if report_dir is not None:
-        _write_report_dir(report, report_dir)
+    _emit(report, quiet=quiet, layers=layers, json_path=json_path, report_dir=report_dir)
     raise typer.Exit(0 if exit_zero else report.exit_code)
 
 
@@ -163,7 +157,6 @@ def audit(
 ) -> None:
     """Verify a merged export (LoRA merged into the base and saved) against its base and adapter, without an engine."""
     from .audit import audit as run_audit
-    from .report import render_json, render_terminal
 
     _check_output_path(json_path)
     _check_report_dir(report_dir)
@@ -173,13 +166,20 @@ def audit(
         raise BadInput(f"--threshold: {error}") from None
     with stderr.status("auditing", spinner="dots") as status:
         report = run_audit(export, adapter, base=base, thresholds=overrides, progress=lambda message: status.update(message))
+    _emit(report, quiet=quiet, layers=layers, json_path=json_path, report_dir=report_dir)
+    raise typer.Exit(0 if exit_zero else report.exit_code)
+
+
+def _emit(report, *, quiet: bool, layers: bool, json_path: Optional[Path], report_dir: Optional[Path]) -> None:
+    """The terminal report (on stderr when the JSON goes to stdout), the JSON, the report folder."""
+    from .report import render_json, render_terminal
+
     if not quiet:
         render_terminal(report, stderr if json_path == Path("-") else _stdout_console(), layers=layers)
     if json_path is not None:
         _write(render_json(report), json_path)
     if report_dir is not None:
         _write_report_dir(report, report_dir)
-    raise typer.Exit(0 if exit_zero else report.exit_code)
 
 
 def _write(text: str, path: Path) -> None:

@@ -10,7 +10,7 @@ from rich.text import Text
 from ..result import PhaseResult, Report
 from ..verdict import CAUSES
 from .grid import layer_grid, wrong_layers
-from .markdown import fmt
+from .markdown import phase_figures
 
 VERDICT_STYLE = {"ok": "bold green", "pass": "bold green", "fail": "bold red"}
 
@@ -63,19 +63,10 @@ def _phase_table(report: Report) -> Table:
     for column in ("#", "phase", "adapter", "verdict", "α", "KL mean", "KL max", "KL at α", "top-1", "greedy"):
         table.add_column(column, justify="left" if column in ("phase", "verdict") else "right", no_wrap=True)
     for phase in report.phases:
-        table.add_row(
-            str(phase.index + 1),
-            phase.name,
-            "yes" if phase.with_adapter else "no",
-            Text(phase.verdict, style=_style(phase.verdict)),
-            # An audit of a merged export has no logits: those cells read "—".
-            fmt(phase.effective_scale, ".3f"),
-            fmt(phase.kl_mean, ".2e"),
-            fmt(phase.kl_max, ".2e"),
-            fmt(phase.kl_at_scale, ".2e"),
-            fmt(phase.top1_agreement, ".1%"),
-            fmt(phase.greedy_match, ".0%"),
-        )
+        # An audit of a merged export has no logits: those cells read "—".
+        cells = phase_figures(phase)
+        cells[3] = Text(phase.verdict, style=_style(phase.verdict))
+        table.add_row(*cells)
     return table
 
 
