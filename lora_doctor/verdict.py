@@ -126,7 +126,7 @@ def logit_verdict(kl_mean: float, fit, resolution, thresholds: Thresholds) -> st
     limit = resolution.kl_limit
     if kl_mean <= limit:
         return OK
-    if getattr(fit, "at_edge", False) or fit.kl > limit:
+    if fit.at_edge or fit.kl > limit:
         # No scale in the fitted range explains the engine: unhealthy, but no scale to name.
         return DIVERGED
     tolerance = max(thresholds.scale_tolerance, 2 * resolution.scale_resolution)
@@ -271,7 +271,7 @@ def resolution_note(resolution, fit, modules_read: bool) -> str | None:
             f"the logits cannot resolve this LoRA at this precision: signal/noise {resolution.signal_to_noise:.1f} "
             f"< {resolution.min_signal_to_noise:g}; {where}"
         )
-    if getattr(fit, "at_edge", False):
+    if fit.at_edge:
         return f"the best-fitting α ({fit.scale:.3f}) is at the edge of the fitted range: no scale named"
     return None
 

@@ -14,7 +14,7 @@ from html import escape
 
 from ..result import PhaseResult, Report
 from ..verdict import CAUSES
-from .grid import layer_grid, wrong_layers
+from .grid import layer_grid, modules_line, not_read_lines, resolution_line, wrong_layers
 
 ENVIRONMENT_KEYS = ("python", "torch", "vllm", "transformers", "peft", "device")
 PHASE_COLUMNS = ("#", "phase", "adapter", "verdict", "α", "KL mean", "KL max", "KL at α", "top-1", "greedy")
@@ -255,11 +255,13 @@ def _phase_section(report: Report) -> list[str]:
         cells[3] = _verdict_mark(phase.verdict)
         rows.append(cells)
     align = ["r", "l", "l", "l", "r", "r", "r", "r", "r", "r"] + (["r"] if previous else [])
+    resolution = resolution_line(report.resolution)
     return [
         "**Sync phases** — engine vs reference (HF + PEFT, W0 + ΔW); α = effective LoRA scale "
         "(1 = right, 2 = double counted, 0 = missing):",
         "",
         *_table(phase_columns(report), rows, align),
+        *(["", f"*{md_text(resolution)}.*"] if resolution else []),
     ]
 
 
@@ -268,12 +270,10 @@ def _layer_section(phase: PhaseResult) -> list[str]:
     if not phase.layers:
         return [f"*{title}: per-module figures not measured.*"]
     wrong = wrong_layers(phase)
-    if not wrong:
-        scales = [layer.effective_scale for layer in phase.layers if layer.effective_scale is not None]
-        worst = [layer.divergence for layer in phase.layers if layer.divergence is not None]
-        span = f"α {fmt(min(scales), '.3f')}–{fmt(max(scales), '.3f')}" if scales else "α —"
-        div = f", max divergence {fmt(max(worst), '.1e')}" if worst else ""
-        return [f"*{title}: all {len(phase.layers)} LoRA modules hold W0 + ΔW ({span}{div}).*"]
+    extra = [f"- {md_text(line)}" for line in not_read_lines(phase)] + [f"- *warning:* {md_text(w)}" for w in phase.warnings]
+    line = modules_line(phase)
+    if line:
+        return [f"*{title}: {md_text(line)}.*"] + (["", *extra] if extra else [])
 
     kinds, rows = layer_grid(phase.layers)
     grid = []
@@ -291,12 +291,14 @@ def _layer_section(phase: PhaseResult) -> list[str]:
     body = [f"Effective LoRA scale per module (**bold** = wrong; {len(wrong)}/{len(phase.layers)} wrong):", ""]
     body += _table(["layer", *kinds], grid, ["r"] * (len(kinds) + 1))
     detail = [
-        [md_code(layer.module, cell=True), fmt(layer.effective_scale, ".4f"), fmt(layer.residual, ".2e"),
-         fmt(layer.divergence, ".2e"), md_text(layer.verdict)]
+        [md_code(layer.module, cell=True), fmt(layer.base_part, ".4f"), fmt(layer.slot_part, ".4f"),
+         fmt(layer.effective_scale, ".4f"), fmt(layer.residual, ".2e"), fmt(layer.divergence, ".2e"), md_text(layer.verdict)]
         for layer in phase.layers
     ]
-    body += ["", *_details("every module: α, residual, divergence",
-                           _table(["module", "α", "residual", "divergence", "verdict"], detail, ["l", "r", "r", "r", "l"]))]
+    body += ["", *_details("every module: base part, slot part, α, residual, divergence",
+                           _table(["module", "base", "slot", "α", "residual", "divergence", "verdict"], detail,
+                                  ["l", "r", "r", "r", "r", "r", "l"]))]
+    body += ["", *extra] if extra else []
     summary = f"Per-module scale — phase {phase.index + 1} <code>{_html(phase.name)}</code>: " \
               f"{len(wrong)}/{len(phase.layers)} modules wrong"
     return _details(summary, body, open_=True)
