@@ -83,3 +83,64 @@ def test_a_bf16_merge_at_2e_3_keeps_a_measured_part_of_delta_and_warns(results):
 def test_the_printed_table_marks_every_row_as_expected(table):
     text = matrix.markdown(list(table.values()))
     assert text.count("| ✓ ") == len(CASES) and "✗" not in text
+
+
+@pytest.fixture(scope="module")
+def bf16_llm():
+    """A user's bf16 engine on the bf16 base, with lora-doctor's worker extension."""
+    import os
+
+    from conftest import ENGINE_ENV
+
+    os.environ.update(ENGINE_ENV)
+    from vllm import LLM
+
+    return LLM(
+        model=str(matrix.FIXTURES / "tiny-qwen2-bf16"),
+        dtype="bfloat16",
+        enable_lora=True,
+        max_lora_rank=8,
+        max_model_len=256,
+        enforce_eager=True,
+        enable_prefix_caching=False,
+        max_logprobs=-1,
+        worker_extension_cls="lora_doctor.worker.LoraDoctorWorker",
+    )
+
+
+def test_probe_judges_a_float32_policy_on_a_bf16_engine_by_the_engines_precision(bf16_llm):
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    from vllm.lora.request import LoRARequest
+
+    from lora_doctor import probe
+    from lora_doctor.lora_delta import load_lora_factors, merge_in_dtype
+
+    base_dir = matrix.FIXTURES / "tiny-qwen2-bf16"
+    adapter = matrix.FIXTURES / "checkpoint-500-2e-3"
+    # The trainer's policy in float32: were thresholds taken from it, the logits would claim to resolve
+    # a LoRA that the bf16 engine's own noise hides.
+    policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), str(adapter))
+    w0 = load_file(str(base_dir / "model.safetensors"))
+    factors = load_lora_factors(adapter)
+    merged = {name: merge_in_dtype(w, factors[name[: -len(".weight")]].delta(), torch.bfloat16) if name[: -len(".weight")] in factors else w
+              for name, w in w0.items()}
+
+    # ms-swift #8233 by hand: a bf16 merge pushed as the base, then the adapter on top.
+    bf16_llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(merged.items())})
+    request = LoRARequest("policy-1", 1, str(adapter))
+    doubled = probe(bf16_llm, policy, lora_request=request, prompts=matrix.PROMPTS, base_dir=base_dir)
+    assert doubled.verdict == "double_counted", doubled.explanation
+    assert doubled.decided_by == "modules" and "cannot resolve this LoRA" in doubled.explanation
+    assert all(layer.base_part == pytest.approx(1, abs=PART_TOLERANCE) and layer.slot_part == pytest.approx(1, abs=PART_TOLERANCE)
+               for layer in doubled.layers)
+    # Without the per-module read nothing can decide: unresolved, never ok.
+    blind = probe(bf16_llm, policy, lora_request=request, prompts=matrix.PROMPTS, base_dir=base_dir, layers=False)
+    assert blind.verdict == "unresolved" and blind.decided_by == "nothing"
+
+    # A correct adapter sync onto the untouched base.
+    bf16_llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(w0.items())})
+    right = probe(bf16_llm, policy, lora_request=LoRARequest("policy-2", 2, str(adapter)), prompts=matrix.PROMPTS, base_dir=base_dir)
+    assert right.verdict == "ok", right.explanation

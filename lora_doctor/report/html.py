@@ -518,7 +518,7 @@ def kl_chart_svg(phase: PhaseResult, threshold: float | None = None) -> str:
     if threshold is not None and threshold > 0:
         y = y_of(threshold)
         parts.append(f'<line class="threshold" x1="{left}" x2="{left + plot_w}" y1="{y:.1f}" y2="{y:.1f}">'
-                     f"<title>kl_mean threshold {esc(fmt(threshold, 'g'))}</title></line>")
+                     f"<title>KL limit {esc(fmt(threshold, 'g'))}</title></line>")
     step = max(1, math.ceil(longest / 8))
     for position in range(0, longest, step):
         parts.append(
