@@ -14,7 +14,7 @@ from html import escape
 
 from ..result import PhaseResult, Report
 from ..verdict import CAUSES
-from .grid import layer_grid, modules_line, not_read_lines, resolution_line, wrong_layers
+from .grid import layer_grid, modules_line, not_read_lines, parts_summary, resolution_line, wrong_layers
 
 ENVIRONMENT_KEYS = ("python", "torch", "vllm", "transformers", "peft", "device")
 PHASE_COLUMNS = ("#", "phase", "adapter", "verdict", "α", "KL mean", "KL max", "KL at α", "top-1", "greedy")
@@ -288,7 +288,7 @@ def _layer_section(phase: PhaseResult) -> list[str]:
             else:
                 cells.append(f"**{fmt(layer.effective_scale, '.3f')}**")
         grid.append(cells)
-    body = [f"Effective LoRA scale per module (**bold** = wrong; {len(wrong)}/{len(phase.layers)} wrong):", ""]
+    body = [f"Effective LoRA scale per module (**bold** = wrong; {len(wrong)}/{len(phase.layers)} wrong; {parts_summary(phase)}):", ""]
     body += _table(["layer", *kinds], grid, ["r"] * (len(kinds) + 1))
     detail = [
         [md_code(layer.module, cell=True), fmt(layer.base_part, ".4f"), fmt(layer.slot_part, ".4f"),

@@ -9,7 +9,7 @@ from rich.text import Text
 
 from ..result import PhaseResult, Report
 from ..verdict import CAUSES
-from .grid import layer_grid, modules_line, not_read_lines, resolution_line, wrong_layers
+from .grid import layer_grid, modules_line, not_read_lines, parts_summary, resolution_line, wrong_layers
 
 VERDICT_STYLE = {"ok": "bold green", "pass": "bold green", "fail": "bold red"}
 
@@ -101,7 +101,7 @@ def _layer_summary(phase: PhaseResult, full: bool):
             layer = row.get(kind)
             cells.append(Text(f"{layer.effective_scale:.3f}", style=_style(layer.verdict)) if layer else Text("—", style="dim"))
         table.add_row(label, *cells)
-    return table
+    return Group(table, Text(f"{title}: the engine's two parts, {parts_summary(phase)} (base 1 = merged, slot 1 = adapter loaded)"))
 
 
 def _layer_detail(phase: PhaseResult) -> Table:
