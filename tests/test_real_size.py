@@ -144,3 +144,24 @@ def test_probe_judges_a_float32_policy_on_a_bf16_engine_by_the_engines_precision
     bf16_llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(w0.items())})
     right = probe(bf16_llm, policy, lora_request=LoRARequest("policy-2", 2, str(adapter)), prompts=matrix.PROMPTS, base_dir=base_dir)
     assert right.verdict == "ok", right.explanation
+
+
+def test_reports_say_what_the_logits_cannot_see_and_show_both_parts(results):
+    from rich.console import Console
+
+    from lora_doctor.report import render_terminal
+    from lora_doctor.report.html import render_html
+    from lora_doctor.report.markdown import render_markdown
+    from lora_doctor.result import Report
+
+    report = Report.from_dict(results[("bfloat16", "2e-3")]["swift-colocate-lora"])
+    merged, adapter = report.phases
+    console = Console(record=True, width=200)
+    render_terminal(report, console)
+    for text in (render_markdown(report), console.export_text()):
+        assert "the logits cannot resolve this LoRA at this precision" in text
+        assert f"({merged.effective_scale:.3f})" in text  # the fitted α is marked as noise
+        assert "base 1.000–1.000, slot 1.000–1.000" in text  # the double count's structure
+        assert f"keep {merged.merge_kept:.0%} of ΔW" in text
+    html = render_html(report)
+    assert "the logits cannot resolve this LoRA" in html and "<th class=num>base</th><th class=num>slot</th>" in html

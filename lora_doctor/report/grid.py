@@ -64,6 +64,6 @@ def resolution_line(resolution: dict) -> str | None:
     if resolution["logits_resolve"]:
         return f"{figures}: the logits resolve the LoRA; healthy below KL {resolution['kl_limit']:.2g}"
     return (
-        f"{figures} < {resolution['min_signal_to_noise']:g}: the logits cannot resolve this LoRA at this precision; "
-        "verdicts come from the per-module figures"
+        f"{figures} < {resolution['min_signal_to_noise']:g}: the logits cannot resolve this LoRA at this precision "
+        "(a fitted α in parentheses is noise); verdicts come from the per-module figures"
     )

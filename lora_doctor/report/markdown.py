@@ -58,6 +58,12 @@ def preflight_findings(report: Report) -> list[dict]:
     return sorted(findings, key=lambda f: order.get(str(f.get("severity")), 3))
 
 
+def logit_scale(phase: PhaseResult) -> str:
+    """The fitted α, in parentheses when the logits cannot resolve the LoRA (it is then noise)."""
+    value = fmt(phase.effective_scale, ".3f")
+    return value if "logits" in phase.decided_by else f"({value})"
+
+
 def phase_figures(phase: PhaseResult, previous: bool = False) -> list[str]:
     """The phase table's cells, formatted as the terminal table formats them."""
     cells = [
@@ -65,7 +71,7 @@ def phase_figures(phase: PhaseResult, previous: bool = False) -> list[str]:
         phase.name,
         "yes" if phase.with_adapter else "no",
         phase.verdict,
-        fmt(phase.effective_scale, ".3f"),
+        logit_scale(phase),
         fmt(phase.kl_mean, ".2e"),
         fmt(phase.kl_max, ".2e"),
         fmt(phase.kl_at_scale, ".2e"),

@@ -10,6 +10,7 @@ from rich.text import Text
 from ..result import PhaseResult, Report
 from ..verdict import CAUSES
 from .grid import layer_grid, modules_line, not_read_lines, parts_summary, resolution_line, wrong_layers
+from .markdown import logit_scale
 
 VERDICT_STYLE = {"ok": "bold green", "pass": "bold green", "fail": "bold red"}
 
@@ -43,7 +44,7 @@ def render_terminal(report: Report, console: Console, layers: bool = False) -> N
         if layers:
             console.print(_layer_detail(phase))
         for warning in phase.warnings:
-            console.print(f"[yellow]phase {phase.index + 1} {phase.name}: warning[/] {warning}", highlight=False)
+            console.print(f"[yellow]phase {phase.index + 1} {phase.name}: warning:[/] {warning}", highlight=False)
     for phase in report.phases:
         console.print(_sample_panel(phase))
     console.print(_thresholds_line(report))
@@ -71,7 +72,7 @@ def _phase_table(report: Report) -> Table:
             phase.name,
             "yes" if phase.with_adapter else "no",
             Text(phase.verdict, style=_style(phase.verdict)),
-            f"{phase.effective_scale:.3f}",
+            logit_scale(phase),
             f"{phase.kl_mean:.2e}",
             f"{phase.kl_max:.2e}",
             f"{phase.kl_at_scale:.2e}",
