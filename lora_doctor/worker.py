@@ -1,5 +1,5 @@
-"""vLLM worker extension: compare what each LoRA-wrapped linear layer of the engine computes
-(its base weight plus its loaded adapter slot) with W0 + ΔW from the checkpoint on disk.
+"""vLLM worker extension: read what each LoRA-wrapped linear layer of the engine holds — its base
+weight and its loaded adapter slot, apart — against W0 and ΔW from the checkpoint on disk.
 
 Loaded in every worker via `LLM(..., worker_extension_cls="lora_doctor.worker.LoraDoctorWorker")`
 and called with `llm.collective_rpc(method_name, args=(...))`, which returns one result per rank.
