@@ -44,7 +44,7 @@ from .verdict import (
 # The per-module figures a LayerResult carries (lora_delta.module_figures).
 LAYER_FIGURES = (
     "effective_scale", "residual", "divergence", "base_part", "slot_part", "base_residual",
-    "slot_residual", "merge_kept", "merge_noise", "delta_ratio",
+    "slot_residual", "merge_kept", "merge_noise", "rounding", "delta_ratio",
 )
 NOT_READ_ZERO = "ΔW is zero (B = 0: an untrained adapter): there is nothing to compare"
 NOT_READ_ABSENT = "the engine has no LoRA layer for it: vLLM does not apply this adapter's weights there"

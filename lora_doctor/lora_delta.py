@@ -110,12 +110,12 @@ def combine_layer_stats(per_rank_results: list[list[dict]]) -> list[dict]:
         shards = list(shards.values())
         _check_tiling(module, shards)
         sums = {key: math.fsum(s[key] for s in shards) for key in STAT_KEYS}
-        combined.append({"module": module, **module_figures(sums)})
+        combined.append({"module": module, **module_figures(sums, shards[0]["eps"])})
     return combined
 
 
-def module_figures(sums: dict[str, float]) -> dict:
-    """Per-module figures from the sums of `STAT_KEYS` (None where ΔW = 0):
+def module_figures(sums: dict[str, float], eps: float) -> dict:
+    """Per-module figures from the sums of `STAT_KEYS` and the engine dtype's `eps` (None where ΔW = 0):
 
     - base_part = <b, e>/‖e‖²: how much of a merged sync the base holds (0 unmerged, 1 merged);
     - slot_part = <s, ΔW>/‖ΔW‖²: how much ΔW the adapter slot holds (0 none, 1 loaded);
@@ -124,13 +124,15 @@ def module_figures(sums: dict[str, float]) -> dict:
       merge_noise = ‖e − merge_kept·ΔW‖/‖ΔW‖: what that merge's rounding adds beside it;
     - effective_scale, residual, divergence: the engine's whole weight d = b + s against the exact ΔW
       (<d, ΔW>/‖ΔW‖², ‖d − scale·ΔW‖/‖ΔW‖, ‖d − ΔW‖/‖ΔW‖);
+    - rounding = eps·‖W0‖/‖ΔW‖: an ulp of every element, over ‖ΔW‖ — two correct roundings of the
+      same merge (in any order) differ by at most that;
     - delta_ratio = ‖ΔW‖/‖W0‖, delta_norm = ‖ΔW‖.
     """
     bb, be, ee, bD, ss, sD, bs, DD, eD, ww = (sums[key] for key in STAT_KEYS)
     dd, dD = bb + 2 * bs + ss, bD + sD
     figures = dict.fromkeys(
         ("base_part", "slot_part", "base_residual", "slot_residual", "merge_kept", "merge_noise",
-         "effective_scale", "residual", "divergence", "delta_ratio"),
+         "effective_scale", "residual", "divergence", "rounding", "delta_ratio"),
     )
     figures["delta_norm"] = math.sqrt(DD)
     if DD <= 0:
@@ -148,6 +150,7 @@ def module_figures(sums: dict[str, float]) -> dict:
         effective_scale=scale,
         residual=_root(dd - scale * dD) / norm,
         divergence=_root(dd - 2 * dD + DD) / norm,
+        rounding=eps * math.sqrt(ww) / norm,
         delta_ratio=norm / math.sqrt(ww) if ww > 0 else None,
     )
     return figures

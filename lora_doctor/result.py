@@ -34,6 +34,9 @@ class LayerResult:
     # adds beside it, over ‖ΔW‖.
     merge_kept: float | None = None
     merge_noise: float | None = None
+    # One ulp of every element of W0 in the engine's dtype, over ‖ΔW‖: how far two correct roundings
+    # of the same merge may differ.
+    rounding: float | None = None
     # ‖ΔW‖/‖W0‖ of this module.
     delta_ratio: float | None = None
 

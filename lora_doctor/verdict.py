@@ -77,11 +77,12 @@ class Thresholds:
     # run's own α resolution widens it).
     scale_tolerance: float = 0.1
     # Per module, how far base_part / slot_part may sit from 0 or 1. Exact syncs measure within 1e-3;
-    # the module's rounding noise widens it (see part_noise_share).
+    # a base that is not exactly a merge in the engine's dtype widens it (see part_noise_share).
     part_tolerance: float = 0.05
-    # Per module, part of `merge_noise` added to part_tolerance: a merge computed in another order
-    # (float32 master weights cast to bf16) moved base_part by up to 0.2 at merge_noise 0.37–0.62.
-    part_noise_share: float = 0.5
+    # Per module, part of the base's residual added to part_tolerance: a merge rounded in another
+    # order (float32 master weights cast to bf16, on a float32 base) moved base_part by at most 0.17×
+    # its residual on the bundled weights (‖ΔW‖/‖W0‖ 5e-4 to 1e-2).
+    part_noise_share: float = 0.25
     # Per module, |α_layer − 1| above which the engine's whole weight holds a wrong multiple of ΔW
     # (`layer_verdict`, for weights compared without the base/slot split). float32 weights read back
     # from the engine matched W0 + ΔW to ~1e-7 relative, so 1e-2 is far above noise.
@@ -89,9 +90,10 @@ class Thresholds:
     # Per module, the residual (over ‖ΔW‖) above which a part is not a multiple of what it should
     # hold (float32: ~1e-7 seen).
     layer_divergence: float = 1e-3
-    # Per module, the base's residual limit adds this many `merge_noise`: a merge computed in another
-    # order than PEFT's left residuals up to 2.4× merge_noise on the bundled bf16 weights.
-    rounding_margin: float = 3.0
+    # Per module, the base's residual limit adds this many `rounding`s (one ulp of every element over
+    # ‖ΔW‖): two correct roundings of the same merge differ by at most one ulp per element, so a base
+    # beyond that is not any merge of W0 + ΔW. Measured: merges in another order left 0.13–0.4 of it.
+    rounding_margin: float = 1.0
     # A merged sync that keeps less than this part of ΔW (bf16 rounds away what is below half an ulp
     # of W0) gets a warning: it is what the trainer's merge holds, so not a failed sync, but a policy
     # whose every update loses more than a tenth of its LoRA step no longer trains what it measures
@@ -174,16 +176,15 @@ def module_verdict(figures, thresholds: Thresholds) -> str:
     or a `LayerResult`): base_part (0 unmerged, 1 merged in the engine's dtype) and slot_part
     (0 no adapter, 1 the adapter). A double count is a merged base plus a loaded slot."""
     base, slot = figures.base_part, figures.slot_part
-    noise = figures.merge_noise or 0.0
     if base is None or slot is None:
         return OK  # ΔW = 0: nothing to hold
     if figures.slot_residual > thresholds.layer_divergence:
         return DIVERGED  # the slot holds something other than a multiple of ΔW
-    if figures.base_residual > thresholds.layer_divergence + thresholds.rounding_margin * noise:
+    if figures.base_residual > thresholds.layer_divergence + thresholds.rounding_margin * (figures.rounding or 0.0):
         return DIVERGED  # the base differs from W0 and from a merge by more than rounding
-    base_tolerance = thresholds.part_tolerance + thresholds.part_noise_share * noise
+    base_tolerance = thresholds.part_tolerance + thresholds.part_noise_share * figures.base_residual
     if base_tolerance >= 0.5:
-        return UNRESOLVED  # a merge's rounding hides whether the base holds ΔW
+        return UNRESOLVED  # rounding hides whether the base holds ΔW
     base_units = round(base) if abs(base - round(base)) <= base_tolerance else None
     slot_units = round(slot) if abs(slot - round(slot)) <= thresholds.part_tolerance else None
     if base_units is not None and slot_units is not None:

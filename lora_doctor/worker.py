@@ -198,6 +198,8 @@ def _shard_stats(
             "out_features": out_features,
             "in_features": in_features,
             **sums[i],
+            # The spacing of the engine's floats relative to their size: one ulp ≤ eps·|w|.
+            "eps": torch.finfo(dtype).eps,
             "slot": slot,
         }
         if return_tensors:

@@ -113,12 +113,13 @@ def test_module_figures_split_base_and_slot():
 
     def figures(base_holds, slot_holds):
         vectors = {"b": base_holds, "s": slot_holds, "D": delta, "e": e, "w": w0}
-        return module_figures({key: float((vectors[key[0]] * vectors[key[1]]).sum()) for key in STAT_KEYS})
+        return module_figures({key: float((vectors[key[0]] * vectors[key[1]]).sum()) for key in STAT_KEYS}, eps=2**-7)
 
     double = figures(e, delta)  # a bf16 merge as the base, the adapter in the slot
     assert double["base_part"] == pytest.approx(1.0) and double["slot_part"] == pytest.approx(1.0)
     assert double["base_residual"] == pytest.approx(0.0, abs=1e-6) and double["slot_residual"] == pytest.approx(0.0, abs=1e-6)
     assert double["merge_kept"] == pytest.approx(float((e * delta).sum() / (delta * delta).sum()))
     assert double["effective_scale"] == pytest.approx(1.0 + double["merge_kept"])
+    assert double["rounding"] == pytest.approx(2**-7 * float(w0.norm() / delta.norm()))
     missing = figures(torch.zeros_like(w0), torch.zeros_like(w0))
     assert missing["base_part"] == 0.0 and missing["slot_part"] == 0.0 and missing["divergence"] == pytest.approx(1.0)

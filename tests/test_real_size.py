@@ -165,3 +165,31 @@ def test_reports_say_what_the_logits_cannot_see_and_show_both_parts(results):
         assert f"keep {merged.merge_kept:.0%} of ΔW" in text
     html = render_html(report)
     assert "the logits cannot resolve this LoRA" in html and "<th class=num>base</th><th class=num>slot</th>" in html
+
+
+def float32_master_merge(sync) -> None:
+    # A trainer holding float32 master weights merges in float32 and the bf16 engine rounds the sum
+    # once: round(W0 + ΔW), not PEFT's bf16 merge round(round(W0) + round(ΔW)). Then the adapter on top.
+    sync.load_merged(dtype="float32")
+    sync.probe("full-merged-fp32-master")
+    sync.add_adapter()
+    sync.probe("adapter-on-top")
+
+
+def test_a_merge_rounded_in_another_order_is_still_a_merge():
+    import os
+
+    from conftest import ENGINE_ENV
+
+    from lora_doctor.check import Checker
+    from lora_doctor.plans import Plan
+
+    os.environ.update(ENGINE_ENV)
+    # The float32 base on disk: in a bf16 engine the two merge orders differ in many elements.
+    with Checker(matrix.FIXTURES / "checkpoint-500-2e-3", base=matrix.FIXTURES / "tiny-qwen2", prompts=matrix.PROMPTS,
+                 dtype="bfloat16", max_new_tokens=matrix.MAX_NEW_TOKENS) as checker:
+        merged, doubled = checker.run(Plan("fp32-master", "float32 master merge, then the adapter", float32_master_merge)).phases
+    assert (merged.verdict, doubled.verdict) == ("ok", "double_counted"), (merged.explanation, doubled.explanation)
+    # Not PEFT's bf16 merge element for element, but within an ulp of it everywhere.
+    assert max(abs(1 - layer.base_part) for layer in merged.layers) > PART_TOLERANCE
+    assert all(0 < layer.base_residual < layer.rounding for layer in merged.layers)

@@ -100,9 +100,9 @@ def test_modules_decide_and_logits_only_add_what_the_modules_cannot_see():
     assert refine_with_layers("missing", [], complete=False) == "missing"
 
 
-def parts(base, slot, base_residual=0.0, slot_residual=0.0, merge_kept=1.0, merge_noise=0.0):
+def parts(base, slot, base_residual=0.0, slot_residual=0.0, merge_kept=1.0, rounding=0.0):
     return SimpleNamespace(base_part=base, slot_part=slot, base_residual=base_residual, slot_residual=slot_residual,
-                           merge_kept=merge_kept, merge_noise=merge_noise)
+                           merge_kept=merge_kept, rounding=rounding)
 
 
 @pytest.mark.parametrize(
@@ -117,16 +117,18 @@ def parts(base, slot, base_residual=0.0, slot_residual=0.0, merge_kept=1.0, merg
         (parts(0.0, 0.25), "scaled"),
         (parts(1.0, 0.0, base_residual=0.1), "diverged"),
         (parts(0.0, 1.0, slot_residual=0.1), "diverged"),
-        # bf16 at 2e-3: one rounding of W0 + ΔW is 0.6‖ΔW‖; a merge in another order stays within it.
-        (parts(0.85, 0.0, base_residual=1.4, merge_kept=0.7, merge_noise=0.6), "ok"),
-        (parts(0.85, 1.0, base_residual=1.4, merge_kept=0.7, merge_noise=0.6), "double_counted"),
-        (parts(1.0, 0.0, base_residual=2.0, merge_noise=0.6), "diverged"),
-        # Rounding noise so large that merged and unmerged cannot be told apart.
-        (parts(1.0, 0.0, merge_noise=1.0), "unresolved"),
+        # bf16 at 2e-3: an ulp of W0 is ~3.9‖ΔW‖; a merge rounded in another order (residual 1.4)
+        # is still a merge, with or without the adapter on top.
+        (parts(0.85, 0.0, base_residual=1.4, merge_kept=0.7, rounding=3.9), "ok"),
+        (parts(0.85, 1.0, base_residual=1.4, merge_kept=0.7, rounding=3.9), "double_counted"),
+        # More than an ulp per element away from any merge: not a merge of W0 + ΔW.
+        (parts(1.0, 0.0, base_residual=5.0, rounding=3.9), "diverged"),
+        # Rounding so large that merged and unmerged cannot be told apart.
+        (parts(1.0, 0.0, base_residual=1.9, rounding=3.9), "unresolved"),
     ],
 )
 def test_module_verdict_names_the_parts_each_module_holds(figures, expected):
-    assert module_verdict(figures, Thresholds.for_dtype("bfloat16") if figures.merge_noise else LIMITS) == expected
+    assert module_verdict(figures, Thresholds.for_dtype("bfloat16") if figures.rounding else LIMITS) == expected
 
 
 def test_layer_verdict_names_the_multiple_of_delta_the_module_holds():
