@@ -60,8 +60,8 @@ class Thresholds:
 
     The logit limits are not constants: every run measures its own noise (engine vs reference where
     they must agree) and signal (what a missing or doubled LoRA does to the reference), and the
-    limits follow from their ratio (`noise.Resolution`). The per-module limits grow with the noise
-    one rounding of W0 + ΔW makes in the engine's dtype (`merge_noise`, measured per module).
+    limits follow from their ratio (`noise.Resolution`). The per-module limits grow with the engine
+    dtype's rounding of W0 measured against ΔW (`rounding`, per module), not with ‖ΔW‖ alone.
     """
 
     # The logits resolve the LoRA when the smallest whole-LoRA failure (missing, doubled) moves the
@@ -70,8 +70,8 @@ class Thresholds:
     # signal) sits ≥ 4× above the noise and ≥ 4× below the signal.
     min_signal_to_noise: float = 16.0
     # Engine-vs-reference KL noise assumed when the run cannot measure its own (a probe on a
-    # trainer's engine, whose base is not known to be untouched): twice the noise measured on the
-    # bundled models (float32 1.3e-8, bf16 2.4e-5 on CPU).
+    # trainer's engine, whose base is not known to be untouched): about twice the noise measured on
+    # the bundled models (float32 0.9–1.5e-8, bf16 2.4–2.9e-5 on CPU).
     noise_kl: float = 3e-8
     # Floor of how close the fitted α must be to 2 / 0 to be named double_counted / missing (the
     # run's own α resolution widens it).
@@ -92,12 +92,13 @@ class Thresholds:
     layer_divergence: float = 1e-3
     # Per module, the base's residual limit adds this many `rounding`s (one ulp of every element over
     # ‖ΔW‖): two correct roundings of the same merge differ by at most one ulp per element, so a base
-    # beyond that is not any merge of W0 + ΔW. Measured: merges in another order left 0.13–0.4 of it.
+    # beyond that is not any merge of W0 + ΔW. Measured: merges in another order left 0.13–0.37 of it
+    # (‖ΔW‖/‖W0‖ 5e-4 to 1e-2).
     rounding_margin: float = 1.0
     # A merged sync that keeps less than this part of ΔW (bf16 rounds away what is below half an ulp
     # of W0) gets a warning: it is what the trainer's merge holds, so not a failed sync, but a policy
     # whose every update loses more than a tenth of its LoRA step no longer trains what it measures
-    # (trl #6688). Measured: 99.6% kept at ‖ΔW‖/‖W0‖ ≈ 1e-2, 70–97% per module at 2e-3.
+    # (trl #6688). Measured: 99.8% kept at ‖ΔW‖/‖W0‖ ≈ 1e-2, 84% (70–97% per module) at 2e-3.
     merge_kept_warning: float = 0.9
 
     @classmethod
