@@ -13,8 +13,9 @@ from . import __version__
 from .checkpoint import Checkpoint, load_checkpoint, read_json
 from .engine import Engine, EngineConfig
 from .errors import BadInput
-from .lora_delta import combine_layer_stats
+from .lora_delta import combine_layer_stats, load_lora_factors
 from .metrics import compare_logprobs, fit_scale, greedy_match, mean_kl
+from .noise import measure_resolution
 from .plans import DEFAULT_PLAN, Plan, get_plan
 from .preflight import PreflightReport, inspect_checkpoint, vllm_lora_ranks
 from .prompts import load_prompts
@@ -29,13 +30,24 @@ from .verdict import (
     SCALED,
     STALE,
     Thresholds,
+    decided_by,
     describe_modules,
-    layer_verdict,
+    logit_verdict,
+    merge_warning,
+    module_verdict,
     overall_verdict,
-    phase_verdict,
     refine_with_layers,
+    resolution_note,
     scale_hint,
 )
+
+# The per-module figures a LayerResult carries (lora_delta.module_figures).
+LAYER_FIGURES = (
+    "effective_scale", "residual", "divergence", "base_part", "slot_part", "base_residual",
+    "slot_residual", "merge_kept", "merge_noise", "rounding", "delta_ratio",
+)
+NOT_READ_ZERO = "ΔW is zero (B = 0: an untrained adapter): there is nothing to compare"
+NOT_READ_ABSENT = "the engine has no LoRA layer for it: vLLM does not apply this adapter's weights there"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SAMPLES_PER_PHASE = 3
@@ -149,6 +161,11 @@ class Checker:
         self.say("starting the vLLM engine")
         config = _engine_config(self.checkpoint, self.reference, token_ids, max_new_tokens, dtype, tensor_parallel_size, kv_cache_gib)
         self.engine = Engine(self.checkpoint.base_dir, config)
+        # Fresh from disk and without an adapter, the engine must match the reference at α = 0:
+        # what it still differs by is this run's noise.
+        self.measurer.resolution = measure_resolution(
+            self.measurer.reference_logprobs, self.thresholds, self.engine.prompt_logprobs(token_ids)
+        )
         self.seconds["engine_start"] = time.perf_counter() - started
 
     def run(self, plan: Plan) -> Report:
@@ -174,6 +191,7 @@ class Checker:
             exit_code=1 if verdict == FAIL else 0,
             seconds=seconds,
             preflight=[finding.to_dict() for finding in self.preflight.findings],
+            resolution=self.measurer.resolution.as_dict(),
         )
 
     def _measure(self, name: str, lora_request) -> PhaseResult:
@@ -206,6 +224,8 @@ class _Measurer:
         self.token_ids = token_ids
         self.max_new_tokens = max_new_tokens
         self.thresholds = thresholds
+        # Set by the caller when it can measure the engine's noise; else the dtype's prior is used.
+        self.resolution = None
         self._logprobs: dict[tuple[str, float], list[torch.Tensor]] = {}
         self.eos = _eos_ids(tokenizer, reference)
         self.reference_greedy = reference.greedy(token_ids, max_new_tokens, self.eos)
@@ -225,13 +245,17 @@ class _Measurer:
         say(f"phase {index + 1} '{name}': fitting the effective LoRA scale")
         logits = compare_logprobs(self.reference_logprobs(1.0), engine_logprobs)
         fit = fit_scale(lambda s: mean_kl(engine_logprobs, self.reference_logprobs(s)))
-        verdict = phase_verdict(logits.kl_mean, fit.scale, fit.kl, self.thresholds)
+        if self.resolution is None:
+            self.resolution = measure_resolution(self.reference_logprobs, self.thresholds)
+        resolution = self.resolution
+        verdict = logit_verdict(logits.kl_mean, fit, resolution, self.thresholds)
         clock.lap("scale_fit")
         layers: list[LayerResult] = []
+        not_read: list[dict] = []
         if self.layers:
             say(f"phase {index + 1} '{name}': reading what the engine holds, per module")
-            layers = self.layer_results(engine, lora_request)
-            verdict = refine_with_layers(verdict, [layer.verdict for layer in layers])
+            layers, not_read = self.layer_results(engine, lora_request)
+            verdict = refine_with_layers(verdict, [layer.verdict for layer in layers], complete=not not_read)
             clock.lap("layers")
         kl_previous = None
         if self.previous is not None:
@@ -242,11 +266,17 @@ class _Measurer:
         explanation = EXPLANATIONS[verdict]
         if verdict == SCALED:
             spec = self.reference.checkpoint.spec
-            hint = scale_hint(fit.scale, spec.r, spec.lora_alpha, spec.use_rslora)
-            explanation = f"{explanation}: α = {fit.scale:.3f}" + (f" {hint}" if hint else "")
+            factor = fit.scale if resolution.resolves or not layers else _median([layer.effective_scale for layer in layers])
+            hint = scale_hint(factor, spec.r, spec.lora_alpha, spec.use_rslora)
+            explanation = f"{explanation}: α = {factor:.3f}" + (f" {hint}" if hint else "")
         if verdict != OK and any(layer.verdict != OK for layer in layers):
             detail = describe_modules([(layer.module, layer.verdict) for layer in layers])
             explanation = f"{detail} — {explanation}" if verdict == PARTIAL else f"{explanation}; {detail}"
+        note = resolution_note(resolution, fit, bool(layers))
+        if note:
+            explanation = f"{explanation} ({note})"
+        kept = [layer.merge_kept for layer in layers if layer.merge_kept is not None]
+        warning = merge_warning(layers, self.thresholds)
         return PhaseResult(
             index=index,
             name=name,
@@ -264,45 +294,53 @@ class _Measurer:
             kl_per_token=logits.kl_per_token,
             kl_previous=kl_previous,
             seconds=clock.laps,
+            kl_limit=resolution.kl_limit if resolution.resolves else None,
+            decided_by=decided_by(resolution, bool(layers)),
+            merge_kept=sum(kept) / len(kept) if kept else None,
+            warnings=[warning] if warning else [],
+            modules_not_read=not_read,
         )
 
     def matches_previous(self, engine: Engine, lora_request, kl_previous: float, layers: list[LayerResult]) -> bool:
-        """Whether the engine holds the previous adapter state: by logits and, when read, by weights.
+        """Whether the engine holds the previous adapter state: by logits when they resolve the
+        LoRA and, when read, by weights.
 
         Marks the modules that hold the previous ΔW as `stale`.
         """
-        if kl_previous > self.thresholds.kl_mean:
+        if self.resolution.resolves and kl_previous > self.resolution.kl_limit:
             return False
         if not layers:
-            return True
-        against_previous = {r.module: r for r in self.layer_results(engine, lora_request, self.previous.adapter_dir)}
+            return self.resolution.resolves
+        against_previous = {r.module: r for r in self.layer_results(engine, lora_request, self.previous.adapter_dir)[0]}
         stale = [layer for layer in layers if against_previous.get(layer.module) and against_previous[layer.module].verdict == OK]
         for layer in stale:
             if layer.verdict != OK:
                 layer.verdict = STALE
         return len(stale) == len(layers)
 
-    def layer_results(self, engine: Engine, lora_request, adapter_dir: Path | None = None) -> list[LayerResult]:
-        """Per LoRA-targeted module, what the engine holds (base + loaded adapter) vs W0 + ΔW."""
+    def layer_results(self, engine: Engine, lora_request, adapter_dir: Path | None = None) -> tuple[list[LayerResult], list[dict]]:
+        """Per LoRA-targeted module, what the engine holds (base and adapter slot, read apart)
+        against ΔW; and the targeted modules it has no figures for, with the reason."""
         ckpt = self.reference.checkpoint
         lora_id = lora_request.lora_int_id if lora_request is not None else None
         adapter = adapter_dir or ckpt.adapter_dir
         per_rank = engine.rpc("lora_doctor_layer_stats", str(ckpt.base_dir), str(adapter), lora_id)
         results = []
+        zero = set()
         for figures in combine_layer_stats(per_rank):
             if figures["effective_scale"] is None:
-                continue  # not a LoRA-targeted module
-            results.append(
-                LayerResult(
-                    module=figures["module"],
-                    effective_scale=figures["effective_scale"],
-                    residual=figures["residual"],
-                    divergence=figures["divergence"],
-                    verdict=layer_verdict(figures["effective_scale"], figures["residual"], figures["divergence"], self.thresholds),
-                )
-            )
+                zero.add(figures["module"])
+                continue
+            layer = LayerResult(**{key: figures[key] for key in LAYER_FIGURES}, module=figures["module"])
+            layer.verdict = module_verdict(layer, self.thresholds)
+            results.append(layer)
+        read = {layer.module for layer in results}
+        not_read = [
+            {"module": module, "reason": NOT_READ_ZERO if module in zero else NOT_READ_ABSENT}
+            for module in sorted(set(load_lora_factors(adapter)) - read)
+        ]
         order = self.reference.module_order
-        return sorted(results, key=lambda layer: order.get(layer.module, len(order)))
+        return sorted(results, key=lambda layer: order.get(layer.module, len(order))), not_read
 
     def _samples(self, engine_greedy: list[list[int]]) -> list[Sample]:
         decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
@@ -311,6 +349,11 @@ class _Measurer:
             Sample(prompt=self.texts[i], reference=decode(self.reference_greedy[i]), engine=decode(engine_greedy[i]))
             for i in sorted(order[:SAMPLES_PER_PHASE])
         ]
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
 
 
 class _Stopwatch:

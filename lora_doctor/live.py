@@ -60,7 +60,8 @@ def probe(
             checkpoint = _snapshot(model, Path(tmp), base_dir)
             reference = Reference.from_peft_model(model, checkpoint)
             measure_layers = layers and engine.has_worker_extension and (checkpoint.base_dir / "config.json").is_file()
-            limits = thresholds or Thresholds.for_dtype(_dtype_name(reference.dtype))
+            # The engine's rounding sets the noise, not the policy's: a float32 policy may feed a bf16 engine.
+            limits = thresholds or Thresholds.for_dtype(_dtype_name(llm.llm_engine.model_config.dtype))
             measurer = _Measurer(reference, None, tokenizer, texts, token_ids, max_new_tokens, limits, measure_layers)
             return measurer(engine, 0, name, lora_request, lambda _message: None)
     finally:

@@ -1,5 +1,5 @@
-"""ΔW of a PEFT LoRA adapter, with PEFT's exact scaling, and the driver-side reduction of
-the worker's per-shard statistics of d = W_eng − W0 against ΔW. No vLLM import."""
+"""ΔW of a PEFT LoRA adapter, with PEFT's exact scaling, what a merge in a given dtype holds, and
+the driver-side reduction of the worker's per-shard sums into per-module figures. No vLLM import."""
 
 from __future__ import annotations
 
@@ -27,10 +27,14 @@ class LoraFactors:
     scaling: float
     fan_in_fan_out: bool = False
 
-    def delta(self) -> torch.Tensor:
-        """ΔW (float32) in the base weight's own layout, as PEFT's `get_delta_weight` returns it."""
-        delta = (self.B.float() @ self.A.float()) * self.scaling
-        return delta.T if self.fan_in_fan_out else delta
+    def delta(self, rows: slice = slice(None), cols: slice = slice(None), dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """ΔW[rows, cols] in the base weight's own layout, as PEFT's `get_delta_weight` returns it
+        (transposed for `fan_in_fan_out` layers, whose weight is stored in × out). The one ΔW every
+        part of lora-doctor uses: the sync's merges, the per-module read and the audit."""
+        if self.fan_in_fan_out:
+            # The stored weight is (ΔWᵀ): its rows index A's columns, its columns B's rows.
+            return ((self.B[cols].to(dtype) @ self.A[:, rows].to(dtype)) * self.scaling).T
+        return (self.B[rows].to(dtype) @ self.A[:, cols].to(dtype)) * self.scaling
 
 
 def merge_in_dtype(w0: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -84,31 +88,77 @@ def _pattern_key(patterns: dict, module: str) -> str:
     return module
 
 
+# The sums the worker accumulates per shard (float64), over the shard's elements, for
+#   b = W_base − W0_D   what the engine's base weight adds to the base model (W0_D: W0 in the engine's dtype),
+#   s = W_slot          what the engine's LoRA slot adds (0 when the phase generates without an adapter),
+#   Δ = ΔW              the checkpoint's exact LoRA delta,
+#   e = merge_in_dtype(W0, ΔW, D) − W0_D   what a merged sync in the engine's dtype D adds to the base,
+# and w = W0_D itself.
+STAT_KEYS = ("bb", "be", "ee", "bD", "ss", "sD", "bs", "DD", "eD", "ww")
+
+
 def combine_layer_stats(per_rank_results: list[list[dict]]) -> list[dict]:
-    """Sum the per-shard sums of `LoraDoctorWorker.lora_doctor_layer_stats` (one list per
-    rank) into per-module figures for d = W_eng − W0 against ΔW:
-    effective_scale = <d,ΔW>/‖ΔW‖², residual = ‖d − scale·ΔW‖/‖ΔW‖,
-    divergence = ‖d − ΔW‖/‖ΔW‖ (all None where ΔW = 0), d_norm = ‖d‖, delta_norm = ‖ΔW‖."""
+    """Sum the per-shard sums of `LoraDoctorWorker.lora_doctor_layer_stats` (one list per rank)
+    into per-module figures; see `module_figures`."""
     by_module: dict[str, dict[tuple, dict]] = {}
     for shard in (s for rank in per_rank_results for s in rank):
         place = (shard["out_offset"], shard["out_size"], shard["in_offset"], shard["in_size"])
         # Replicated kv heads: several ranks hold the same rows; count them once.
         by_module.setdefault(shard["module"], {}).setdefault(place, shard)
-    return [_combine(module, list(shards.values())) for module, shards in sorted(by_module.items())]
+    combined = []
+    for module, shards in sorted(by_module.items()):
+        shards = list(shards.values())
+        _check_tiling(module, shards)
+        sums = {key: math.fsum(s[key] for s in shards) for key in STAT_KEYS}
+        combined.append({"module": module, **module_figures(sums, shards[0]["eps"])})
+    return combined
 
 
-def _combine(module: str, shards: list[dict]) -> dict:
-    _check_tiling(module, shards)
-    dd, dD, DD = (math.fsum(s[key] for s in shards) for key in ("dd", "dD", "DD"))
-    figures = {"effective_scale": None, "residual": None, "divergence": None}
-    if DD > 0:
-        scale = dD / DD
-        figures = {
-            "effective_scale": scale,
-            "residual": math.sqrt(max(dd - scale * dD, 0.0) / DD),
-            "divergence": math.sqrt(max(dd - 2 * dD + DD, 0.0) / DD),
-        }
-    return {"module": module, **figures, "d_norm": math.sqrt(dd), "delta_norm": math.sqrt(DD)}
+def module_figures(sums: dict[str, float], eps: float) -> dict:
+    """Per-module figures from the sums of `STAT_KEYS` and the engine dtype's `eps` (None where ΔW = 0):
+
+    - base_part = <b, e>/‖e‖²: how much of a merged sync the base holds (0 unmerged, 1 merged);
+    - slot_part = <s, ΔW>/‖ΔW‖²: how much ΔW the adapter slot holds (0 none, 1 loaded);
+    - base_residual, slot_residual: what each part holds beyond that multiple, over ‖ΔW‖;
+    - merge_kept = <e, ΔW>/‖ΔW‖²: the part of ΔW a merge in the engine's dtype keeps (1 in float32),
+      merge_noise = ‖e − merge_kept·ΔW‖/‖ΔW‖: what that merge's rounding adds beside it;
+    - effective_scale, residual, divergence: the engine's whole weight d = b + s against the exact ΔW
+      (<d, ΔW>/‖ΔW‖², ‖d − scale·ΔW‖/‖ΔW‖, ‖d − ΔW‖/‖ΔW‖);
+    - rounding = eps·‖W0‖/‖ΔW‖: an ulp of every element, over ‖ΔW‖ — two correct roundings of the
+      same merge (in any order) differ by at most that;
+    - delta_ratio = ‖ΔW‖/‖W0‖, delta_norm = ‖ΔW‖.
+    """
+    bb, be, ee, bD, ss, sD, bs, DD, eD, ww = (sums[key] for key in STAT_KEYS)
+    dd, dD = bb + 2 * bs + ss, bD + sD
+    figures = dict.fromkeys(
+        ("base_part", "slot_part", "base_residual", "slot_residual", "merge_kept", "merge_noise",
+         "effective_scale", "residual", "divergence", "rounding", "delta_ratio"),
+    )
+    figures["delta_norm"] = math.sqrt(DD)
+    if DD <= 0:
+        return figures
+    norm = math.sqrt(DD)
+    scale, slot, kept = dD / DD, sD / DD, eD / DD
+    base = be / ee if ee > 0 else 0.0
+    figures.update(
+        base_part=base,
+        slot_part=slot,
+        base_residual=_root(bb - base * be) / norm,
+        slot_residual=_root(ss - slot * sD) / norm,
+        merge_kept=kept,
+        merge_noise=_root(ee - kept * eD) / norm,
+        effective_scale=scale,
+        residual=_root(dd - scale * dD) / norm,
+        divergence=_root(dd - 2 * dD + DD) / norm,
+        rounding=eps * math.sqrt(ww) / norm,
+        delta_ratio=norm / math.sqrt(ww) if ww > 0 else None,
+    )
+    return figures
+
+
+def _root(value: float) -> float:
+    """sqrt of a difference of sums that is ≥ 0 in exact arithmetic."""
+    return math.sqrt(max(value, 0.0))
 
 
 def _check_tiling(module: str, shards: list[dict]) -> None:

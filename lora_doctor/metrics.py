@@ -50,6 +50,8 @@ class ScaleFit:
 
     scale: float
     kl: float
+    # The best scale sits at an end of the searched range: the true one may lie beyond it.
+    at_edge: bool = False
 
 
 def fit_scale(

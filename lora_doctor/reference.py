@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 
 from .checkpoint import Checkpoint
@@ -113,13 +111,6 @@ class Reference:
             return continuations
         finally:
             self.set_scale(1.0)
-
-    def delta_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """`(base weight name, ΔW)` for every LoRA-targeted module, via PEFT's `get_delta_weight`."""
-        for name, module in self.model.named_modules():
-            if _is_lora_layer(module) and self.adapter in module.lora_A:
-                base_name = name.removeprefix("base_model.model.")
-                yield f"{base_name}.weight", module.get_delta_weight(self.adapter).detach()
 
 
 def _is_lora_layer(module: torch.nn.Module) -> bool:

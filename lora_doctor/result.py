@@ -23,6 +23,22 @@ class LayerResult:
     residual: float
     divergence: float
     verdict: str = "ok"
+    # The engine's two parts, read apart: how much of a merged sync its base weight holds (0
+    # unmerged, 1 merged in the engine's dtype) and how much ΔW its LoRA slot holds (0 none,
+    # 1 loaded), each with its residual over ‖ΔW‖.
+    base_part: float | None = None
+    slot_part: float | None = None
+    base_residual: float | None = None
+    slot_residual: float | None = None
+    # The part of ΔW a merge in the engine's dtype keeps (1 in float32), and the rounding noise it
+    # adds beside it, over ‖ΔW‖.
+    merge_kept: float | None = None
+    merge_noise: float | None = None
+    # One ulp of every element of W0 in the engine's dtype, over ‖ΔW‖: how far two correct roundings
+    # of the same merge may differ.
+    rounding: float | None = None
+    # ‖ΔW‖/‖W0‖ of this module.
+    delta_ratio: float | None = None
 
 
 @dataclass
@@ -47,6 +63,17 @@ class PhaseResult:
     kl_previous: float | None = None
     # Wall seconds per step of the measurement (engine requests, scale fit, per-layer read).
     seconds: dict[str, float] = field(default_factory=dict)
+    # The mean KL above which the logits call this phase unhealthy (None when they cannot resolve
+    # the LoRA at this precision), and what decided the verdict: "logits", "modules",
+    # "logits and modules" or "nothing" (unresolved).
+    kl_limit: float | None = None
+    decided_by: str = "logits"
+    # Mean over modules of the part of ΔW a merged sync in the engine's dtype keeps.
+    merge_kept: float | None = None
+    # Things worth knowing that do not fail the phase (e.g. a bf16 merge that loses much of ΔW).
+    warnings: list[str] = field(default_factory=list)
+    # LoRA-targeted modules the per-module read has no figures for, each {"module", "reason"}.
+    modules_not_read: list[dict] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -67,6 +94,8 @@ class Report:
     seconds: dict[str, float] = field(default_factory=dict)
     # Pre-flight findings on the checkpoint (code, severity, message, fix, subjects).
     preflight: list[dict] = field(default_factory=list)
+    # The run's logit noise and signal and what follows from them (see noise.Resolution.as_dict).
+    resolution: dict = field(default_factory=dict)
     # Why the check stopped before measuring anything (then `phases` is empty), or None.
     stopped: str | None = None
     schema_version: int = SCHEMA_VERSION

@@ -3,9 +3,9 @@
 A plan is a Python function that receives a `Sync` and calls, in the trainer's order:
 
 - `load_base()`: full sync of the unmerged base weights `W0`;
-- `load_merged(scale=1.0, layers=None, dtype=None, cycles=0)`: full sync of `W0 + scale·ΔW`, optionally
-  for some decoder layers only, optionally computed the way a half-precision trainer does after
-  `cycles` merge/unmerge rounds (precision drift);
+- `load_merged(scale=1.0, layers=None, dtype=None, cycles=0)`: full sync of `W0 + scale·ΔW` merged
+  in `dtype` (default: the engine's, as the trainer holds its weights), optionally for some decoder
+  layers only, optionally after `cycles` merge/unmerge rounds (precision drift);
 - `add_adapter(id=None, load_inplace=False, weights="current")`: adapter sync of the checkpoint's
   adapter ("current"), of `--previous` ("previous"), or of any adapter folder (a path); later probes
   generate with it;
@@ -24,6 +24,7 @@ import torch
 from .checkpoint import Checkpoint
 from .engine import Engine
 from .errors import BadInput
+from .lora_delta import load_lora_factors, merge_in_dtype
 from .modules import layer_index
 from .reference import Reference
 from .result import PhaseResult
@@ -62,25 +63,27 @@ class Sync:
         dtype: str | None = None,
         cycles: int = 0,
     ) -> None:
-        """Full sync of merged weights `W0 + scale·ΔW`.
+        """Full sync of merged weights `W0 + scale·ΔW`, as a trainer whose weights live in `dtype`
+        (default: the engine's) merges them: `merge_in_dtype`, so in bf16 what is below half an ulp
+        of W0 is lost, exactly as in the trainer.
 
-        `layers` limits the merge to some decoder layers. With `dtype` (e.g. "bfloat16") every weight is
-        held in that precision, as a half-precision trainer holds it, and merged then unmerged `cycles`
-        times before the final merge: the rounding drift of trl #6688.
+        `layers` limits the merge to some decoder layers. With `cycles`, the weights are merged then
+        unmerged that many times before the final merge: the rounding drift of trl #6688.
         """
         if dtype is not None and dtype not in _DTYPES:
             raise BadInput(f"load_merged: unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
         delta = self._deltas()
-        precision = _DTYPES.get(dtype or "float32")
+        precision = _DTYPES[dtype] if dtype is not None else self.engine.llm.llm_engine.model_config.dtype
 
         def merged() -> Iterator[tuple[str, torch.Tensor]]:
             for name, weight in self._base_weights():
                 held = weight.to(precision)
                 if name in delta and _in_layers(name, layers):
-                    step = (scale * delta[name]).to(precision)
+                    step = scale * delta[name]
+                    rounded = step.to(precision)
                     for _ in range(cycles):
-                        held = (held + step) - step  # each op rounds to `precision`
-                    held = held + step
+                        held = (held + rounded) - rounded  # each op rounds to `precision`
+                    held = merge_in_dtype(held, step, precision)
                 yield name, held.float()
 
         self.engine.load_weights(merged())
@@ -127,7 +130,8 @@ class Sync:
 
     def _deltas(self) -> dict[str, torch.Tensor]:
         if self._delta is None:
-            self._delta = {name: delta.float() for name, delta in self.reference.delta_weights()}
+            factors = load_lora_factors(self.checkpoint.adapter_dir)
+            self._delta = {f"{module}.weight": lora.delta() for module, lora in factors.items()}
         return self._delta
 
 

@@ -14,7 +14,8 @@ STALE = "stale"
 SCALED = "scaled"
 DIVERGED = "diverged"
 PARTIAL = "partial"
-PHASE_VERDICTS = (OK, DOUBLE_COUNTED, MISSING, STALE, SCALED, PARTIAL, DIVERGED)
+UNRESOLVED = "unresolved"
+PHASE_VERDICTS = (OK, DOUBLE_COUNTED, MISSING, STALE, SCALED, PARTIAL, DIVERGED, UNRESOLVED)
 
 PASS = "pass"
 FAIL = "fail"
@@ -28,6 +29,8 @@ EXPLANATIONS = {
     SCALED: "the engine applies the LoRA at the wrong scale (W0 + c·ΔW)",
     DIVERGED: "the engine's outputs are not explained by the checkpoint at any LoRA scale",
     PARTIAL: "only some LoRA modules are wrong in the engine (a sync that skipped or misnamed modules)",
+    UNRESOLVED: "at this precision the LoRA moves the logits less than the run's own noise, and no per-module "
+    "figure decides: lora-doctor cannot tell a healthy sync from a broken one here",
 }
 
 
@@ -43,6 +46,9 @@ CAUSES = {
     "rank_pattern); fix: make both read the same adapter_config",
     PARTIAL: "some modules were not synced or were synced under a wrong name (prefix, packed q/k/v or gate/up slices); "
     "fix: compare the names your sync sends with the engine's module names",
+    UNRESOLVED: "the LoRA is small next to the weights and the check runs in half precision without the per-module "
+    "read; fix: keep the per-module read (drop --no-layer-check; build a probed engine with "
+    "worker_extension_cls='lora_doctor.worker.LoraDoctorWorker'), or check in float32",
     DIVERGED: "weights differ from W0 + ΔW in a way no LoRA scale explains: a different base, precision drift from "
     "repeated merge/unmerge in bf16, or corrupted tensors; fix: sync from a float32 master copy, check the base",
 }
@@ -50,37 +56,57 @@ CAUSES = {
 
 @dataclass(frozen=True)
 class Thresholds:
-    """Limits that turn measurements into verdicts; `for_dtype` picks defaults per precision."""
+    """Limits that turn measurements into verdicts; `for_dtype` picks defaults per precision.
 
-    # Mean KL(reference ‖ engine) per token above which a phase is not healthy. float32: a correct
-    # engine measured ~1e-7 against the reference on CPU, so 1e-4 leaves three decades of margin.
-    kl_mean: float = 1e-4
-    # KL at the fitted scale above which no LoRA scale explains the engine (→ diverged).
-    # Ten times kl_mean: a uniform wrong scale is explained to float precision; a partial or
-    # corrupted sync is not.
-    kl_unexplained: float = 1e-3
-    # How close the fitted scale must be to 2 / 0 to be named double_counted / missing.
+    The logit limits are not constants: every run measures its own noise (engine vs reference where
+    they must agree) and signal (what a missing or doubled LoRA does to the reference), and the
+    limits follow from their ratio (`noise.Resolution`). The per-module limits grow with the engine
+    dtype's rounding of W0 measured against ΔW (`rounding`, per module), not with ‖ΔW‖ alone.
+    """
+
+    # The logits resolve the LoRA when the smallest whole-LoRA failure (missing, doubled) moves the
+    # KL by at least this many times the noise. At 16, α is known to sqrt(noise/signal) ≤ 0.25, so
+    # 0, 1 and 2 are ≥ 4 resolutions apart, and the KL limit (the geometric mean of noise and
+    # signal) sits ≥ 4× above the noise and ≥ 4× below the signal.
+    min_signal_to_noise: float = 16.0
+    # Engine-vs-reference KL noise assumed when the run cannot measure its own (a probe on a
+    # trainer's engine, whose base is not known to be untouched): about twice the noise measured on
+    # the bundled models (float32 0.9–1.5e-8, bf16 2.4–2.9e-5 on CPU).
+    noise_kl: float = 3e-8
+    # Floor of how close the fitted α must be to 2 / 0 to be named double_counted / missing (the
+    # run's own α resolution widens it).
     scale_tolerance: float = 0.1
-    # Per module, |α_layer − 1| above which the engine holds a wrong multiple of ΔW. float32 weights
-    # read back from the engine matched W0 + ΔW to ~1e-7 relative, so 1e-2 is far above noise.
+    # Per module, how far base_part / slot_part may sit from 0 or 1. Exact syncs measure within 1e-3;
+    # a base that is not exactly a merge in the engine's dtype widens it (see part_noise_share).
+    part_tolerance: float = 0.05
+    # Per module, part of the base's residual added to part_tolerance: a merge rounded in another
+    # order (float32 master weights cast to bf16, on a float32 base) moved base_part by at most 0.17×
+    # its residual on the bundled weights (‖ΔW‖/‖W0‖ 5e-4 to 1e-2).
+    part_noise_share: float = 0.25
+    # Per module, |α_layer − 1| above which the engine's whole weight holds a wrong multiple of ΔW
+    # (`layer_verdict`, for weights compared without the base/slot split). float32 weights read back
+    # from the engine matched W0 + ΔW to ~1e-7 relative, so 1e-2 is far above noise.
     layer_scale_tolerance: float = 1e-2
-    # Per module, ‖W_eng − (W0 + ΔW)‖ / ‖ΔW‖ above which the module is wrong (float32: ~1e-7 seen).
+    # Per module, the residual (over ‖ΔW‖) above which a part is not a multiple of what it should
+    # hold (float32: ~1e-7 seen).
     layer_divergence: float = 1e-3
+    # Per module, the base's residual limit adds this many `rounding`s (one ulp of every element over
+    # ‖ΔW‖): two correct roundings of the same merge differ by at most one ulp per element, so a base
+    # beyond that is not any merge of W0 + ΔW. Measured: merges in another order left 0.13–0.37 of it
+    # (‖ΔW‖/‖W0‖ 5e-4 to 1e-2).
+    rounding_margin: float = 1.0
+    # A merged sync that keeps less than this part of ΔW (bf16 rounds away what is below half an ulp
+    # of W0) gets a warning: it is what the trainer's merge holds, so not a failed sync, but a policy
+    # whose every update loses more than a tenth of its LoRA step no longer trains what it measures
+    # (trl #6688). Measured: 99.8% kept at ‖ΔW‖/‖W0‖ ≈ 1e-2, 84% (70–97% per module) at 2e-3.
+    merge_kept_warning: float = 0.9
 
     @classmethod
     def for_dtype(cls, dtype: str) -> Thresholds:
         if dtype in ("bfloat16", "float16", "half"):
-            # Half precision rounds every weight and activation (~3 significant digits in bf16):
-            # reference and engine disagree at ~1e-3 per token even when the sync is right.
-            # vLLM keeps LoRA buffers in bf16: per-module scale ~2e-4 off and divergence ~2.4e-3
-            # were measured for a correct bf16 sync.
-            return cls(
-                kl_mean=2e-2,
-                kl_unexplained=1e-1,
-                scale_tolerance=0.15,
-                layer_scale_tolerance=2e-2,
-                layer_divergence=2e-2,
-            )
+            # vLLM keeps LoRA buffers in the model's dtype: per-module scale ~2e-4 off and residual
+            # ~2.4e-3 were measured for a correct bf16 adapter slot.
+            return cls(noise_kl=5e-5, scale_tolerance=0.15, layer_scale_tolerance=2e-2, layer_divergence=2e-2)
         return cls()
 
     def override(self, values: dict[str, float]) -> Thresholds:
@@ -95,17 +121,23 @@ class Thresholds:
         return asdict(self)
 
 
-def phase_verdict(kl_mean: float, fitted_scale: float, fitted_kl: float, thresholds: Thresholds) -> str:
-    """Name what the engine computes in one phase, from logits alone."""
-    if kl_mean <= thresholds.kl_mean:
+def logit_verdict(kl_mean: float, fit, resolution, thresholds: Thresholds) -> str:
+    """Name what the engine computes in one phase from its logits alone, or UNRESOLVED when this
+    run's noise hides the LoRA. `fit` is a `metrics.ScaleFit`, `resolution` a `noise.Resolution`."""
+    if not resolution.resolves:
+        return UNRESOLVED
+    limit = resolution.kl_limit
+    if kl_mean <= limit:
         return OK
-    if fitted_kl > thresholds.kl_unexplained:
+    if fit.at_edge or fit.kl > limit:
+        # No scale in the fitted range explains the engine: unhealthy, but no scale to name.
         return DIVERGED
-    if abs(fitted_scale - 2.0) <= thresholds.scale_tolerance:
+    tolerance = max(thresholds.scale_tolerance, 2 * resolution.scale_resolution)
+    if abs(fit.scale - 2.0) <= tolerance:
         return DOUBLE_COUNTED
-    if abs(fitted_scale) <= thresholds.scale_tolerance:
+    if abs(fit.scale) <= tolerance:
         return MISSING
-    if abs(fitted_scale - 1.0) <= thresholds.scale_tolerance:
+    if abs(fit.scale - 1.0) <= tolerance:
         # The right scale yet the wrong outputs: not a LoRA-scale problem.
         return DIVERGED
     return SCALED
@@ -128,33 +160,71 @@ def scale_hint(factor: float, r: int, lora_alpha: float, use_rslora: bool) -> st
 
 
 def layer_verdict(effective_scale: float | None, residual: float | None, divergence: float | None, thresholds: Thresholds) -> str:
-    """Name what the engine holds for one module, from its weights."""
+    """Name what a whole weight holds for one module against W0 + ΔW, from `effective_scale`,
+    `residual` and `divergence` (over ‖ΔW‖). For weights without a base/slot split; the engine's
+    per-module read uses `module_verdict`."""
     if effective_scale is None or divergence is None:
         return OK
     if abs(effective_scale - 1.0) <= thresholds.layer_scale_tolerance and divergence <= thresholds.layer_divergence:
         return OK
     if residual is not None and residual > thresholds.layer_divergence:
         return DIVERGED  # not a multiple of ΔW
-    if abs(effective_scale - 2.0) <= thresholds.scale_tolerance:
+    return _name_scale(effective_scale, thresholds.scale_tolerance)
+
+
+def module_verdict(figures, thresholds: Thresholds) -> str:
+    """Name what the engine holds for one module from its two parts (`lora_delta.module_figures`
+    or a `LayerResult`): base_part (0 unmerged, 1 merged in the engine's dtype) and slot_part
+    (0 no adapter, 1 the adapter). A double count is a merged base plus a loaded slot."""
+    base, slot = figures.base_part, figures.slot_part
+    if base is None or slot is None:
+        return OK  # ΔW = 0: nothing to hold
+    if figures.slot_residual > thresholds.layer_divergence:
+        return DIVERGED  # the slot holds something other than a multiple of ΔW
+    if figures.base_residual > thresholds.layer_divergence + thresholds.rounding_margin * (figures.rounding or 0.0):
+        return DIVERGED  # the base differs from W0 and from a merge by more than rounding
+    base_tolerance = thresholds.part_tolerance + thresholds.part_noise_share * figures.base_residual
+    if base_tolerance >= 0.5:
+        return UNRESOLVED  # rounding hides whether the base holds ΔW
+    base_units = round(base) if abs(base - round(base)) <= base_tolerance else None
+    slot_units = round(slot) if abs(slot - round(slot)) <= thresholds.part_tolerance else None
+    if base_units is not None and slot_units is not None:
+        total = base_units + slot_units
+        if total == 1 and min(base_units, slot_units) == 0:
+            return OK
+        if total in (0, 2):
+            return MISSING if total == 0 else DOUBLE_COUNTED
+    return _name_scale(base * (figures.merge_kept or 1.0) + slot, thresholds.scale_tolerance)
+
+
+def _name_scale(scale: float, tolerance: float) -> str:
+    if abs(scale - 2.0) <= tolerance:
         return DOUBLE_COUNTED
-    if abs(effective_scale) <= thresholds.scale_tolerance:
+    if abs(scale) <= tolerance:
         return MISSING
     return SCALED
 
 
-def refine_with_layers(logit_verdict: str, layer_verdicts: list[str]) -> str:
+def refine_with_layers(logit_verdict: str, layer_verdicts: list[str], complete: bool = True) -> str:
     """Combine the logit verdict with what the engine holds per module.
 
-    Some modules wrong and others right (or wrong in different ways) is `partial`, whatever the
-    logits say. Every module wrong in the same way names the phase even when the logits barely
-    move (a weak LoRA).
+    The per-module figures are direct evidence: some modules wrong and others right (or wrong in
+    different ways) is `partial`; every module wrong in the same way names the phase. Every module
+    right leaves the logits one say only: a phase they resolve and no LoRA scale explains
+    (`diverged`, something outside the LoRA modules). When some targeted modules were not read
+    (`complete` false) or their read is unresolved, the logit verdict stands (it may be unresolved).
     """
-    wrong = {v for v in layer_verdicts if v != OK}
-    if not wrong:
+    if not layer_verdicts:
         return logit_verdict
-    if OK in layer_verdicts or len(wrong) > 1:
+    known = [v for v in layer_verdicts if v != UNRESOLVED]
+    wrong = {v for v in known if v != OK}
+    if OK in known and wrong or len(wrong) > 1:
         return PARTIAL
-    return wrong.pop() if logit_verdict == OK else logit_verdict
+    if wrong:
+        return wrong.pop()
+    if len(known) < len(layer_verdicts) or not complete:
+        return logit_verdict  # modules the read could not decide: only the logits can
+    return DIVERGED if logit_verdict == DIVERGED else OK
 
 
 def describe_modules(modules: list[tuple[str, str]]) -> str:
@@ -186,3 +256,41 @@ def _layer_ranges(names: list[str]) -> str:
 
 def overall_verdict(phase_verdicts: list[str]) -> str:
     return PASS if all(v == OK for v in phase_verdicts) else FAIL
+
+
+def decided_by(resolution, modules_read: bool) -> str:
+    """What the phase's verdict rests on: the logits when they resolve the LoRA, the per-module
+    figures when read, both, or nothing (then the verdict is unresolved)."""
+    sources = [name for name, used in (("logits", resolution.resolves), ("modules", modules_read)) if used]
+    return " and ".join(sources) or "nothing"
+
+
+def resolution_note(resolution, fit, modules_read: bool) -> str | None:
+    """Why the logits had no say, or why their fitted α was not named, if so."""
+    if not resolution.resolves:
+        where = "decided from the per-module figures" if modules_read else "and no per-module figures were read"
+        return (
+            f"the logits cannot resolve this LoRA at this precision: signal/noise {resolution.signal_to_noise:.1f} "
+            f"< {resolution.min_signal_to_noise:g}; {where}"
+        )
+    if fit.at_edge:
+        return f"the best-fitting α ({fit.scale:.3f}) is at the edge of the fitted range: no scale named"
+    return None
+
+
+def merge_warning(layers, thresholds: Thresholds) -> str | None:
+    """A warning when the phase's base holds a merge that lost much of ΔW to rounding.
+
+    Only the modules whose base holds a merged sync count; an adapter slot keeps ΔW exactly."""
+    # Closer to a merge than to W0: the base holds a merged sync.
+    kept = [layer.merge_kept for layer in layers if layer.base_part is not None and abs(layer.base_part - 1) < 0.5]
+    if not kept:
+        return None
+    mean = sum(kept) / len(kept)
+    if mean >= thresholds.merge_kept_warning:
+        return None
+    return (
+        f"the merged weights keep {mean:.0%} of ΔW ({min(kept):.0%}–{max(kept):.0%} per module): the engine's dtype "
+        "rounds away every part of ΔW below half an ulp of W0, so each merged sync loses the rest of the LoRA step "
+        "(trl #6688); sync the adapter instead (its slot keeps ΔW exactly) or serve the engine in float32"
+    )

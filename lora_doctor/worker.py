@@ -1,5 +1,5 @@
-"""vLLM worker extension: compare what each LoRA-wrapped linear layer of the engine computes
-(its base weight plus its loaded adapter slot) with W0 + ΔW from the checkpoint on disk.
+"""vLLM worker extension: read what each LoRA-wrapped linear layer of the engine holds — its base
+weight and its loaded adapter slot, apart — against W0 and ΔW from the checkpoint on disk.
 
 Loaded in every worker via `LLM(..., worker_extension_cls="lora_doctor.worker.LoraDoctorWorker")`
 and called with `llm.collective_rpc(method_name, args=(...))`, which returns one result per rank.
@@ -25,7 +25,7 @@ from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
 from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 
 from .errors import BadInput, EnvironmentProblem
-from .lora_delta import LoraFactors, load_lora_factors
+from .lora_delta import STAT_KEYS, LoraFactors, load_lora_factors, merge_in_dtype
 
 # Weights are streamed in column blocks of at most this many elements per matrix,
 # so memory stays bounded on large layers.
@@ -59,11 +59,11 @@ class LoraDoctorWorker:
         lora_int_id: int | None,
         return_tensors: bool = False,
     ) -> list[dict]:
-        """Sufficient statistics of d = W_eng − W0 against ΔW for every checkpoint sub-module
-        on this rank: one dict per (module, shard) with its placement in the full matrix,
-        dd = ‖d‖², dD = <d, ΔW>, DD = ‖ΔW‖² (float64), "slot": the LoRA slot holding
-        `lora_int_id` (None if it is in none: no adapter term) and, if asked, "weight": the
-        local W_eng shard (float32, out_size × in_size)."""
+        """Sufficient statistics of the engine's base weight and LoRA slot against ΔW for every
+        checkpoint sub-module on this rank: one dict per (module, shard) with its placement in the
+        full matrix, the float64 sums of `lora_delta.STAT_KEYS`, "slot": the LoRA slot holding
+        `lora_int_id` (None if it is in none: no adapter term) and, if asked, "weight": the local
+        shard of base + slot (float32, out_size × in_size)."""
         model = self.model_runner.get_model()
         manager = model.lora_manager
         if self.model_runner.lora_config.fully_sharded_loras:
@@ -152,27 +152,39 @@ def _shard_stats(
     factors: dict[str, LoraFactors],
     return_tensors: bool,
 ) -> list[dict]:
-    """Stream the layer's local weight in column blocks and accumulate each shard's sums."""
+    """Stream the layer's local weight in column blocks and accumulate each shard's sums
+    (`lora_delta.STAT_KEYS`): the base weight and the adapter slot are read apart."""
     names = [base.checkpoint_name(s.module) for s in shards]
     full_shapes = [base.shape(n) for n in names]
-    sums = [[0.0, 0.0, 0.0] for _ in shards]
+    sums = [dict.fromkeys(STAT_KEYS, 0.0) for _ in shards]
     blocks: list[list[torch.Tensor]] = [[] for _ in shards]
+    # The engine rounds W0 to its own dtype when it loads it: that rounding is no sync's doing.
+    dtype = layer.base_layer.params_dtype
     in_size = layer.input_size
     width = max(1, _BLOCK_ELEMENTS // max(in_size, sum(layer.output_slices)))
     for col in range(0, in_size, width):
         cols = slice(col, min(col + width, in_size))
-        w_eng = _engine_columns(layer, slot, cols)
+        base_cols = _base_columns(layer, cols).double().cpu()
+        slot_cols = _slot_columns(layer, slot, cols)
         for i, (shard, name) in enumerate(zip(shards, names)):
-            eng = w_eng[shard.row_start : shard.row_start + shard.out_size]
+            band = slice(shard.row_start, shard.row_start + shard.out_size)
             rows = slice(shard.out_offset, shard.out_offset + shard.out_size)
             disk_cols = slice(shard.in_offset + cols.start, shard.in_offset + cols.stop)
-            d = (eng.double() - base.read(name, rows, disk_cols).double()).flatten()
-            delta = _delta_block(factors.get(name), rows, disk_cols, eng.shape).flatten()
-            sums[i][0] += float(d @ d)
-            sums[i][1] += float(d @ delta)
-            sums[i][2] += float(delta @ delta)
+            w0 = base.read(name, rows, disk_cols)
+            w0_d = w0.to(dtype).double()
+            lora = factors.get(name)
+            delta = lora.delta(rows, disk_cols, torch.float64) if lora is not None else torch.zeros_like(w0_d)
+            vectors = {
+                "b": base_cols[band] - w0_d,
+                "s": slot_cols[band] if slot_cols is not None else torch.zeros_like(w0_d),
+                "D": delta,
+                "e": merge_in_dtype(w0, delta, dtype).double() - w0_d,
+                "w": w0_d,
+            }
+            for key in STAT_KEYS:
+                sums[i][key] += float(torch.sum(vectors[key[0]] * vectors[key[1]]))
             if return_tensors:
-                blocks[i].append(eng)
+                blocks[i].append((vectors["b"] + w0_d + vectors["s"]).float())
     results = []
     for i, (shard, name, (out_features, in_features)) in enumerate(zip(shards, names, full_shapes)):
         result = {
@@ -185,9 +197,9 @@ def _shard_stats(
             "in_size": shard.in_size,
             "out_features": out_features,
             "in_features": in_features,
-            "dd": sums[i][0],
-            "dD": sums[i][1],
-            "DD": sums[i][2],
+            **sums[i],
+            # The spacing of the engine's floats relative to their size: one ulp ≤ eps·|w|.
+            "eps": torch.finfo(dtype).eps,
             "slot": slot,
         }
         if return_tensors:
@@ -196,19 +208,15 @@ def _shard_stats(
     return results
 
 
-def _engine_columns(layer, slot: int | None, cols: slice) -> torch.Tensor:
-    """Columns `cols` of what the layer multiplies its input by: base weight + adapter slot.
-    Float32 on CPU, shape (local out, len(cols))."""
-    weight = _base_columns(layer, cols).float()
-    if slot is not None:
-        # vLLM folds the scaling into B, so B_slot @ A_slot is the full adapter term.
-        weight = weight + torch.cat(
-            [
-                b[slot, 0].float() @ a[slot, 0, :, cols].float()
-                for a, b in zip(layer.lora_a_stacked, layer.lora_b_stacked)
-            ]
-        )
-    return weight.cpu()
+def _slot_columns(layer, slot: int | None, cols: slice) -> torch.Tensor | None:
+    """Columns `cols` of what the layer's LoRA slot adds to its output (float64 on CPU, shape
+    (local out, len(cols))); None when the phase generates without an adapter."""
+    if slot is None:
+        return None
+    # vLLM folds the scaling into B, so B_slot @ A_slot is the full adapter term.
+    return torch.cat(
+        [b[slot, 0].double().cpu() @ a[slot, 0, :, cols].double().cpu() for a, b in zip(layer.lora_a_stacked, layer.lora_b_stacked)]
+    )
 
 
 def _base_columns(layer, cols: slice) -> torch.Tensor:
@@ -222,13 +230,6 @@ def _base_columns(layer, cols: slice) -> torch.Tensor:
     eye = torch.zeros(n, layer.input_size, dtype=base_layer.params_dtype, device=layer.device)
     eye[torch.arange(n), torch.arange(cols.start, cols.stop)] = 1
     return base_layer.quant_method.apply(base_layer, eye, None).T
-
-
-def _delta_block(factors: LoraFactors | None, rows: slice, cols: slice, shape) -> torch.Tensor:
-    """ΔW[rows, cols] in float64; zero for a module the adapter does not touch."""
-    if factors is None:
-        return torch.zeros(shape, dtype=torch.float64)
-    return (factors.B[rows].double() @ factors.A[:, cols].double()) * factors.scaling
 
 
 class _BaseWeights:

@@ -23,3 +23,12 @@ def previous_then_current_inplace(sync):
     sync.add_adapter(id=3, weights="previous")
     sync.add_adapter(id=3, weights="current", load_inplace=True)
     sync.probe("inplace")
+
+
+def float32_master_merge(sync):
+    """A merge in float32 master weights, rounded once by the engine; then the adapter on top."""
+    # round(W0 + ΔW) in a bf16 engine, not PEFT's bf16 merge round(round(W0) + round(ΔW)).
+    sync.load_merged(dtype="float32")
+    sync.probe("full-merged-fp32-master")
+    sync.add_adapter()
+    sync.probe("adapter-on-top")

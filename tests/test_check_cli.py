@@ -89,7 +89,8 @@ def test_report_follows_the_schema(runs):
     assert set(report["environment"]) >= {"python", "torch", "vllm", "transformers", "peft", "device"}
     assert report["checkpoint"]["r"] == 8 and report["checkpoint"]["lora_alpha"] == 16
     assert report["checkpoint"]["scaling"] == 2.0 and report["checkpoint"]["use_rslora"] is False
-    assert set(report["thresholds"]) >= {"kl_mean", "kl_unexplained", "scale_tolerance", "layer_scale_tolerance", "layer_divergence"}
+    assert set(report["thresholds"]) >= {"min_signal_to_noise", "noise_kl", "scale_tolerance", "part_tolerance", "layer_divergence"}
+    assert set(report["resolution"]) >= {"noise_kl", "missing_kl", "doubled_kl", "signal_to_noise", "logits_resolve", "kl_limit"}
     phase = report["phases"][0]
     assert set(phase) >= {"index", "name", "verdict", "effective_scale", "kl_mean", "kl_max", "top1_agreement", "greedy_match", "layers", "samples"}
     assert phase["with_adapter"] is True

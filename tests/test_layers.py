@@ -3,7 +3,11 @@ found, and only those modules are named."""
 
 from __future__ import annotations
 
+import shutil
+from dataclasses import replace
+
 import pytest
+from conftest import CHECKPOINT
 from rich.console import Console
 
 from lora_doctor.plans import Plan
@@ -29,8 +33,11 @@ def test_only_the_broken_modules_are_off(partial_report):
     (phase,) = partial_report.phases
     assert len(phase.layers) == 14  # 2 layers × 7 target modules
     for layer in phase.layers:
-        expected = 2.0 if ".layers.0." in layer.module else 1.0
-        assert layer.effective_scale == pytest.approx(expected, abs=SCALE_TOLERANCE), layer
+        merged = ".layers.0." in layer.module
+        assert layer.effective_scale == pytest.approx(2.0 if merged else 1.0, abs=SCALE_TOLERANCE), layer
+        # Read apart: layer 0's base holds the merge and its slot the adapter; layer 1 only the slot.
+        assert layer.base_part == pytest.approx(1.0 if merged else 0.0, abs=SCALE_TOLERANCE), layer
+        assert layer.slot_part == pytest.approx(1.0, abs=SCALE_TOLERANCE), layer
     wrong = {layer.module for layer in phase.layers if layer.verdict != "ok"}
     assert wrong == {layer.module for layer in phase.layers if ".layers.0." in layer.module}
     assert {layer.verdict for layer in phase.layers if layer.module in wrong} == {"double_counted"}
@@ -68,3 +75,31 @@ def test_adapter_synced_onto_the_disk_base_holds_exactly_w0_plus_delta(checker):
     for layer in phase.layers:
         assert layer.effective_scale == pytest.approx(1.0, abs=SCALE_TOLERANCE)
         assert layer.divergence < 1e-3
+
+
+def test_targeted_modules_without_figures_are_listed_with_the_reason(checker, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from lora_doctor.check import NOT_READ_ABSENT, NOT_READ_ZERO
+    from lora_doctor.report.grid import modules_line
+    from lora_doctor.result import PhaseResult
+
+    tensors = load_file(str(CHECKPOINT / "adapter_model.safetensors"))
+    prefix = "base_model.model.model.layers.1.mlp."
+    tensors[prefix + "down_proj.lora_B.weight"].zero_()  # an untrained module: ΔW = 0
+    # A module the engine has no LoRA layer for (a misnamed target, vLLM #34186).
+    tensors[prefix + "extra_proj.lora_A.weight"] = tensors[prefix + "up_proj.lora_A.weight"].clone()
+    tensors[prefix + "extra_proj.lora_B.weight"] = tensors[prefix + "up_proj.lora_B.weight"].clone()
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    shutil.copy(CHECKPOINT / "adapter_config.json", tmp_path / "adapter_config.json")
+
+    layers, not_read = checker.measurer.layer_results(checker.engine, None, tmp_path)
+    assert not_read == [
+        {"module": "model.layers.1.mlp.down_proj", "reason": NOT_READ_ZERO},
+        {"module": "model.layers.1.mlp.extra_proj", "reason": NOT_READ_ABSENT},
+    ]
+    assert len(layers) == 13
+    # The renderers' one line counts the read modules against every targeted one.
+    healthy = [replace(layer, verdict="ok") for layer in layers]
+    phase = PhaseResult(0, "p", False, "ok", "", 1.0, 0.0, 0.0, 0.0, 1.0, 1.0, layers=healthy, modules_not_read=not_read)
+    assert modules_line(phase).startswith("13 of 15 targeted LoRA modules hold W0 + ΔW")

@@ -91,7 +91,8 @@ def test_markdown_context_and_layer_grid(report):
     assert re.search(r"^\| 1 \|( \*\*2\.000\*\* \|){7}$", text, re.M)
     assert "all 14 LoRA modules hold W0 + ΔW" in text  # the healthy phase: one line
     assert "<details" in text and text.count("<details") == text.count("</details>")
-    assert "`kl_mean` | 0.0001" in text
+    assert "`min_signal_to_noise` | 16" in text
+    assert "the logits resolve the LoRA" in text
 
 
 def test_markdown_samples_in_code_blocks(report):

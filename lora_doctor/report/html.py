@@ -20,7 +20,7 @@ from html import escape
 
 from ..modules import module_kind
 from ..result import LayerResult, PhaseResult, Report
-from .grid import layer_grid, layer_label, wrong_layers
+from .grid import layer_grid, layer_label, modules_line, not_read_lines, resolution_line, wrong_layers
 from .markdown import (
     ENVIRONMENT_KEYS,
     cause_for,
@@ -438,7 +438,8 @@ def _kl_section(report: Report) -> str:
         for sample in phase.samples:
             if sample.prompt not in prompts:
                 prompts.append(sample.prompt)
-    kl_threshold = _num((report.thresholds or {}).get("kl_mean"))
+    # The run's measured limit; none when the logits cannot resolve the LoRA.
+    kl_threshold = _num((report.resolution or {}).get("kl_limit")) if (report.resolution or {}).get("logits_resolve") else None
     for phase in report.phases:
         charts.append(
             f'<figure class="kl-card"><figcaption>phase {phase.index + 1} <code>{esc(phase.name)}</code> '
@@ -463,7 +464,7 @@ def _kl_section(report: Report) -> str:
     note = (
         "KL(reference ‖ engine) at each prompt position (the next-token distribution over the full vocabulary), log scale, clipped to "
         f"10<sup>{KL_LOG_RANGE[0]}</sup>…10<sup>{KL_LOG_RANGE[1]}</sup>"
-        + (f"; dashed: the kl_mean threshold ({esc(fmt(kl_threshold, 'g'))})" if kl_threshold else "")
+        + (f"; dashed: this run's KL limit ({esc(fmt(kl_threshold, 'g'))})" if kl_threshold else "")
         + (f"; up to {longest} tokens per prompt" if longest else "")
         + "."
     )
@@ -521,7 +522,7 @@ def kl_chart_svg(phase: PhaseResult, threshold: float | None = None) -> str:
     if threshold is not None and threshold > 0:
         y = y_of(threshold)
         parts.append(f'<line class="threshold" x1="{left}" x2="{left + plot_w}" y1="{y:.1f}" y2="{y:.1f}">'
-                     f"<title>kl_mean threshold {esc(fmt(threshold, 'g'))}</title></line>")
+                     f"<title>KL limit {esc(fmt(threshold, 'g'))}</title></line>")
     step = max(1, math.ceil(longest / 8))
     for position in range(0, longest, step):
         parts.append(
@@ -561,16 +562,25 @@ def _layers_section(report: Report) -> str:
             continue
         wrong = wrong_layers(phase)
         count = f'<span class="muted">{len(wrong)}/{len(phase.layers)} modules wrong</span>'
+        line = modules_line(phase)
+        notes = [esc(text) for text in not_read_lines(phase)] + [f"warning: {esc(w)}" for w in phase.warnings]
         blocks.append(
             f'<details class="layers"{"" if not wrong else " open"}><summary>{title} {count}</summary>'
-            f"{_layer_grid_table(phase.layers)}"
-            f"<details class=\"inner\"><summary>every module: α, residual, divergence</summary>{_layer_detail_table(phase.layers)}</details>"
+            + (f'<p class="note">{esc(line)}</p>' if line else "")
+            + "".join(f'<p class="note">{note}</p>' for note in notes)
+            + f"{_layer_grid_table(phase.layers)}"
+            f"<details class=\"inner\"><summary>every module: base part, slot part, α, residual, divergence</summary>"
+            f"{_layer_detail_table(phase.layers)}</details>"
             "</details>"
         )
+    resolution = resolution_line(report.resolution)
     return (
         '<section id="modules"><h2>Per-module figures</h2>'
         '<p class="note">Effective scale α per module: a row per layer, a column per module kind '
-        "(red: wrong).</p>" + "".join(blocks) + "</section>"
+        "(red: wrong). Base part: how much of a merged sync the engine's base weight holds (0 unmerged, 1 merged); "
+        "slot part: how much ΔW its LoRA slot holds (0 none, 1 loaded).</p>"
+        + (f'<p class="note">{esc(resolution)}.</p>' if resolution else "")
+        + "".join(blocks) + "</section>"
     )
 
 
@@ -594,13 +604,14 @@ def _layer_grid_table(layers: list[LayerResult]) -> str:
 
 def _layer_detail_table(layers: list[LayerResult]) -> str:
     rows = "".join(
-        f"<tr><td><code>{esc(layer.module)}</code></td><td class=num>{esc(fmt(layer.effective_scale, '.4f'))}</td>"
+        f"<tr><td><code>{esc(layer.module)}</code></td><td class=num>{esc(fmt(layer.base_part, '.4f'))}</td>"
+        f"<td class=num>{esc(fmt(layer.slot_part, '.4f'))}</td><td class=num>{esc(fmt(layer.effective_scale, '.4f'))}</td>"
         f"<td class=num>{esc(fmt(layer.residual, '.2e'))}</td><td class=num>{esc(fmt(layer.divergence, '.2e'))}</td>"
         f"<td>{_badge(layer.verdict)}</td></tr>"
         for layer in layers
     )
     return (
-        '<div class="scroll"><table class="detail"><thead><tr><th>module</th><th class=num>α</th>'
+        '<div class="scroll"><table class="detail"><thead><tr><th>module</th><th class=num>base</th><th class=num>slot</th><th class=num>α</th>'
         f"<th class=num>residual</th><th class=num>divergence</th><th>verdict</th></tr></thead><tbody>{rows}</tbody></table></div>"
     )
 

@@ -14,7 +14,7 @@ from html import escape
 
 from ..result import PhaseResult, Report
 from ..verdict import CAUSES
-from .grid import layer_grid, wrong_layers
+from .grid import layer_grid, modules_line, not_read_lines, parts_summary, resolution_line, wrong_layers
 
 ENVIRONMENT_KEYS = ("python", "torch", "vllm", "transformers", "peft", "device")
 PHASE_COLUMNS = ("#", "phase", "adapter", "verdict", "α", "KL mean", "KL max", "KL at α", "top-1", "greedy")
@@ -58,6 +58,13 @@ def preflight_findings(report: Report) -> list[dict]:
     return sorted(findings, key=lambda f: order.get(str(f.get("severity")), 3))
 
 
+def logit_scale(phase: PhaseResult) -> str:
+    """The fitted α, in parentheses when the logits cannot resolve the LoRA (it is then noise)."""
+    value = fmt(phase.effective_scale, ".3f")
+    # An audit's α comes from the weights alone (no logits measured): nothing to mark.
+    return value if phase.kl_mean is None or "logits" in phase.decided_by else f"({value})"
+
+
 def phase_figures(phase: PhaseResult, previous: bool = False) -> list[str]:
     """The phase table's cells, formatted as the terminal table formats them."""
     cells = [
@@ -65,7 +72,7 @@ def phase_figures(phase: PhaseResult, previous: bool = False) -> list[str]:
         phase.name,
         "yes" if phase.with_adapter else "no",
         phase.verdict,
-        fmt(phase.effective_scale, ".3f"),
+        logit_scale(phase),
         fmt(phase.kl_mean, ".2e"),
         fmt(phase.kl_max, ".2e"),
         fmt(phase.kl_at_scale, ".2e"),
@@ -261,11 +268,13 @@ def _phase_section(report: Report) -> list[str]:
         cells[3] = _verdict_mark(phase.verdict)
         rows.append(cells)
     align = ["r", "l", "l", "l", "r", "r", "r", "r", "r", "r"] + (["r"] if previous else [])
+    resolution = resolution_line(report.resolution)
     return [
         "**Sync phases** — engine vs reference (HF + PEFT, W0 + ΔW); α = effective LoRA scale "
         "(1 = right, 2 = double counted, 0 = missing):",
         "",
         *_table(phase_columns(report), rows, align),
+        *(["", f"*{md_text(resolution)}.*"] if resolution else []),
     ]
 
 
@@ -274,12 +283,10 @@ def _layer_section(phase: PhaseResult) -> list[str]:
     if not phase.layers:
         return [f"*{title}: per-module figures not measured.*"]
     wrong = wrong_layers(phase)
-    if not wrong:
-        scales = [layer.effective_scale for layer in phase.layers if layer.effective_scale is not None]
-        worst = [layer.divergence for layer in phase.layers if layer.divergence is not None]
-        span = f"α {fmt(min(scales), '.3f')}–{fmt(max(scales), '.3f')}" if scales else "α —"
-        div = f", max divergence {fmt(max(worst), '.1e')}" if worst else ""
-        return [f"*{title}: all {len(phase.layers)} LoRA modules hold W0 + ΔW ({span}{div}).*"]
+    extra = [f"- {md_text(line)}" for line in not_read_lines(phase)] + [f"- *warning:* {md_text(w)}" for w in phase.warnings]
+    line = modules_line(phase)
+    if line:
+        return [f"*{title}: {md_text(line)}.*"] + (["", *extra] if extra else [])
 
     kinds, rows = layer_grid(phase.layers)
     grid = []
@@ -294,15 +301,17 @@ def _layer_section(phase: PhaseResult) -> list[str]:
             else:
                 cells.append(f"**{fmt(layer.effective_scale, '.3f')}**")
         grid.append(cells)
-    body = [f"Effective LoRA scale per module (**bold** = wrong; {len(wrong)}/{len(phase.layers)} wrong):", ""]
+    body = [f"Effective LoRA scale per module (**bold** = wrong; {len(wrong)}/{len(phase.layers)} wrong; {parts_summary(phase)}):", ""]
     body += _table(["layer", *kinds], grid, ["r"] * (len(kinds) + 1))
     detail = [
-        [md_code(layer.module, cell=True), fmt(layer.effective_scale, ".4f"), fmt(layer.residual, ".2e"),
-         fmt(layer.divergence, ".2e"), md_text(layer.verdict)]
+        [md_code(layer.module, cell=True), fmt(layer.base_part, ".4f"), fmt(layer.slot_part, ".4f"),
+         fmt(layer.effective_scale, ".4f"), fmt(layer.residual, ".2e"), fmt(layer.divergence, ".2e"), md_text(layer.verdict)]
         for layer in phase.layers
     ]
-    body += ["", *_details("every module: α, residual, divergence",
-                           _table(["module", "α", "residual", "divergence", "verdict"], detail, ["l", "r", "r", "r", "l"]))]
+    body += ["", *_details("every module: base part, slot part, α, residual, divergence",
+                           _table(["module", "base", "slot", "α", "residual", "divergence", "verdict"], detail,
+                                  ["l", "r", "r", "r", "r", "r", "l"]))]
+    body += ["", *extra] if extra else []
     summary = f"Per-module scale — phase {phase.index + 1} <code>{_html(phase.name)}</code>: " \
               f"{len(wrong)}/{len(phase.layers)} modules wrong"
     return _details(summary, body, open_=True)

@@ -9,7 +9,7 @@ from rich.text import Text
 
 from ..result import PhaseResult, Report
 from ..verdict import CAUSES
-from .grid import layer_grid, wrong_layers
+from .grid import layer_grid, modules_line, not_read_lines, parts_summary, resolution_line, wrong_layers
 from .markdown import phase_figures
 
 VERDICT_STYLE = {"ok": "bold green", "pass": "bold green", "fail": "bold red"}
@@ -37,10 +37,17 @@ def render_terminal(report: Report, console: Console, layers: bool = False) -> N
         console.print(f"[bold red]check stopped:[/] {report.stopped}", highlight=False)
     else:
         console.print(_phase_table(report))
+    resolution = resolution_line(report.resolution)
+    if resolution:
+        console.print(resolution, style="dim", highlight=False)
     for phase in report.phases:
         console.print(_layer_summary(phase, full=layers))
+        for line in not_read_lines(phase):
+            console.print(f"  {line}", style="yellow", highlight=False)
         if layers:
             console.print(_layer_detail(phase))
+        for warning in phase.warnings:
+            console.print(f"[yellow]phase {phase.index + 1} {phase.name}: warning:[/] {warning}", highlight=False)
     for phase in report.phases:
         console.print(_sample_panel(phase))
     console.print(_thresholds_line(report))
@@ -76,14 +83,9 @@ def _layer_summary(phase: PhaseResult, full: bool):
     if not phase.layers:
         return Text(f"{title}: per-module figures not measured", style="dim")
     wrong = wrong_layers(phase)
-    if not wrong and not full:
-        worst = max(layer.divergence for layer in phase.layers)
-        scales = [layer.effective_scale for layer in phase.layers]
-        return Text(
-            f"{title}: all {len(phase.layers)} LoRA modules hold W0 + ΔW "
-            f"(α {min(scales):.3f}–{max(scales):.3f}, max divergence {worst:.1e})",
-            style="green",
-        )
+    line = modules_line(phase)
+    if line and not full:
+        return Text(f"{title}: {line}", style="green")
     kinds, rows = layer_grid(phase.layers)
     table = Table(title=f"{title}: effective LoRA scale per module ({len(wrong)}/{len(phase.layers)} wrong)", title_justify="left")
     table.add_column("layer", justify="right")
@@ -95,22 +97,29 @@ def _layer_summary(phase: PhaseResult, full: bool):
             layer = row.get(kind)
             cells.append(Text(f"{layer.effective_scale:.3f}", style=_style(layer.verdict)) if layer else Text("—", style="dim"))
         table.add_row(label, *cells)
-    return table
+    return Group(table, Text(f"{title}: the engine's two parts, {parts_summary(phase)} (base 1 = merged, slot 1 = adapter loaded)"))
 
 
 def _layer_detail(phase: PhaseResult) -> Table:
     table = Table(title=f"phase {phase.index + 1} {phase.name}: per module", title_justify="left")
-    for column in ("module", "α", "residual", "divergence", "verdict"):
+    for column in ("module", "base", "slot", "α", "residual", "divergence", "ΔW/W0", "verdict"):
         table.add_column(column, justify="left" if column in ("module", "verdict") else "right", no_wrap=True)
     for layer in phase.layers:
         table.add_row(
             layer.module,
+            _figure(layer.base_part, ".4f"),
+            _figure(layer.slot_part, ".4f"),
             f"{layer.effective_scale:.4f}",
             f"{layer.residual:.2e}",
             f"{layer.divergence:.2e}",
+            _figure(layer.delta_ratio, ".1e"),
             Text(layer.verdict, style=_style(layer.verdict)),
         )
     return table
+
+
+def _figure(value: float | None, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
 
 
 def _sample_panel(phase: PhaseResult) -> Panel:
