@@ -47,6 +47,8 @@ class PhaseResult:
     kl_previous: float | None = None
     # Wall seconds per step of the measurement (engine requests, scale fit, per-layer read).
     seconds: dict[str, float] = field(default_factory=dict)
+    # What the engine did not allow measuring (e.g. "layers"), and why.
+    not_measured: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
