@@ -26,8 +26,6 @@ from ..callback import LoraDoctorCallback
 
 CALLBACK_NAME = "lora_doctor"
 PLUGIN = Path(__file__).resolve().parent / "swift_plugin" / "lora_doctor_swift.py"
-# The engine arguments the probe needs, for `--vllm_engine_kwargs`.
-ENGINE_KWARGS = '{"max_logprobs": -1, "worker_extension_cls": "lora_doctor.worker.LoraDoctorWorker"}'
 # Options without a command-line flag of their own (ms-swift parses its flags strictly).
 PROMPTS_ENV = "LORA_DOCTOR_PROMPTS"
 EVERY_ENV = "LORA_DOCTOR_EVERY_N_STEPS"
@@ -71,11 +69,6 @@ class SwiftProbe(LoraDoctorCallback):
         if self.results_path and len(self.results) > probes:
             Path(self.results_path).write_text(json.dumps([asdict(result) for result in self.results]))
         return control
-
-
-def command_line_option() -> str:
-    """What to add to `swift rlhf` to switch the probe on (with the engine built as ENGINE_KWARGS says)."""
-    return f"--external_plugins {PLUGIN}"
 
 
 if __name__ == "__main__":
