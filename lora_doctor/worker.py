@@ -51,10 +51,10 @@ class LoraDoctorWorker:
             "rank": get_tensor_model_parallel_rank(),
             "world_size": get_tensor_model_parallel_world_size(),
             "lora_enabled": manager is not None,
-            "modules": {name: type(layer).__name__ for name, layer in manager.modules.items()} if manager else {},
+            "modules": {name: type(layer).__name__ for name, layer in manager.modules.items()} if manager is not None else {},
             "packed_modules_mapping": {k: list(v) for k, v in _packed_mapping(model).items()},
-            "slots": list(manager.lora_index_to_id) if manager else [],
-            "registered_adapters": sorted(manager.list_adapters()) if manager else [],
+            "slots": list(manager.lora_index_to_id) if manager is not None else [],
+            "registered_adapters": sorted(manager.list_adapters()) if manager is not None else [],
         }
 
     def lora_doctor_layer_stats(
