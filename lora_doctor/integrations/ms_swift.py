@@ -23,6 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..callback import LoraDoctorCallback
+from ..errors import BadInput
 
 CALLBACK_NAME = "lora_doctor"
 PLUGIN = Path(__file__).resolve().parent / "swift_plugin" / "lora_doctor_swift.py"
@@ -47,11 +48,13 @@ def loaded_lora_request(engine):
 class SwiftProbe(LoraDoctorCallback):
     """The callback ms-swift instantiates from its `callbacks_map`.
 
-    ms-swift 4.0.0–4.0.1 call it with the trainer, 4.0.2 and later with (args, trainer).
+    ms-swift 4.0.1 calls it with the trainer, 4.0.2 with (args, trainer).
     """
 
     def __init__(self, *args):
         trainer = args[-1]
+        if not getattr(trainer.args, "use_vllm", False) or trainer.args.vllm_mode != "colocate":
+            raise BadInput("lora-doctor's ms-swift probe needs --use_vllm true --vllm_mode colocate: it reads the trainer's own engine")
         sync_every = trainer.args.steps_per_generation * getattr(trainer, "num_iterations", 1)
         every = int(os.environ.get(EVERY_ENV, sync_every))
         super().__init__(
