@@ -2,27 +2,30 @@
 
 from __future__ import annotations
 
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
 from .live import probe
 from .result import PhaseResult
 
 
 class LoraDoctorCallback(TrainerCallback):
-    """Every `every_n_steps` optimizer steps, measure the rollout engine against the policy.
+    """At the first optimizer step and every `every_n_steps` after, measure the rollout engine against the policy.
 
     It runs just before the optimizer step (`on_pre_optimizer_step`): rollouts for this step were
     generated after the trainer's sync, and the policy has not moved yet, so engine and model
-    should agree. Figures go to the trainer's log history (`lora_doctor/kl_mean`,
-    `lora_doctor/effective_scale`, `lora_doctor/ok`); with `stop_on_failure` a failed verdict stops
-    training.
+    should agree. The figures (`lora_doctor/kl_mean`, `lora_doctor/effective_scale`,
+    `lora_doctor/ok`, ...) go through the trainer's logging at the end of the step, so its log
+    history and every configured logger (W&B, TensorBoard, ...) get them; with `stop_on_failure` a
+    failed verdict stops training after that step.
 
     `llm` and `lora_request` may be callables, read at every probe: trainers build their engine
-    lazily and make a new LoRA request at every sync.
+    lazily and make a new LoRA request at every sync. `lora_doctor.integrations` has ready-made
+    ones for TRL and ms-swift.
     """
 
     def __init__(
         self,
+        trainer,
         llm,
         *,
         lora_request=None,
@@ -32,7 +35,9 @@ class LoraDoctorCallback(TrainerCallback):
         base_dir=None,
         stop_on_failure: bool = True,
         max_new_tokens: int = 16,
+        layers: bool = True,
     ):
+        self.trainer = trainer
         self.llm = llm
         self.lora_request = lora_request
         self.every_n_steps = every_n_steps
@@ -41,11 +46,14 @@ class LoraDoctorCallback(TrainerCallback):
         self.base_dir = base_dir
         self.stop_on_failure = stop_on_failure
         self.max_new_tokens = max_new_tokens
+        self.layers = layers
         self.results: list[PhaseResult] = []
+        self._unlogged: dict[str, float] | None = None
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         step = state.global_step + 1  # the step this optimizer update completes
-        if model is None or step % self.every_n_steps:
+        # Step 1, 1 + n, 1 + 2n, ...: the steps whose rollouts follow a sync when a trainer syncs every n steps.
+        if model is None or (step - 1) % self.every_n_steps:
             return control
         result = probe(
             _read(self.llm),
@@ -55,21 +63,36 @@ class LoraDoctorCallback(TrainerCallback):
             tokenizer=self.tokenizer,
             base_dir=self.base_dir,
             max_new_tokens=self.max_new_tokens,
+            layers=self.layers,
             name=f"step-{step}",
         )
         self.results.append(result)
-        state.log_history.append(
-            {
-                "step": step,
-                "lora_doctor/kl_mean": result.kl_mean,
-                "lora_doctor/effective_scale": result.effective_scale,
-                "lora_doctor/ok": float(result.ok),
-                "lora_doctor/verdict": result.verdict,
-            }
-        )
+        self._unlogged = figures(result)
         if self.stop_on_failure and not result.ok:
             control.should_training_stop = True
         return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._unlogged is not None:
+            # transformers' own `Trainer.log`: the log history plus every logger's `on_log`. Called
+            # on the base class because trainers' overrides (TRL's, ms-swift's) flush their
+            # accumulated step metrics into whatever is logged.
+            Trainer.log(self.trainer, self._unlogged)
+            self._unlogged = None
+        return control
+
+
+def figures(result: PhaseResult) -> dict[str, float]:
+    """What a probe logs: numbers only (TensorBoard drops strings); the verdict is `results[i].verdict`."""
+    return {
+        "lora_doctor/ok": float(result.ok),
+        "lora_doctor/effective_scale": result.effective_scale,
+        "lora_doctor/kl_mean": result.kl_mean,
+        "lora_doctor/kl_max": result.kl_max,
+        "lora_doctor/top1_agreement": result.top1_agreement,
+        "lora_doctor/greedy_match": result.greedy_match,
+        "lora_doctor/layers_measured": float("layers" not in result.not_measured),
+    }
 
 
 def _read(value):

@@ -74,6 +74,7 @@ class Engine:
         _prepare_environment(config)
         vllm = import_vllm()
         self._adapter_ids = 0
+        self._request_ids = 0
         self._owned = True
         try:
             self.llm = vllm.LLM(
@@ -99,19 +100,38 @@ class Engine:
 
     @classmethod
     def attach(cls, llm) -> Engine:
-        """Wrap an engine the caller already has (inside a trainer); `close` leaves it running."""
+        """Wrap an engine the caller already has (inside a trainer); `close` leaves it running.
+
+        `llm` is a `vllm.LLM` (TRL) or the `vllm.LLMEngine` it wraps (ms-swift's colocated engine),
+        built with or without LoRA and with or without lora-doctor's worker extension.
+        """
         engine = cls.__new__(cls)
         engine.llm = llm
         engine._adapter_ids = 0
         engine._owned = False
-        engine._batch_prompt_logprobs = engine._can_batch_prompt_logprobs()
-        max_logprobs = llm.llm_engine.model_config.max_logprobs
+        engine._request_ids = 0
+        max_logprobs = engine.core.model_config.max_logprobs
         if max_logprobs != -1 and max_logprobs < engine.vocab_size:
             raise BadInput(
                 f"the engine was built with max_logprobs={max_logprobs}; lora-doctor compares full-vocabulary "
-                "log-probs: build it with LLM(..., max_logprobs=-1)"
+                "log-probs: build it with max_logprobs=-1 (see the README's trainer recipes)"
             )
+        engine._batch_prompt_logprobs = engine._can_batch_prompt_logprobs()
         return engine
+
+    @property
+    def core(self):
+        """The `vllm.LLMEngine` (V1) behind the handle: a `vllm.LLM` keeps one in `llm_engine`."""
+        return getattr(self.llm, "llm_engine", self.llm)
+
+    @property
+    def lora_enabled(self) -> bool:
+        """Whether the engine was built with `enable_lora` (it has LoRA slots to read)."""
+        return self.core.vllm_config.lora_config is not None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.core.model_config.dtype
 
     def _can_batch_prompt_logprobs(self) -> bool:
         """Whether several prompts' log-probs may share one request batch.
@@ -128,7 +148,7 @@ class Engine:
     @property
     def has_worker_extension(self) -> bool:
         """Whether the engine can report what it holds per module (built with lora-doctor's extension)."""
-        config = self.llm.llm_engine.vllm_config.parallel_config
+        config = self.core.vllm_config.parallel_config
         return getattr(config, "worker_extension_cls", "") == WORKER_EXTENSION
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -146,7 +166,7 @@ class Engine:
         self._adapter_ids = max(self._adapter_ids, int_id)
         request = LoRARequest(f"lora-doctor-{int_id}", int_id, str(path), load_inplace=load_inplace)
         try:
-            self.llm.llm_engine.add_lora(request)
+            self.core.add_lora(request)
         except Exception as error:  # vLLM raises ValueError / RuntimeError subclasses of its own
             raise BadInput(f"the engine refused the adapter {path}: {one_line(error)} (see 'lora-doctor inspect')") from None
         return request
@@ -194,18 +214,36 @@ class Engine:
 
     @property
     def vocab_size(self) -> int:
-        return self.llm.llm_engine.model_config.get_vocab_size()
+        return self.core.model_config.get_vocab_size()
 
     def _generate(self, prompts: list[list[int]], params, lora_request):
         from vllm.inputs import TokensPrompt
 
         requests = [TokensPrompt(prompt_token_ids=ids) for ids in prompts]
+        if self.core is self.llm:
+            return self._generate_on_core(requests, params, lora_request)
         return self.llm.generate(requests, params, lora_request=lora_request, use_tqdm=False)
+
+    def _generate_on_core(self, requests, params, lora_request):
+        """What `vllm.LLM.generate` does, on a bare `LLMEngine`: queue the requests, step until they finish."""
+        order = {}
+        for position, request in enumerate(requests):
+            self._request_ids += 1
+            external = f"lora-doctor-{self._request_ids}"
+            internal = self.core.add_request(external, request, params, lora_request=lora_request)
+            # Outputs carry the id the caller gave; vLLM adds a random suffix inside the engine.
+            order[external] = order[internal] = position
+        finished = {}
+        while len(finished) < len(requests):
+            for output in self.core.step():
+                if output.finished and output.request_id in order:
+                    finished[order[output.request_id]] = output
+        return [finished[position] for position in range(len(requests))]
 
     def close(self) -> None:
         engine = getattr(self, "llm", None)
         if engine is not None and self._owned:
-            shutdown = getattr(engine.llm_engine, "engine_core", None)
+            shutdown = getattr(self.core, "engine_core", None)
             if shutdown is not None and hasattr(shutdown, "shutdown"):
                 shutdown.shutdown()
             del self.llm

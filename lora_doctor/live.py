@@ -5,10 +5,12 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import torch
+
 from .check import DEFAULT_PLAN, _Measurer, check
 from .checkpoint import Checkpoint, spec_from_config
-from .engine import Engine
-from .errors import ProblemDetected
+from .engine import WORKER_EXTENSION, Engine
+from .errors import BadInput, ProblemDetected
 from .prompts import load_prompts
 from .reference import Reference
 from .result import PhaseResult, Report
@@ -41,16 +43,19 @@ def probe(
     layers: bool = True,
     name: str = "probe",
 ) -> PhaseResult:
-    """Measure an existing `vllm.LLM` against an existing PEFT model, touching neither's weights.
+    """Measure a trainer's engine against its PEFT policy, touching neither's weights.
 
-    `lora_request` is what the trainer passes to `generate` (None when it generates from merged
-    weights). Per-module figures need the engine built with
-    `worker_extension_cls="lora_doctor.worker.LoraDoctorWorker"` and the base model in a local folder
-    (`base_dir`, default: the adapter config's `base_model_name_or_path`); without them only the
-    logit figures are measured. The engine must be built with `max_logprobs=-1`.
+    `llm` is a `vllm.LLM` or a `vllm.LLMEngine`, with or without LoRA enabled, with or without
+    lora-doctor's worker extension; it must be built with `max_logprobs=-1`. `lora_request` is what
+    the trainer passes to `generate` (None when it generates from merged weights). The logit figures
+    are always measured; the per-module figures when the engine allows them (LoRA enabled, the
+    worker extension, the base model in a local folder: `base_dir`, default the folder the policy's
+    base was loaded from). What was not measured, and why, is in the result's `not_measured`.
     """
     engine = Engine.attach(llm)
-    tokenizer = tokenizer or llm.get_tokenizer()
+    if lora_request is not None and not engine.lora_enabled:
+        raise BadInput("a lora_request was given but the engine was built without enable_lora: it cannot serve an adapter")
+    tokenizer = tokenizer or engine.core.get_tokenizer()
     texts = list(prompts) if isinstance(prompts, list) else load_prompts(prompts)
     token_ids = [tokenizer(text).input_ids for text in texts]
     was_training = model.training
@@ -59,13 +64,36 @@ def probe(
         with tempfile.TemporaryDirectory(prefix="lora-doctor-probe-") as tmp:
             checkpoint = _snapshot(model, Path(tmp), base_dir)
             reference = Reference.from_peft_model(model, checkpoint)
-            measure_layers = layers and engine.has_worker_extension and (checkpoint.base_dir / "config.json").is_file()
-            # The engine's rounding sets the noise, not the policy's: a float32 policy may feed a bf16 engine.
-            limits = thresholds or Thresholds.for_dtype(_dtype_name(llm.llm_engine.model_config.dtype))
-            measurer = _Measurer(reference, None, tokenizer, texts, token_ids, max_new_tokens, limits, measure_layers)
-            return measurer(engine, 0, name, lora_request, lambda _message: None)
+            skipped = _unmeasured_layers(engine, checkpoint, layers)
+            limits = thresholds or Thresholds.for_dtype(_least_precise(reference.dtype, engine.dtype))
+            measurer = _Measurer(reference, None, tokenizer, texts, token_ids, max_new_tokens, limits, not skipped)
+            result = measurer(engine, 0, name, lora_request, lambda _message: None)
+            result.not_measured.update(skipped)
+            return result
     finally:
         model.train(was_training)
+
+
+def _unmeasured_layers(engine: Engine, checkpoint: Checkpoint, wanted: bool) -> dict[str, str]:
+    """Why the per-module figures cannot be read from this engine (empty: they can)."""
+    if not wanted:
+        return {"layers": "per-module figures were not asked for (layers=False)"}
+    if not engine.has_worker_extension:
+        return {"layers": f"the engine was built without worker_extension_cls={WORKER_EXTENSION!r}"}
+    if not engine.lora_enabled:
+        return {
+            "layers": "the engine was built without enable_lora (it serves merged weights): lora-doctor reads "
+            "per-module weights from LoRA-wrapped layers only; the logit figures cover the merged sync"
+        }
+    if not (checkpoint.base_dir / "config.json").is_file():
+        return {"layers": f"the base model is not in a local folder ({checkpoint.base_dir}); pass base_dir="}
+    return {}
+
+
+def _least_precise(*dtypes: torch.dtype) -> str:
+    """The dtype whose thresholds apply when reference and engine compute in different precisions."""
+    names = [str(dtype).removeprefix("torch.") for dtype in dtypes]
+    return next((name for name in names if name != "float32"), "float32")
 
 
 def _snapshot(model, folder: Path, base_dir: str | Path | None) -> Checkpoint:
@@ -84,7 +112,3 @@ def _snapshot(model, folder: Path, base_dir: str | Path | None) -> Checkpoint:
         spec=spec_from_config(config.to_dict(), adapter_dir),
         module_names=[],
     )
-
-
-def _dtype_name(dtype) -> str:
-    return str(dtype).removeprefix("torch.")

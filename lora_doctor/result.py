@@ -74,6 +74,8 @@ class PhaseResult:
     warnings: list[str] = field(default_factory=list)
     # LoRA-targeted modules the per-module read has no figures for, each {"module", "reason"}.
     modules_not_read: list[dict] = field(default_factory=list)
+    # What the engine did not allow measuring (e.g. "layers"), and why.
+    not_measured: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:

@@ -40,16 +40,21 @@ class LoraDoctorWorker:
 
     def lora_doctor_modules(self) -> dict:
         """This rank's LoRA-wrapped modules (name → layer class), the model's packed mapping,
-        the adapter id in each LoRA slot (None: free) and the ids of all registered adapters."""
+        the adapter id in each LoRA slot (None: free) and the ids of all registered adapters.
+
+        An engine built without `enable_lora` (TRL's colocated engine: it syncs merged weights) has
+        no LoRA manager: no wrapped modules, no slots, `lora_enabled` False.
+        """
         model = self.model_runner.get_model()
-        manager = model.lora_manager
+        manager = getattr(model, "lora_manager", None)
         return {
             "rank": get_tensor_model_parallel_rank(),
             "world_size": get_tensor_model_parallel_world_size(),
-            "modules": {name: type(layer).__name__ for name, layer in manager.modules.items()},
+            "lora_enabled": manager is not None,
+            "modules": {name: type(layer).__name__ for name, layer in manager.modules.items()} if manager is not None else {},
             "packed_modules_mapping": {k: list(v) for k, v in _packed_mapping(model).items()},
-            "slots": list(manager.lora_index_to_id),
-            "registered_adapters": sorted(manager.list_adapters()),
+            "slots": list(manager.lora_index_to_id) if manager is not None else [],
+            "registered_adapters": sorted(manager.list_adapters()) if manager is not None else [],
         }
 
     def lora_doctor_layer_stats(

