@@ -93,7 +93,8 @@ class Checker:
         self.thresholds = thresholds or Thresholds.for_dtype(dtype)
         # Before anything loads: a prompt the model cannot hold is the user's to shorten (exit 2).
         tokenizer = _tokenizer(self.checkpoint)
-        token_ids = [tokenizer(text).input_ids for text in texts]
+        # verbose=False: a prompt over the tokenizer's own limit is reported below, in one line.
+        token_ids = [tokenizer(text, verbose=False).input_ids for text in texts]
         position_limit = _position_limit(self.checkpoint, token_ids, max_new_tokens)
 
         self.seconds: dict[str, float] = {}
