@@ -39,8 +39,7 @@ def kl_per_token(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
     dtype = _working_dtype(p_log)
     out = torch.empty(p_log.shape[0], dtype=torch.float64)
     for rows in _row_blocks(*p_log.shape):
-        p, diff = _probs_and_diff(p_log[rows].to(dtype), q_log[rows].to(dtype))
-        out[rows] = torch.linalg.vecdot(p, diff).double()
+        out[rows] = _kl_terms(p_log[rows].to(dtype), q_log[rows].to(dtype))[2].double()
     return out.clamp_min(0.0)
 
 
@@ -48,10 +47,17 @@ def _working_dtype(table: torch.Tensor) -> torch.dtype:
     return torch.float64 if table.dtype == torch.float64 else torch.float32
 
 
-def _probs_and_diff(p_log: torch.Tensor, q_log: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _kl_terms(p_log: torch.Tensor, q_log: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """p, log p − log q and the per-row KL(p ‖ q). Entries where p is 0 contribute nothing; they
+    can only make a row NaN (0·−∞), so only such rows are masked, after the fact."""
     p = p_log.exp()
-    diff = torch.where(p > 0, p_log - q_log, 0.0)
-    return p, diff
+    diff = p_log - q_log
+    kl = torch.linalg.vecdot(p, diff)
+    rows = kl.isnan().nonzero().flatten()
+    if len(rows):
+        diff[rows] = torch.where(p[rows] > 0, diff[rows], 0.0)
+        kl[rows] = torch.linalg.vecdot(p[rows], diff[rows])
+    return p, diff, kl
 
 
 def compare_logprobs(reference: list[torch.Tensor], engine: list[torch.Tensor]) -> LogitComparison:
@@ -117,8 +123,8 @@ class NodeTally:
         dtype = _working_dtype(engine)
         per_token = torch.empty(engine.shape[0], dtype=torch.float64)
         for rows in _row_blocks(*engine.shape):
-            p, diff = _probs_and_diff(own[rows].to(dtype), engine[rows].to(dtype))
-            kl = torch.linalg.vecdot(p, diff).double()
+            p, diff, kl = _kl_terms(own[rows].to(dtype), engine[rows].to(dtype))
+            kl = kl.double()
             d = slope[rows].to(dtype)
             weighted = p * d
             mean = weighted.sum(-1).double()
@@ -142,7 +148,9 @@ NODE_SLOPES = {0.0: (-1.5, 2.0, -0.5), 1.0: (-0.5, 0.0, 0.5), 2.0: (0.5, -2.0, 1
 
 def node_slope(alpha: float, tables: list[torch.Tensor]) -> torch.Tensor:
     """∂ℓ/∂α at node `alpha` from the reference's tables at α = 0, 1, 2."""
-    return sum(w * t for w, t in zip(NODE_SLOPES[alpha], tables, strict=True) if w)
+    (w0, w1, w2), (t0, t1, t2) = NODE_SLOPES[alpha], tables
+    slope = t0.mul(w0).add_(t2, alpha=w2)
+    return slope.add_(t1, alpha=w1) if w1 else slope
 
 
 @dataclass(frozen=True)
