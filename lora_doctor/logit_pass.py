@@ -20,9 +20,9 @@ import torch
 from .metrics import NODE_SLOPES, SLOPE_STEP, LogitComparison, Node, NodeTally, ScaleFit, TokenTally, fit_scale, kl_per_token, node_slope
 from .reference import PREVIOUS_ADAPTER
 
-# Prompt positions per chunk. The peak holds about six (chunk × vocab) float32 tables (the engine's,
-# the reference's at three scales, their logits and one forward's temporaries): 1.9 GB at 512
-# positions and a 151,936-token vocabulary; small vocabularies fit every prompt in one chunk.
+# Prompt positions per chunk. A phase's peak holds about three (chunk × vocab) float32 tables plus
+# four of the longest prompt (measured: +1.4 GB at 512 positions, a 151,936-token vocabulary and
+# ~200-token prompts); larger chunks save little time, small vocabularies fit every prompt in one.
 CHUNK_POSITIONS = 512
 
 
