@@ -99,7 +99,7 @@ def compare_paths(model_dir: Path, tokens: int) -> None:
         return time.perf_counter() - started, _peak_rss_gb()
 
     base = _peak_rss_gb()
-    flat = measured(lambda: [_dense_prompt_logprobs(o.prompt_logprobs, engine.vocab_size) for o in engine._prompt_requests([ids], -1, None)])
+    flat = measured(lambda: [_dense_prompt_logprobs(o.prompt_logprobs, engine.vocab_size) for o in engine._prompt_requests([ids], -1, None, batch=False)])
     worker = measured(lambda: engine.prompt_logprobs([ids]))
     engine.close()
     print(f"one prompt of {len(ids)} tokens, {QWEN2_VOCAB:,}-token vocabulary (RSS before: {base:.2f} GB)")

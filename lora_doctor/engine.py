@@ -155,22 +155,29 @@ class Engine:
         into one tensor per prompt, which costs ~130 bytes per entry while they exist. Callers pass
         a chunk of their prompts at a time.
         """
-        if self.has_worker_extension and all(self.rpc("lora_doctor_capture_start")):
-            try:
-                outputs = self._prompt_requests(prompts, 0, lora_request)
-            finally:
-                captured = self.rpc("lora_doctor_capture_stop")[0]
-            tables = _captured_tables(captured, prompts, outputs, self.vocab_size)
-            if tables is not None:
-                return tables
-        outputs = self._prompt_requests(prompts, -1, lora_request)
+        if self.has_worker_extension:
+            # Batched when the engine allows it; one prompt per request if a batch's chunks did not line up.
+            for batch in dict.fromkeys((self._batch_prompt_logprobs, False)):
+                tables = self._captured_prompt_logprobs(prompts, lora_request, batch)
+                if tables is not None:
+                    return tables
+        outputs = self._prompt_requests(prompts, -1, lora_request, self._batch_prompt_logprobs)
         return [_dense_prompt_logprobs(o.prompt_logprobs, self.vocab_size) for o in outputs]
 
-    def _prompt_requests(self, prompts: list[list[int]], prompt_logprobs: int, lora_request) -> list:
+    def _captured_prompt_logprobs(self, prompts: list[list[int]], lora_request, batch: bool) -> list[torch.Tensor] | None:
+        if not all(self.rpc("lora_doctor_capture_start")):
+            return None
+        try:
+            outputs = self._prompt_requests(prompts, 0, lora_request, batch)
+        finally:
+            captured = self.rpc("lora_doctor_capture_stop")[0]
+        return _captured_tables(captured, prompts, outputs, self.vocab_size)
+
+    def _prompt_requests(self, prompts: list[list[int]], prompt_logprobs: int, lora_request, batch: bool) -> list:
         from vllm import SamplingParams
 
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=prompt_logprobs, flat_logprobs=True, detokenize=False)
-        if self._batch_prompt_logprobs:
+        if batch:
             return self._generate(prompts, params, lora_request)
         return [output for ids in prompts for output in self._generate([ids], params, lora_request)]
 

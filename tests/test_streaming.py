@@ -51,7 +51,7 @@ def test_worker_side_tables_equal_vllms_own_full_vocabulary_output(checker, adap
     request = synced(checker, 1.0, adapter=adapter)
     prompts = checker.measurer.token_ids
     captured = checker.engine.prompt_logprobs(prompts, request)
-    outputs = checker.engine._prompt_requests(prompts, -1, request)
+    outputs = checker.engine._prompt_requests(prompts, -1, request, batch=True)
     own = [_dense_prompt_logprobs(o.prompt_logprobs, checker.engine.vocab_size) for o in outputs]
     assert [t.shape for t in captured] == [(len(ids) - 1, checker.engine.vocab_size) for ids in prompts]
     for mine, theirs in zip(captured, own, strict=True):
@@ -120,3 +120,36 @@ def test_prompt_longer_than_the_model_is_refused_before_anything_loads(tmp_path)
     assert len(lines) == 1 and "prompt 1 has" in lines[0] and "shorten it" in lines[0]
     assert "loading the reference" not in run.stderr
     assert not report.exists()
+
+
+def _vllm_output(ids, table):
+    """A request output as vLLM builds it with prompt_logprobs=0: each prompt token's own log-prob."""
+    from types import SimpleNamespace
+
+    from vllm.logprobs import FlatLogprobs, Logprob
+
+    flat = FlatLogprobs()
+    flat.append(None)
+    for row, token in enumerate(ids[1:]):
+        flat.append({token: Logprob(float(table[row, token]), rank=1)})
+    return SimpleNamespace(prompt_logprobs=flat)
+
+
+def test_captured_chunks_are_split_per_prompt_and_checked_against_vllms_own_values():
+    from lora_doctor.engine import _captured_tables
+
+    torch.manual_seed(0)
+    prompts = [[5, 1, 2, 3, 4], [6, 7, 8]]
+    tables = [torch.log_softmax(torch.randn(len(ids) - 1, 10), -1) for ids in prompts]
+    outputs = [_vllm_output(ids, table) for ids, table in zip(prompts, tables, strict=True)]
+    targets = [torch.tensor(ids[1:]) for ids in prompts]
+    # The first prompt prefilled in two chunks, then the second: reassembled per prompt.
+    captured = [(targets[0][:3], tables[0][:3]), (targets[0][3:], tables[0][3:]), (targets[1], tables[1])]
+    assembled = _captured_tables(captured, prompts, outputs, 10)
+    assert all(torch.equal(a, b) for a, b in zip(assembled, tables, strict=True))
+    # Out of order, a chunk missing, a chunk too many, or rows that are not the engine's own: None.
+    assert _captured_tables(captured[::-1], prompts, outputs, 10) is None
+    assert _captured_tables(captured[:2], prompts, outputs, 10) is None
+    assert _captured_tables(captured + captured[-1:], prompts, outputs, 10) is None
+    shifted = [(t, x + 1e-3) for t, x in captured]
+    assert _captured_tables(shifted, prompts, outputs, 10) is None
