@@ -9,6 +9,7 @@ another α reads them back, one chunk at a time, instead of asking the engine ag
 
 from __future__ import annotations
 
+import copy
 import math
 import tempfile
 import time
@@ -24,6 +25,10 @@ from .reference import PREVIOUS_ADAPTER
 # four of the longest prompt (measured: +1.4 GB at 512 positions, a 151,936-token vocabulary and
 # ~200-token prompts); larger chunks save little time, small vocabularies fit every prompt in one.
 CHUNK_POSITIONS = 512
+# Positions the fit's Gauss-Newton steps look at (the first prompts, whole): when the engine is the
+# reference at some α every token has its minimum there, so a sample finds it; the α they end at is
+# then evaluated over every prompt. Keeps the fit a small part of a phase with many prompts.
+FIT_SAMPLE_POSITIONS = 512
 
 
 @dataclass
@@ -77,6 +82,8 @@ def measure_logits(
     chunks = [[token_ids[i] for i in chunk] for chunk in prompt_chunks(token_ids, chunk_positions)]
     tokens = TokenTally()
     nodes = {alpha: NodeTally() for alpha in NODE_SLOPES}
+    sample: dict[float, NodeTally] | None = None  # the nodes over the fit's sample: the first prompts
+    sample_count = len(token_ids)
     reference_kl = {0.0: 0.0, 2.0: 0.0}
     previous_kl = []
     with _EngineTables(spill=len(chunks) > 1) as stored:
@@ -96,6 +103,9 @@ def measure_logits(
                         tokens.add(own, table, kl)
                 for alpha in reference_kl:
                     reference_kl[alpha] += float(kl_per_token(tables[1], tables[int(alpha)]).sum())
+                if sample is None and nodes[1.0].tokens >= FIT_SAMPLE_POSITIONS:
+                    sample = {alpha: copy.copy(tally) for alpha, tally in nodes.items()}
+                    sample_count = tokens.prompts
             del at, tables
             if previous:
                 previous_tables = reference.prompt_logprobs(ids, 1.0, PREVIOUS_ADAPTER)
@@ -104,19 +114,35 @@ def measure_logits(
             del engine_tables
             seconds["reference"] += time.perf_counter() - started
 
-        def measure(alpha: float, with_slope: bool = True) -> Node:
-            """The objective at a new α: one more pass over the prompts, the engine's tables read back."""
-            tally = NodeTally()
+        sample = sample or nodes
+
+        def measure(alpha: float) -> Node:
+            """The objective and its slope at a new α over the sample: the engine's tables read back."""
+            tally, left = NodeTally(), sample_count
             for ids, engine_tables in zip(chunks, stored, strict=True):
+                if left <= 0:
+                    break
+                ids, left = ids[:left], left - len(ids)
                 own = reference.prompt_logprobs(ids, alpha)
-                ahead = reference.prompt_logprobs(ids, alpha + SLOPE_STEP) if with_slope else own
-                for table, at_alpha, at_ahead in zip(engine_tables, own, ahead, strict=True):
+                ahead = reference.prompt_logprobs(ids, alpha + SLOPE_STEP)
+                for table, at_alpha, at_ahead in zip(engine_tables[: len(ids)], own, ahead, strict=True):
                     tally.add(table, at_alpha, (at_ahead - at_alpha) / SLOPE_STEP)
             return tally.node()
 
+        def kl_at(alpha: float) -> float:
+            """The objective at a new α over every prompt."""
+            total, count = 0.0, 0
+            for ids, engine_tables in zip(chunks, stored, strict=True):
+                for table, own in zip(engine_tables, reference.prompt_logprobs(ids, alpha), strict=True):
+                    kl = kl_per_token(own, table)
+                    total, count = total + float(kl.sum()), count + len(kl)
+            return total / max(count, 1)
+
         started = time.perf_counter()
         node_figures = {alpha: tally.node() for alpha, tally in nodes.items()}
-        fit = fit_scale(measure, lambda alpha: measure(alpha, with_slope=False).kl, *scale_range, nodes=node_figures)
+        sample_figures = {alpha: tally.node() for alpha, tally in sample.items()}
+        kl_nodes = {alpha: node.kl for alpha, node in node_figures.items()}
+        fit = fit_scale(measure, kl_at, *scale_range, nodes=sample_figures, kl_nodes=kl_nodes)
         seconds["scale_fit"] = time.perf_counter() - started
     count = max(nodes[1.0].tokens, 1)
     kl_previous = float(torch.cat(previous_kl).mean()) if previous_kl else None

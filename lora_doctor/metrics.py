@@ -84,6 +84,10 @@ class TokenTally:
         self.kl.append((kl_per_token(reference, engine) if kl is None else kl).tolist())
         self.agree += int((reference.argmax(-1) == engine.argmax(-1)).sum())
 
+    @property
+    def prompts(self) -> int:
+        return len(self.kl)
+
     def comparison(self) -> LogitComparison:
         tokens = [k for row in self.kl for k in row]
         return LogitComparison(
@@ -169,8 +173,8 @@ class ScaleFit:
 # The fit stops when a step moves α by less than this: half the ±0.01 the scale is reported to.
 SCALE_TOLERANCE = 5e-3
 # Gauss-Newton steps the fit may take after the nodes α ∈ {0, 1, 2}; each costs two reference
-# forwards (α and α + SLOPE_STEP), and one more checks where the last step lands: 3 + 2·2 + 1 = 8
-# reference forwards per phase at most.
+# forwards (α and α + SLOPE_STEP), on a sample of the prompts, and one more over every prompt checks
+# where the steps end: 3 + 2·2 + 1 = 8 reference forwards per phase at most.
 FIT_STEPS = 2
 # α step of the forward difference that gives ∂ℓ/∂α away from the nodes: small against the
 # curvature of ℓ in α, large against float32 rounding of log-probs (~1e-6).
@@ -183,53 +187,50 @@ def fit_scale(
     low: float,
     high: float,
     nodes: dict[float, Node],
+    kl_nodes: dict[float, float] | None = None,
     steps: int = FIT_STEPS,
     tolerance: float = SCALE_TOLERANCE,
 ) -> ScaleFit:
     """Minimise the mean KL(reference@α ‖ engine) over α ∈ [low, high].
 
-    `nodes` are the objective already measured at α = 0, 1, 2 (slopes from the parabola through
-    the three tables); `measure(α)` gives it at a new α with an exact slope, `kl_at(α)` the value
-    alone. From the best node a Gauss-Newton step (−slope / curvature) says whether the minimum is
-    the node itself — the usual ok / double counted / missing phases, no further call — and where
-    it is otherwise; past the outer nodes, where the parabola's slope is an extrapolation, the
-    first step is at least one node spacing. Then Gauss-Newton steps on exact slopes, a worse
-    point halving the step back, and the last predicted α is evaluated.
+    `nodes` are the objective at α = 0, 1, 2 (slopes from the parabola through the three tables)
+    and `measure(α)` the objective at a new α with an exact slope, both possibly on a sample of the
+    tokens; `kl_nodes` and `kl_at(α)` are the objective over every token (default: the nodes' own).
+    From the best node a Gauss-Newton step (−slope / curvature) says whether the minimum is the
+    node itself — the usual ok / double counted / missing phases, no further call — and where it
+    is otherwise; past the outer nodes, where the parabola's slope is an extrapolation, the first
+    step is at least one node spacing. Then Gauss-Newton steps on exact slopes, a worse point
+    halving the step back; where they end is evaluated over every token, and the result is the
+    best of that point and the nodes.
     """
+    overall = dict(kl_nodes) if kl_nodes is not None else {alpha: node.kl for alpha, node in nodes.items()}
     points = {alpha: node.kl for alpha, node in nodes.items()}
     best = min(points, key=points.__getitem__)
     step = _newton_step(nodes[best])
-    if abs(step) <= tolerance:
-        return _fit_result(points, low, high, tolerance)
-    if (best == min(nodes) and step < 0) or (best == max(nodes) and step > 0):
+    if abs(step) > tolerance and ((best == min(nodes) and step < 0) or (best == max(nodes) and step > 0)):
         step = math.copysign(max(abs(step), 1.0), step)
-    for iteration in range(steps + 1):
+    for _ in range(steps if abs(step) > tolerance else 0):
         alpha = min(max(best + step, low), high)
         if min(abs(alpha - x) for x in points) < tolerance / 2:
-            break
-        if iteration == steps:
-            points[alpha] = kl_at(alpha)
             break
         node = measure(alpha)
         points[alpha] = node.kl
         if node.kl >= points[best]:
             step = (alpha - best) / 2  # worse: halfway back
             continue
-        best = alpha
-        step = _newton_step(node)
+        best, step = alpha, _newton_step(node)
         if abs(step) <= tolerance:
             break
-    return _fit_result(points, low, high, tolerance)
+    target = best if abs(step) <= tolerance else min(max(best + step, low), high)
+    if min(abs(target - x) for x in overall) >= tolerance / 2:
+        overall[target] = kl_at(target)
+    best = min(overall, key=overall.__getitem__)
+    at_edge = best <= low + tolerance or best >= high - tolerance
+    return ScaleFit(scale=float(best), kl=float(overall[best]), at_edge=at_edge)
 
 
 def _newton_step(node: Node) -> float:
     return -node.slope / node.curvature if node.curvature > 0 else 0.0
-
-
-def _fit_result(points: dict[float, float], low: float, high: float, tolerance: float) -> ScaleFit:
-    best = min(points, key=points.__getitem__)
-    at_edge = best <= low + tolerance or best >= high - tolerance
-    return ScaleFit(scale=float(best), kl=float(points[best]), at_edge=at_edge)
 
 
 def greedy_match(reference: list[list[int]], engine: list[list[int]]) -> float:

@@ -153,3 +153,19 @@ def test_captured_chunks_are_split_per_prompt_and_checked_against_vllms_own_valu
     assert _captured_tables(captured + captured[-1:], prompts, outputs, 10) is None
     shifted = [(t, x + 1e-3) for t, x in captured]
     assert _captured_tables(shifted, prompts, outputs, 10) is None
+
+
+def test_fit_steps_on_a_sample_of_the_prompts_find_the_same_scale(checker, monkeypatch):
+    import lora_doctor.logit_pass as logit_pass
+
+    request = synced(checker, 0.75)
+    whole = measure(checker, request, chunk_positions=10_000)
+    # Steps on the first prompts only (≥ 20 positions), then the end point over every prompt.
+    monkeypatch.setattr(logit_pass, "FIT_SAMPLE_POSITIONS", 20)
+    sampled = measure(checker, request, chunk_positions=10_000)
+    sampled_chunked = measure(checker, request, chunk_positions=8)
+    assert sampled.fit.scale == pytest.approx(0.75, abs=0.01)
+    assert sampled.fit.scale == pytest.approx(whole.fit.scale, abs=0.01)
+    # The sample is whole prompts in order, whatever the chunking.
+    assert sampled_chunked.fit.scale == pytest.approx(sampled.fit.scale, abs=1e-4)
+    assert sampled.kl_at == pytest.approx(whole.kl_at, **KL_TOLERANCE)
