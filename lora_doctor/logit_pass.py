@@ -37,7 +37,7 @@ class PhaseLogits:
 
     comparison: LogitComparison  # the reference at α = 1 against the engine
     fit: ScaleFit
-    # The fit objective at every α the reference was run at: mean KL(reference@α ‖ engine).
+    # The fit objective at the nodes α = 0, 1, 2: mean KL(reference@α ‖ engine) over every prompt.
     kl_at: dict[float, float]
     # Mean KL(reference@1 ‖ reference@α) for α = 0 and 2: how far the LoRA moves the logits.
     reference_kl: dict[float, float]
