@@ -13,13 +13,14 @@ from . import __version__
 from .checkpoint import Checkpoint, load_checkpoint, read_json
 from .engine import Engine, EngineConfig
 from .errors import BadInput
+from .logit_pass import CHUNK_POSITIONS, measure_logits, scale_range
 from .lora_delta import combine_layer_stats, load_lora_factors
-from .metrics import compare_logprobs, fit_scale, greedy_match, mean_kl
+from .metrics import greedy_match
 from .noise import measure_resolution
 from .plans import DEFAULT_PLAN, Plan, get_plan
 from .preflight import PreflightReport, inspect_checkpoint, vllm_lora_ranks
 from .prompts import load_prompts
-from .reference import PREVIOUS_ADAPTER, Reference
+from .reference import Reference
 from .result import LayerResult, PhaseResult, Report, Sample
 from .sync import Sync
 from .verdict import (
@@ -131,11 +132,14 @@ class Checker:
         tensor_parallel_size: int = 1,
         kv_cache_gib: int | None = None,
         layers: bool = True,
+        chunk_positions: int = CHUNK_POSITIONS,
         progress: Progress | None = None,
         preflight: PreflightReport | None = None,
     ):
         self.say = progress or (lambda _message: None)
         validate_options(dtype=dtype, max_new_tokens=max_new_tokens, tensor_parallel_size=tensor_parallel_size, kv_cache_gib=kv_cache_gib)
+        if chunk_positions < 1:
+            raise BadInput("chunk_positions must be at least 1")
         self.preflight = preflight or inspect_checkpoint(checkpoint, base=base)
         self.checkpoint = load_checkpoint(checkpoint, base)
         check_parallel_fit(self.checkpoint.base_dir, tensor_parallel_size)
@@ -143,9 +147,10 @@ class Checker:
         self.previous = load_checkpoint(previous, self.checkpoint.base_dir) if previous is not None else None
         texts = list(prompts) if isinstance(prompts, list) else load_prompts(prompts)
         self.thresholds = thresholds or Thresholds.for_dtype(dtype)
-
+        # Before anything loads: a prompt the model cannot hold is the user's to shorten (exit 2).
         tokenizer = _tokenizer(self.checkpoint)
         token_ids = _tokenize(tokenizer, texts, self.checkpoint)
+        position_limit = _position_limit(self.checkpoint, token_ids, max_new_tokens)
 
         self.seconds: dict[str, float] = {}
         started = time.perf_counter()
@@ -153,20 +158,21 @@ class Checker:
         self.reference = Reference(self.checkpoint, DTYPES[dtype])
         if self.previous is not None:
             self.reference.load_previous(self.previous)
-        self.measurer = _Measurer(self.reference, self.previous, tokenizer, texts, token_ids, max_new_tokens, self.thresholds, layers)
+        self.measurer = _Measurer(
+            self.reference, self.previous, tokenizer, texts, token_ids, max_new_tokens, self.thresholds, layers, chunk_positions=chunk_positions
+        )
 
         self.seconds["reference"] = time.perf_counter() - started
 
         started = time.perf_counter()
         self.say("starting the vLLM engine")
-        config = _engine_config(self.checkpoint, self.reference, token_ids, max_new_tokens, dtype, tensor_parallel_size, kv_cache_gib)
+        config = _engine_config(self.checkpoint, position_limit, token_ids, max_new_tokens, dtype, tensor_parallel_size, kv_cache_gib)
         self.engine = Engine(self.checkpoint.base_dir, config)
-        # Fresh from disk and without an adapter, the engine must match the reference at α = 0:
-        # what it still differs by is this run's noise.
-        self.measurer.resolution = measure_resolution(
-            self.measurer.reference_logprobs, self.thresholds, self.engine.prompt_logprobs(token_ids)
-        )
         self.seconds["engine_start"] = time.perf_counter() - started
+        started = time.perf_counter()
+        self.say("measuring the run's noise: the engine's base against the reference without the LoRA")
+        self.measurer.resolution = self.measurer.measure_noise(self.engine)
+        self.seconds["noise"] = time.perf_counter() - started
 
     def run(self, plan: Plan) -> Report:
         """Replay one plan and judge every phase it probes."""
@@ -213,9 +219,11 @@ def _require_previous(plan: Plan, previous) -> None:
 
 
 class _Measurer:
-    """Measures the engine against the reference; reference log-probs are cached per scale."""
+    """Measures the engine against the reference, streaming the prompts in chunks (see `logit_pass`)."""
 
-    def __init__(self, reference: Reference, previous, tokenizer, texts, token_ids, max_new_tokens, thresholds, layers: bool):
+    def __init__(
+        self, reference: Reference, previous, tokenizer, texts, token_ids, max_new_tokens, thresholds, layers: bool, *, chunk_positions: int = CHUNK_POSITIONS
+    ):
         self.layers = layers
         self.reference = reference
         self.previous = previous
@@ -226,30 +234,39 @@ class _Measurer:
         self.thresholds = thresholds
         # Set by the caller when it can measure the engine's noise; else the dtype's prior is used.
         self.resolution = None
-        self._logprobs: dict[tuple[str, float], list[torch.Tensor]] = {}
+        self.chunk_positions = chunk_positions
+        spec = reference.checkpoint.spec
+        self.scale_range = scale_range(spec.r, spec.scaling)
         self.eos = _eos_ids(tokenizer, reference)
         self.reference_greedy = reference.greedy(token_ids, max_new_tokens, self.eos)
 
-    def reference_logprobs(self, scale: float, adapter: str | None = None) -> list[torch.Tensor]:
-        key = (adapter or "", round(scale, 6))
-        if key not in self._logprobs:
-            self._logprobs[key] = self.reference.prompt_logprobs(self.token_ids, scale, adapter)
-        return self._logprobs[key]
+    def measure_noise(self, engine: Engine):
+        """Fresh from disk and without an adapter, the engine must match the reference at α = 0:
+        what it still differs by is this run's noise; the reference at α = 0, 1, 2 gives the signal."""
+        base = measure_logits(self.reference, engine, self.token_ids, None, scale_range=self.scale_range, chunk_positions=self.chunk_positions)
+        return measure_resolution(base.reference_kl, self.thresholds, noise_kl=base.kl_at[0.0])
 
     def __call__(self, engine: Engine, index: int, name: str, lora_request, say: Progress) -> PhaseResult:
         clock = _Stopwatch()
-        say(f"phase {index + 1} '{name}': engine log-probs and greedy continuations")
-        engine_logprobs = engine.prompt_logprobs(self.token_ids, lora_request)
+        say(f"phase {index + 1} '{name}': engine and reference log-probs, effective LoRA scale")
+        phase_logits = measure_logits(
+            self.reference,
+            engine,
+            self.token_ids,
+            lora_request,
+            scale_range=self.scale_range,
+            previous=self.previous is not None,
+            chunk_positions=self.chunk_positions,
+        )
+        clock.record(phase_logits.seconds)
+        logits, fit = phase_logits.comparison, phase_logits.fit
+        say(f"phase {index + 1} '{name}': greedy continuations")
         engine_greedy = engine.greedy(self.token_ids, self.max_new_tokens, lora_request)
-        clock.lap("engine")
-        say(f"phase {index + 1} '{name}': fitting the effective LoRA scale")
-        logits = compare_logprobs(self.reference_logprobs(1.0), engine_logprobs)
-        fit = fit_scale(lambda s: mean_kl(engine_logprobs, self.reference_logprobs(s)))
+        clock.lap("greedy")
         if self.resolution is None:
-            self.resolution = measure_resolution(self.reference_logprobs, self.thresholds)
+            self.resolution = measure_resolution(phase_logits.reference_kl, self.thresholds)
         resolution = self.resolution
         verdict = logit_verdict(logits.kl_mean, fit, resolution, self.thresholds)
-        clock.lap("scale_fit")
         layers: list[LayerResult] = []
         not_read: list[dict] = []
         if self.layers:
@@ -257,9 +274,8 @@ class _Measurer:
             layers, not_read = self.layer_results(engine, lora_request)
             verdict = refine_with_layers(verdict, [layer.verdict for layer in layers], complete=not not_read)
             clock.lap("layers")
-        kl_previous = None
-        if self.previous is not None:
-            kl_previous = mean_kl(self.reference_logprobs(1.0, PREVIOUS_ADAPTER), engine_logprobs)
+        kl_previous = phase_logits.kl_previous
+        if kl_previous is not None:
             if verdict != OK and self.matches_previous(engine, lora_request, kl_previous, layers):
                 verdict = STALE
             clock.lap("previous")
@@ -366,6 +382,11 @@ class _Stopwatch:
         self.laps[name] = now - self._last
         self._last = now
 
+    def record(self, laps: dict[str, float]) -> None:
+        """Steps timed elsewhere, that together took the time since the last lap."""
+        self.laps.update(laps)
+        self._last = time.perf_counter()
+
 
 def _tokenizer(ckpt: Checkpoint):
     from transformers import AutoTokenizer
@@ -377,7 +398,8 @@ def _tokenizer(ckpt: Checkpoint):
 
 
 def _tokenize(tokenizer, texts: list[str], ckpt: Checkpoint) -> list[list[int]]:
-    token_ids = [tokenizer(text).input_ids for text in texts]
+    # verbose=False: a prompt over the tokenizer's own limit is reported by the length check, in one line.
+    token_ids = [tokenizer(text, verbose=False).input_ids for text in texts]
     empty = [i + 1 for i, ids in enumerate(token_ids) if not ids]
     if empty:
         # transformers builds an empty tokenizer from a config alone, when the vocabulary files are missing.
@@ -393,16 +415,36 @@ def _eos_ids(tokenizer, reference: Reference) -> set[int]:
     return ids
 
 
-def _engine_config(ckpt, reference, token_ids, max_new_tokens, dtype, tensor_parallel_size, kv_cache_gib) -> EngineConfig:
+def _position_limit(ckpt: Checkpoint, token_ids: list[list[int]], max_new_tokens: int) -> int | None:
+    """The base model's position limit; `BadInput` when a prompt plus the continuation exceeds it.
+
+    Prompts are never truncated: a cut prompt is not the one the user's rollouts see, and a prompt
+    longer than the model's context cannot be a training prompt of that model either.
+    """
+    from transformers import AutoConfig
+
+    try:
+        limit = getattr(AutoConfig.from_pretrained(str(ckpt.base_dir)), "max_position_embeddings", None)
+    except (OSError, ValueError):
+        return None  # the reference's own load says what is wrong with the base
+    longest = max(range(len(token_ids)), key=lambda i: len(token_ids[i]))
+    needed = len(token_ids[longest]) + max_new_tokens + 1
+    if limit is not None and needed > limit:
+        raise BadInput(
+            f"prompt {longest + 1} has {len(token_ids[longest])} tokens: with {max_new_tokens} new tokens it needs {needed} "
+            f"positions, more than the model's {limit}; shorten it or lower --max-new-tokens"
+        )
+    return limit
+
+
+def _engine_config(ckpt, limit, token_ids, max_new_tokens, dtype, tensor_parallel_size, kv_cache_gib) -> EngineConfig:
     # vLLM accepts only some max_lora_rank values: size the engine to the smallest that holds the adapter.
     allowed, _default = vllm_lora_ranks()
     lora_rank = next((r for r in allowed if r >= ckpt.spec.max_rank), None)
     if lora_rank is None:
         raise BadInput(f"LoRA rank {ckpt.spec.max_rank} is above the largest rank vLLM serves ({allowed[-1]})")
     needed = max(len(ids) for ids in token_ids) + max_new_tokens + 1
-    limit = getattr(reference.model.config, "max_position_embeddings", None) or needed
-    if needed > limit:
-        raise BadInput(f"the longest prompt plus {max_new_tokens} new tokens ({needed}) exceeds the model's {limit} positions")
+    limit = limit or needed
     return EngineConfig(
         dtype=dtype,
         max_lora_rank=lora_rank,

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .errors import BadInput, EnvironmentProblem, LoraDoctorError, memory_problem, out_of_memory
@@ -177,18 +178,38 @@ class Engine:
         return self._adapter_ids
 
     def prompt_logprobs(self, prompts: list[list[int]], lora_request=None) -> list[torch.Tensor]:
-        """Per prompt, `(len-1, vocab)` log-probs of every next token over the full vocabulary."""
+        """Per prompt, `(len-1, vocab)` float32 log-probs of every next token over the full vocabulary.
+
+        Memory is that of the tables themselves: with lora-doctor's worker extension they are the
+        engine's own tensors (see `capture.py`); without it vLLM's per-entry Python lists are read
+        into one tensor per prompt, which costs ~130 bytes per entry while they exist. Callers pass
+        a chunk of their prompts at a time.
+        """
+        if self.has_worker_extension:
+            # Batched when the engine allows it; one prompt per request if a batch's chunks did not line up.
+            for batch in dict.fromkeys((self._batch_prompt_logprobs, False)):
+                tables = self._captured_prompt_logprobs(prompts, lora_request, batch)
+                if tables is not None:
+                    return tables
+        outputs = self._prompt_requests(prompts, -1, lora_request, self._batch_prompt_logprobs)
+        return [_dense_prompt_logprobs(o.prompt_logprobs, self.vocab_size) for o in outputs]
+
+    def _captured_prompt_logprobs(self, prompts: list[list[int]], lora_request, batch: bool) -> list[torch.Tensor] | None:
+        if not all(self.rpc("lora_doctor_capture_start")):
+            return None
+        try:
+            outputs = self._prompt_requests(prompts, 0, lora_request, batch)
+        finally:
+            captured = self.rpc("lora_doctor_capture_stop")[0]
+        return _captured_tables(captured, prompts, outputs, self.vocab_size)
+
+    def _prompt_requests(self, prompts: list[list[int]], prompt_logprobs: int, lora_request, batch: bool) -> list:
         from vllm import SamplingParams
 
-        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=-1, flat_logprobs=True, detokenize=False)
-        if self._batch_prompt_logprobs:
-            outputs = self._generate(prompts, params, lora_request)
-            return [_dense_prompt_logprobs(o.prompt_logprobs, self.vocab_size) for o in outputs]
-        out = []
-        for ids in prompts:
-            (output,) = self._generate([ids], params, lora_request)
-            out.append(_dense_prompt_logprobs(output.prompt_logprobs, self.vocab_size))
-        return out
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=prompt_logprobs, flat_logprobs=True, detokenize=False)
+        if batch:
+            return self._generate(prompts, params, lora_request)
+        return [output for ids in prompts for output in self._generate([ids], params, lora_request)]
 
     def greedy(self, prompts: list[list[int]], max_new_tokens: int, lora_request=None) -> list[list[int]]:
         """Greedy continuation of each prompt (stops at end-of-sequence, as rollouts do)."""
@@ -261,9 +282,37 @@ def _dense_prompt_logprobs(flat, vocab_size: int) -> torch.Tensor:
     """vLLM's flat prompt log-probs (first position empty) → a dense `(len-1, vocab)` tensor."""
     positions = len(flat.start_indices) - 1
     dense = torch.full((positions, vocab_size), float("-inf"), dtype=torch.float32)
-    token_ids = torch.tensor(flat.token_ids, dtype=torch.long)
-    logprobs = torch.tensor(flat.logprobs, dtype=torch.float32)
-    for row in range(positions):
-        start, end = flat.start_indices[row + 1], flat.end_indices[row + 1]
-        dense[row, token_ids[start:end]] = logprobs[start:end]
+    if positions == 0:
+        return dense
+    # Positions 1.. are stored back to back: one entry range per position.
+    first, last = flat.start_indices[1], flat.end_indices[-1]
+    counts = np.diff(np.asarray(flat.start_indices[1:] + [last]))
+    rows = torch.from_numpy(np.repeat(np.arange(positions), counts))
+    token_ids = torch.from_numpy(np.asarray(flat.token_ids[first:last], dtype=np.int64))
+    dense[rows, token_ids] = torch.from_numpy(np.asarray(flat.logprobs[first:last], dtype=np.float32))
     return dense
+
+
+def _captured_tables(captured, prompts: list[list[int]], outputs, vocab_size: int) -> list[torch.Tensor] | None:
+    """Split the worker's captured chunks into one table per prompt, or None when they do not line up.
+
+    Chunks come in the order the engine computed them (requests in order, each request's prefill
+    chunks in order); each must predict exactly the next tokens of its prompt, and hold at each of
+    them the log-prob vLLM itself returned for that token.
+    """
+    chunks = iter(captured or [])
+    tables = []
+    for ids, output in zip(prompts, outputs, strict=True):
+        pieces, rows = [], 0
+        while rows < len(ids) - 1:
+            targets, logprobs = next(chunks, (None, None))
+            if targets is None or targets.tolist() != ids[rows + 1 : rows + 1 + len(targets)]:
+                return None
+            pieces.append(logprobs[:, :vocab_size])
+            rows += len(targets)
+        table = pieces[0] if len(pieces) == 1 else torch.cat(pieces) if pieces else torch.empty(0, vocab_size)
+        own = [entry[token].logprob for entry, token in zip(output.prompt_logprobs[1:], ids[1:], strict=True)]
+        if rows != len(ids) - 1 or table[torch.arange(rows), torch.tensor(ids[1:], dtype=torch.long)].tolist() != own:
+            return None
+        tables.append(table)
+    return tables if next(chunks, None) is None else None

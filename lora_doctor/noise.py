@@ -4,12 +4,8 @@ agree, the signal a whole-LoRA failure makes, and the KL limit that follows from
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-
-from .metrics import compare_logprobs
 from .verdict import Thresholds
 
 # KLs below this are the float32 rounding of the log-probs themselves (summed in float64): a noise
@@ -68,23 +64,15 @@ class Resolution:
         }
 
 
-def measure_resolution(
-    reference_at: Callable[[float], list[torch.Tensor]],
-    thresholds: Thresholds,
-    engine_base: list[torch.Tensor] | None = None,
-) -> Resolution:
-    """Signal from the reference at α = 0, 1, 2; noise from `engine_base` (the engine's log-probs on
-    its untouched base, without an adapter: they must match the reference at α = 0), or the dtype's
-    prior when there is none."""
-    one = reference_at(1.0)
-    if engine_base is not None:
-        noise, source = compare_logprobs(reference_at(0.0), engine_base).kl_mean, MEASURED
-    else:
-        noise, source = thresholds.noise_kl, PRIOR
+def measure_resolution(reference_kl: dict[float, float], thresholds: Thresholds, noise_kl: float | None = None) -> Resolution:
+    """Signal from a logit pass's `reference_kl` (KL(reference at α = 1 ‖ at α = 0 and α = 2));
+    noise from `noise_kl`, the engine on its untouched base without an adapter against the reference
+    at α = 0 (they must agree), or the dtype's prior when the engine's state is not known."""
+    noise, source = (noise_kl, MEASURED) if noise_kl is not None else (thresholds.noise_kl, PRIOR)
     return Resolution(
         noise_kl=noise,
-        missing_kl=compare_logprobs(one, reference_at(0.0)).kl_mean,
-        doubled_kl=compare_logprobs(one, reference_at(2.0)).kl_mean,
+        missing_kl=reference_kl[0.0],
+        doubled_kl=reference_kl[2.0],
         min_signal_to_noise=thresholds.min_signal_to_noise,
         noise_source=source,
     )

@@ -24,6 +24,7 @@ from vllm.lora.layers import (
 from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
 from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 
+from .capture import PromptLogprobCapture
 from .errors import BadInput, EnvironmentProblem
 from .lora_delta import STAT_KEYS, LoraFactors, load_lora_factors, merge_in_dtype
 
@@ -35,7 +36,7 @@ _BLOCK_ELEMENTS = 1 << 22
 _LOGITS_ONLY = "run with --no-layer-check for the logit figures only"
 
 
-class LoraDoctorWorker:
+class LoraDoctorWorker(PromptLogprobCapture):
     """Mixed into vLLM's worker class: `self.model_runner` is the worker's model runner."""
 
     def lora_doctor_modules(self) -> dict:

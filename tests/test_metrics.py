@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lora_doctor.metrics import compare_logprobs, fit_scale, greedy_match, kl_per_token, mean_kl
+from lora_doctor.metrics import SLOPE_STEP, NodeTally, compare_logprobs, fit_scale, greedy_match, kl_per_token, mean_kl, node_slope
 
 
 def test_kl_of_identical_distributions_is_zero():
@@ -38,23 +38,87 @@ def test_compare_logprobs_reports_mean_max_and_top1():
     assert len(result.kl_per_token[0]) == 2
 
 
-def test_fit_scale_finds_the_minimum_of_a_smooth_objective():
-    fit = fit_scale(lambda s: (s - 1.37) ** 2 + 0.25)
-    assert fit.scale == pytest.approx(1.37, abs=1e-3)
-    assert fit.kl == pytest.approx(0.25, abs=1e-6)
-
-
-@pytest.mark.parametrize("true_scale", [0.0, 1.0, 2.0, 1.4142])
-def test_fit_scale_recovers_the_scale_of_a_linear_logit_family(true_scale):
+def _linear_family(rows: int = 40, vocab: int = 17):
     # Logits of a toy "model": base + s·delta, the way a LoRA scale moves pre-softmax activations.
     generator = torch.Generator().manual_seed(0)
-    base = torch.randn(40, 17, generator=generator, dtype=torch.float64)
-    delta = torch.randn(40, 17, generator=generator, dtype=torch.float64)
-    at = lambda s: [torch.log_softmax(base + s * delta, dim=-1)]  # noqa: E731
-    engine = at(true_scale)
-    fit = fit_scale(lambda s: mean_kl(engine, at(s)))
-    assert fit.scale == pytest.approx(true_scale, abs=2e-3)
-    assert fit.kl < 1e-6
+    base = torch.randn(rows, vocab, generator=generator, dtype=torch.float64)
+    delta = torch.randn(rows, vocab, generator=generator, dtype=torch.float64)
+    return lambda s: torch.log_softmax(base + s * delta, dim=-1)
+
+
+def _fit(at, engine, low=-1.0, high=4.0):
+    """The fit as a phase runs it: nodes from the tables at 0, 1, 2, then measured steps."""
+    tables = [at(alpha) for alpha in (0.0, 1.0, 2.0)]
+    nodes = {}
+    for alpha, own in zip((0.0, 1.0, 2.0), tables):
+        tally = NodeTally()
+        tally.add(engine, own, node_slope(alpha, tables))
+        nodes[alpha] = tally.node()
+    calls = []
+
+    def measure(alpha):
+        calls.append(alpha)
+        tally = NodeTally()
+        tally.add(engine, at(alpha), (at(alpha + SLOPE_STEP) - at(alpha)) / SLOPE_STEP)
+        return tally.node()
+
+    def kl_at(alpha):
+        calls.append(alpha)
+        return mean_kl([at(alpha)], [engine])
+
+    return fit_scale(measure, kl_at, low, high, nodes), calls
+
+
+@pytest.mark.parametrize("true_scale", [0.0, 1.0, 2.0])
+def test_a_scale_on_a_node_needs_no_further_forward(true_scale):
+    at = _linear_family()
+    fit, calls = _fit(at, at(true_scale))
+    assert calls == []
+    assert fit.scale == true_scale
+    assert fit.kl < 1e-12
+    assert not fit.at_edge
+
+
+@pytest.mark.parametrize("true_scale", [0.25, 0.5, 1.4142, 2.8284, -0.5])
+def test_fit_scale_recovers_the_scale_of_a_linear_logit_family(true_scale):
+    at = _linear_family()
+    fit, calls = _fit(at, at(true_scale))
+    assert fit.scale == pytest.approx(true_scale, abs=1e-2)
+    # Two measured steps (two forwards each) and one check: at most 8 forwards with the nodes.
+    assert len(calls) <= 3
+    assert not fit.at_edge
+
+
+def test_a_scale_beyond_the_range_is_flagged_at_its_edge():
+    at = _linear_family()
+    fit, _calls = _fit(at, at(3.0), high=2.5)
+    assert fit.scale == pytest.approx(2.5)
+    assert fit.at_edge
+
+
+def test_node_slope_and_curvature_match_finite_differences_of_the_objective():
+    at = _linear_family()
+    engine = at(1.3)
+    tally = NodeTally()
+    tally.add(engine, at(0.8), (at(0.8 + 1e-6) - at(0.8 - 1e-6)) / 2e-6)
+    h = 1e-4
+    numeric = (mean_kl([at(0.8 + h)], [engine]) - mean_kl([at(0.8 - h)], [engine])) / (2 * h)
+    assert tally.node().slope == pytest.approx(numeric, rel=1e-5)
+    assert tally.node().kl == pytest.approx(mean_kl([at(0.8)], [engine]), rel=1e-12)
+    # Gauss-Newton curvature: the objective's own second derivative where the engine is matched.
+    matched = NodeTally()
+    matched.add(engine, at(1.3), (at(1.3 + 1e-6) - at(1.3 - 1e-6)) / 2e-6)
+    second = (mean_kl([at(1.3 + h)], [engine]) - 2 * mean_kl([at(1.3)], [engine]) + mean_kl([at(1.3 - h)], [engine])) / h**2
+    assert matched.node().curvature == pytest.approx(second, rel=1e-3)
+
+
+def test_kl_per_token_in_float32_blocks_matches_float64():
+    # 300 rows of a 50,000-entry vocabulary: several row blocks, as for a real vocabulary.
+    generator = torch.Generator().manual_seed(1)
+    p = torch.log_softmax(torch.randn(300, 50_000, generator=generator) * 3, dim=-1)
+    q = torch.log_softmax(p + 0.05 * torch.randn(300, 50_000, generator=generator), dim=-1)
+    exact = (p.double().exp() * (p.double() - q.double())).sum(-1)
+    assert torch.allclose(kl_per_token(p, q), exact, rtol=1e-4, atol=1e-9)
 
 
 def test_greedy_match_is_the_fraction_of_identical_continuations():

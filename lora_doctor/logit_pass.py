@@ -1,0 +1,195 @@
+"""One phase's logit figures, streamed over chunks of prompts so memory does not grow with them.
+
+A (positions × vocab) float32 table is 2.4 GB at 4k positions and a 151,936-token vocabulary, so no
+table outlives its chunk of prompts. Pass 1 takes, per chunk, the engine's table and the reference's
+at α = 0, 1, 2 and keeps only per-token sums (`metrics.NodeTally`); the engine's tables go to a
+temporary file when there is more than one chunk, because a scale fit that needs the reference at
+another α reads them back, one chunk at a time, instead of asking the engine again.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .metrics import NODE_SLOPES, SLOPE_STEP, LogitComparison, Node, NodeTally, ScaleFit, TokenTally, fit_scale, kl_per_token, node_slope
+from .reference import PREVIOUS_ADAPTER
+
+# Prompt positions per chunk. A phase's peak holds about three (chunk × vocab) float32 tables plus
+# four of the longest prompt (measured: +1.4 GB at 512 positions, a 151,936-token vocabulary and
+# ~200-token prompts); larger chunks save little time, small vocabularies fit every prompt in one.
+CHUNK_POSITIONS = 512
+# Positions the fit's Gauss-Newton steps look at (the first prompts, whole): when the engine is the
+# reference at some α every token has its minimum there, so a sample finds it; the α they end at is
+# then evaluated over every prompt. Keeps the fit a small part of a phase with many prompts.
+FIT_SAMPLE_POSITIONS = 512
+
+
+@dataclass
+class PhaseLogits:
+    """What the logits say about one phase; every KL is KL(reference ‖ engine) per token, averaged."""
+
+    comparison: LogitComparison  # the reference at α = 1 against the engine
+    fit: ScaleFit
+    # The fit objective at the nodes α = 0, 1, 2: mean KL(reference@α ‖ engine) over every prompt.
+    kl_at: dict[float, float]
+    # Mean KL(reference@1 ‖ reference@α) for α = 0 and 2: how far the LoRA moves the logits.
+    reference_kl: dict[float, float]
+    kl_previous: float | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def prompt_chunks(token_ids: list[list[int]], chunk_positions: int = CHUNK_POSITIONS) -> list[list[int]]:
+    """Consecutive prompt indices grouped so that each group has at most `chunk_positions` scored
+    positions (a longer prompt is a chunk of its own)."""
+    chunks: list[list[int]] = [[]]
+    positions = 0
+    for index, ids in enumerate(token_ids):
+        scored = max(len(ids) - 1, 0)
+        if chunks[-1] and positions + scored > chunk_positions:
+            chunks.append([])
+            positions = 0
+        chunks[-1].append(index)
+        positions += scored
+    return chunks if chunks[0] else []
+
+
+def scale_range(r: int, scaling: float) -> tuple[float, float]:
+    """The α the fit searches: from −1 (ΔW subtracted) to past every scale a known confusion gives —
+    2 (double count), sqrt(r) (plain LoRA scaled as rsLoRA, r ≤ 256), scaling and 1/scaling."""
+    known = [2.0, math.sqrt(min(r, 256)), scaling, 1 / scaling if scaling else 0.0]
+    return -1.0, 1.25 * max(known)
+
+
+def measure_logits(
+    reference,
+    engine,
+    token_ids: list[list[int]],
+    lora_request,
+    *,
+    scale_range: tuple[float, float],
+    previous: bool = False,
+    chunk_positions: int = CHUNK_POSITIONS,
+) -> PhaseLogits:
+    """Compare the engine with the reference over every prompt, chunk by chunk, and fit α."""
+    seconds = {"engine": 0.0, "reference": 0.0, "scale_fit": 0.0}
+    chunks = [[token_ids[i] for i in chunk] for chunk in prompt_chunks(token_ids, chunk_positions)]
+    tokens = TokenTally()
+    nodes = {alpha: NodeTally() for alpha in NODE_SLOPES}
+    sample: dict[float, NodeTally] | None = None  # the nodes over the fit's sample: the first prompts
+    sample_count = len(token_ids)
+    reference_kl = {0.0: 0.0, 2.0: 0.0}
+    previous_kl = []
+    with _EngineTables(spill=len(chunks) > 1) as stored:
+        for ids in chunks:
+            started = time.perf_counter()
+            engine_tables = engine.prompt_logprobs(ids, lora_request)
+            stored.add(engine_tables)
+            seconds["engine"] += time.perf_counter() - started
+
+            started = time.perf_counter()
+            at = [reference.prompt_logprobs(ids, alpha) for alpha in NODE_SLOPES]
+            for n, table in enumerate(engine_tables):
+                tables = [per_scale[n] for per_scale in at]
+                for alpha, own in zip(NODE_SLOPES, tables, strict=True):
+                    kl = nodes[alpha].add(table, own, node_slope(alpha, tables))
+                    if alpha == 1.0:
+                        tokens.add(own, table, kl)
+                for alpha in reference_kl:
+                    reference_kl[alpha] += float(kl_per_token(tables[1], tables[int(alpha)]).sum())
+                if sample is None and nodes[1.0].tokens >= FIT_SAMPLE_POSITIONS:
+                    sample = {alpha: copy.copy(tally) for alpha, tally in nodes.items()}
+                    sample_count = tokens.prompts
+            del at, tables
+            if previous:
+                previous_tables = reference.prompt_logprobs(ids, 1.0, PREVIOUS_ADAPTER)
+                previous_kl += [kl_per_token(p, e) for p, e in zip(previous_tables, engine_tables, strict=True)]
+                del previous_tables
+            del engine_tables
+            seconds["reference"] += time.perf_counter() - started
+
+        sample = sample or nodes
+
+        def measure(alpha: float) -> Node:
+            """The objective and its slope at a new α over the sample: the engine's tables read back."""
+            tally, left = NodeTally(), sample_count
+            for ids, engine_tables in zip(chunks, stored, strict=True):
+                if left <= 0:
+                    break
+                ids, left = ids[:left], left - len(ids)
+                own = reference.prompt_logprobs(ids, alpha)
+                ahead = reference.prompt_logprobs(ids, alpha + SLOPE_STEP)
+                for table, at_alpha, at_ahead in zip(engine_tables[: len(ids)], own, ahead, strict=True):
+                    tally.add(table, at_alpha, (at_ahead - at_alpha) / SLOPE_STEP)
+            return tally.node()
+
+        def kl_at(alpha: float) -> float:
+            """The objective at a new α over every prompt."""
+            total, count = 0.0, 0
+            for ids, engine_tables in zip(chunks, stored, strict=True):
+                for table, own in zip(engine_tables, reference.prompt_logprobs(ids, alpha), strict=True):
+                    kl = kl_per_token(own, table)
+                    total, count = total + float(kl.sum()), count + len(kl)
+            return total / max(count, 1)
+
+        started = time.perf_counter()
+        node_figures = {alpha: tally.node() for alpha, tally in nodes.items()}
+        sample_figures = {alpha: tally.node() for alpha, tally in sample.items()}
+        kl_nodes = {alpha: node.kl for alpha, node in node_figures.items()}
+        fit = fit_scale(measure, kl_at, *scale_range, nodes=sample_figures, kl_nodes=kl_nodes)
+        seconds["scale_fit"] = time.perf_counter() - started
+    count = max(nodes[1.0].tokens, 1)
+    kl_previous = float(torch.cat(previous_kl).mean()) if previous_kl else None
+    return PhaseLogits(
+        comparison=tokens.comparison(),
+        fit=fit,
+        kl_at={alpha: node.kl for alpha, node in node_figures.items()},
+        reference_kl={alpha: total / count for alpha, total in reference_kl.items()},
+        kl_previous=kl_previous,
+        seconds=seconds,
+    )
+
+
+class _EngineTables:
+    """The engine's tables of every chunk, kept for the fit's further passes: in memory when there
+    is one chunk, else in an unlinked temporary file (read back one chunk at a time)."""
+
+    def __init__(self, spill: bool):
+        self._file = tempfile.TemporaryFile(prefix="lora-doctor-") if spill else None
+        self._chunks: list = []
+
+    def add(self, tables: list[torch.Tensor]) -> None:
+        if self._file is None:
+            self._chunks.append(tables)
+            return
+        layout = []
+        for table in tables:
+            array = table.float().contiguous().numpy()
+            layout.append((self._file.tell(), array.shape))
+            array.tofile(self._file)
+        self._chunks.append(layout)
+
+    def __iter__(self):
+        for chunk in self._chunks:
+            if self._file is None:
+                yield chunk
+                continue
+            tables = []
+            for offset, shape in chunk:
+                self._file.seek(offset)
+                array = np.fromfile(self._file, dtype=np.float32, count=math.prod(shape)).reshape(shape)
+                tables.append(torch.from_numpy(array))
+            yield tables
+
+    def __enter__(self) -> _EngineTables:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._file is not None:
+            self._file.close()
