@@ -343,7 +343,8 @@ def _tokenize(tokenizer, texts: list[str], ckpt: Checkpoint) -> list[list[int]]:
 
 
 def _eos_ids(tokenizer, reference: Reference) -> set[int]:
-    ids = reference.model.config.eos_token_id
+    # A multimodal config keeps the language model's eos (and vocab, positions) on its text_config.
+    ids = reference.model.config.get_text_config().eos_token_id
     ids = set(ids) if isinstance(ids, list) else ({ids} if ids is not None else set())
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
@@ -357,7 +358,7 @@ def _engine_config(ckpt, reference, token_ids, max_new_tokens, dtype, tensor_par
     if lora_rank is None:
         raise BadInput(f"LoRA rank {ckpt.spec.max_rank} is above the largest rank vLLM serves ({allowed[-1]})")
     needed = max(len(ids) for ids in token_ids) + max_new_tokens + 1
-    limit = getattr(reference.model.config, "max_position_embeddings", None) or needed
+    limit = getattr(reference.model.config.get_text_config(), "max_position_embeddings", None) or needed
     if needed > limit:
         raise BadInput(f"the longest prompt plus {max_new_tokens} new tokens ({needed}) exceeds the model's {limit} positions")
     return EngineConfig(
