@@ -203,9 +203,13 @@ def engine_naming(architecture: str) -> EngineNaming:
     reader = _ClassReader(root / "model_executor" / "models")
     found = reader.find(module_name, class_name)
     mapper = reader.attribute(found, "hf_to_vllm_mapper") if found else None
-    renamer = _renamer(mapper, reader) if mapper is not None else Renamer()
+    renamer = _renamer(mapper, reader, found[0]) if mapper is not None else Renamer()
+    source = f"vllm/model_executor/models/{module_name}.py:{class_name}"
     if renamer is None:
-        renamer = _imported_renamer(module_name, class_name)
+        try:
+            renamer = _imported_renamer(module_name, class_name)
+        except Exception as error:  # a model file that does not import here: compare names as they are
+            renamer, source = Renamer(), f"{source} (its hf_to_vllm_mapper did not load: {type(error).__name__})"
     mm = reader.mm_mapping(found) if found else {}
     tower_lora = reader.attribute(found, "supports_tower_connector_lora") if found else None
     return EngineNaming(
@@ -215,7 +219,7 @@ def engine_naming(architecture: str) -> EngineNaming:
         tower=mm.get("tower_model", ()),
         connector=mm.get("connector", ()),
         tower_lora=isinstance(tower_lora, ast.Constant) and tower_lora.value is True,
-        source=f"vllm/model_executor/models/{module_name}.py:{class_name}",
+        source=source,
     )
 
 
@@ -335,13 +339,20 @@ class _ClassReader:
 _RENAME_FIELDS = {"orig_to_new_regex": "regex", "orig_to_new_substr": "substr", "orig_to_new_prefix": "prefix", "orig_to_new_suffix": "suffix"}
 
 
-def _renamer(expr: ast.expr, reader: _ClassReader) -> Renamer | None:
-    """A `WeightsMapper(...)` literal (or `A | B` of them) as a Renamer; None when it is not literal."""
+def _renamer(expr: ast.expr, reader: _ClassReader, module: str, depth: int = 0) -> Renamer | None:
+    """A `WeightsMapper(...)` literal, another class's mapper (`Qwen2Model.hf_to_vllm_mapper`) or
+    `A | B` of those, as a Renamer; None when it is none of these."""
+    if depth > 8:
+        return None
     if isinstance(expr, ast.BinOp) and isinstance(expr.op, ast.BitOr):
-        left, right = _renamer(expr.left, reader), _renamer(expr.right, reader)
+        left, right = _renamer(expr.left, reader, module, depth + 1), _renamer(expr.right, reader, module, depth + 1)
         if left is None or right is None:
             return None
         return Renamer(**{f: tuple({**dict(getattr(left, f)), **dict(getattr(right, f))}.items()) for f in _RENAME_FIELDS.values()})
+    if isinstance(expr, ast.Attribute) and expr.attr == "hf_to_vllm_mapper" and isinstance(expr.value, ast.Name):
+        owner = reader.find(module, expr.value.id)
+        value = reader.attribute(owner, "hf_to_vllm_mapper") if owner else None
+        return _renamer(value, reader, owner[0], depth + 1) if value is not None else None
     if not (isinstance(expr, ast.Call) and getattr(expr.func, "id", getattr(expr.func, "attr", "")) == "WeightsMapper"):
         return None
     rules: dict[str, tuple[tuple[str, str], ...]] = {}

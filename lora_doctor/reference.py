@@ -132,14 +132,16 @@ class Reference:
 def _model_class(checkpoint: Checkpoint):
     """The class the base's config.json names (what a trainer instantiates, and what the adapter's
     module names were made for: a multimodal base's language model sits at `model.language_model`);
-    AutoModelForCausalLM when transformers does not know that class."""
+    AutoModelForCausalLM when transformers does not know that class or it does not generate (a
+    classification head)."""
     import transformers
 
     from .checkpoint import read_json
 
     architectures = read_json(checkpoint.base_dir / "config.json").get("architectures") or []
     named = getattr(transformers, str(architectures[0]), None) if architectures else None
-    return named if isinstance(named, type) and hasattr(named, "from_pretrained") else transformers.AutoModelForCausalLM
+    generative = isinstance(named, type) and issubclass(named, transformers.GenerationMixin)
+    return named if generative else transformers.AutoModelForCausalLM
 
 
 def _is_lora_layer(module: torch.nn.Module) -> bool:
