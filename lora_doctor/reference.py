@@ -16,12 +16,11 @@ class Reference:
 
     def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype = torch.float32):
         from peft import PeftModel
-        from transformers import AutoModelForCausalLM
 
         self.checkpoint = checkpoint
         self.dtype = dtype
         try:
-            base = AutoModelForCausalLM.from_pretrained(str(checkpoint.base_dir), dtype=dtype)
+            base = _model_class(checkpoint).from_pretrained(str(checkpoint.base_dir), dtype=dtype)
             self.model = PeftModel.from_pretrained(base, str(checkpoint.adapter_dir), adapter_name=ADAPTER_NAME)
         except (OSError, ValueError, RuntimeError, KeyError, MemoryError) as error:
             if out_of_memory(error):
@@ -31,6 +30,14 @@ class Reference:
         self.model.eval()
         self.adapter = ADAPTER_NAME
         self._index()
+        unloaded = sorted(set(checkpoint.module_names) - set(self.module_order))
+        if unloaded:
+            # PEFT only warns when the file's module names are not the model's: those LoRA weights are
+            # then silently left at their initial values, and the reference would not be the trainer's policy.
+            raise BadInput(
+                f"{checkpoint.adapter_dir}: {len(unloaded)} adapter modules are not modules of "
+                f"{type(base).__name__} (e.g. {unloaded[0]}); PEFT would leave them unloaded"
+            )
 
     @classmethod
     def from_peft_model(cls, model, checkpoint: Checkpoint) -> Reference:
@@ -45,7 +52,7 @@ class Reference:
         return reference
 
     def _index(self) -> None:
-        self.vocab_size = self.model.config.vocab_size
+        self.vocab_size = self.model.config.get_text_config().vocab_size
         self.device = next(self.model.parameters()).device
         self._lora_layers = [m for m in self.model.modules() if _is_lora_layer(m)]
         self._scaling = self._own_scaling(self.adapter)
@@ -111,6 +118,21 @@ class Reference:
             return continuations
         finally:
             self.set_scale(1.0)
+
+
+def _model_class(checkpoint: Checkpoint):
+    """The class the base's config.json names (what a trainer instantiates, and what the adapter's
+    module names were made for: a multimodal base's language model sits at `model.language_model`);
+    AutoModelForCausalLM when transformers does not know that class or it does not generate (a
+    classification head)."""
+    import transformers
+
+    from .checkpoint import read_json
+
+    architectures = read_json(checkpoint.base_dir / "config.json").get("architectures") or []
+    named = getattr(transformers, str(architectures[0]), None) if architectures else None
+    generative = isinstance(named, type) and issubclass(named, transformers.GenerationMixin)
+    return named if generative else transformers.AutoModelForCausalLM
 
 
 def _is_lora_layer(module: torch.nn.Module) -> bool:
