@@ -54,8 +54,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 SAMPLES_PER_PHASE = 3
 # Pre-flight problems after which engine-vs-reference figures mean nothing, so the check stops
 # before loading anything: NaN/Inf factors make both forwards NaN (any verdict would be noise);
-# DoRA's ΔW is not scaling·B·A, so no per-module or scale figure applies.
-BLOCKING_FINDINGS = frozenset({"nan_inf", "dora"})
+# DoRA's ΔW is not scaling·B·A, so no per-module or scale figure applies; adapter modules the engine
+# would match to none of its own (a name prefix it does not map) are silently not applied by vLLM,
+# and PEFT refuses to load them, so there is no reference to compare with either.
+BLOCKING_FINDINGS = frozenset({"nan_inf", "dora", "engine_name_mismatch"})
 
 Progress = Callable[[str], None]
 

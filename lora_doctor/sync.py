@@ -26,6 +26,7 @@ from .engine import Engine
 from .errors import BadInput
 from .lora_delta import load_lora_factors, merge_in_dtype
 from .modules import layer_index
+from .names import name_map
 from .reference import Reference
 from .result import PhaseResult
 
@@ -131,7 +132,10 @@ class Sync:
     def _deltas(self) -> dict[str, torch.Tensor]:
         if self._delta is None:
             factors = load_lora_factors(self.checkpoint.adapter_dir)
-            self._delta = {f"{module}.weight": lora.delta() for module, lora in factors.items()}
+            # Keyed by the base's weight names: an adapter may name a module otherwise (a multimodal
+            # base saved as `model.layers.*` whose adapter says `model.language_model.layers.*`).
+            names = name_map(self.checkpoint.base_dir)
+            self._delta = {names.base_key(module) or f"{module}.weight": lora.delta() for module, lora in factors.items()}
         return self._delta
 
 

@@ -27,6 +27,7 @@ from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 from .capture import PromptLogprobCapture
 from .errors import BadInput, EnvironmentProblem
 from .lora_delta import STAT_KEYS, LoraFactors, load_lora_factors, merge_in_dtype
+from .names import name_map
 
 # Weights are streamed in column blocks of at most this many elements per matrix,
 # so memory stays bounded on large layers.
@@ -79,13 +80,22 @@ class LoraDoctorWorker(PromptLogprobCapture):
         mapper = getattr(model, "hf_to_vllm_mapper", None)
         # Renames only, as vLLM's own LoRA loader does: stacking would turn q_proj into qkv_proj.
         base = _BaseWeights(Path(base_dir), mapper.get_rename_mapper() if mapper else None)
-        factors = load_lora_factors(adapter_dir)
+        # The shards are named by the base checkpoint, the factors by the adapter: join them on the
+        # base's names, then report in the adapter's (the reference's and the report's vocabulary).
+        names = name_map(base_dir)
+        factors, adapter_names = {}, {}
+        for module, lora in load_lora_factors(adapter_dir).items():
+            base_name = (names.base_key(module) or f"{module}.weight").removesuffix(".weight")
+            factors[base_name] = lora
+            adapter_names[base_name] = module
         packed = _packed_mapping(model)
         results = []
         for name, layer in manager.modules.items():
             if isinstance(layer, BaseLinearLayerWithLoRA):
                 shards = _shards(name, layer, packed)
                 results += _shard_stats(layer, slot, shards, base, factors, return_tensors)
+        for result in results:
+            result["module"] = adapter_names.get(result["module"], result["module"])
         return results
 
 

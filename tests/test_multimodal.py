@@ -203,3 +203,56 @@ def test_transformers_and_torchvision_import_in_a_fresh_process():
     code = "import torchvision, transformers.image_utils, vllm.model_executor.models.qwen2_5_vl; print(torchvision.__version__)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------- built-in plans, CLI
+
+
+@pytest.fixture(scope="module")
+def plan_reports(tmp_path_factory):
+    """`lora-doctor check` on the VL fixture, as a user runs it, for two plans with a known truth."""
+    out = tmp_path_factory.mktemp("vl-reports")
+    reports = {}
+    for plan in ("swift-fixed", "swift-colocate-lora"):
+        run = run_cli("check", VL_CHECKPOINT, "--plan", plan, "--json", out / f"{plan}.json")
+        reports[plan] = (run, json.loads((out / f"{plan}.json").read_text()) if (out / f"{plan}.json").exists() else None)
+    return reports
+
+
+def phase_figures(report: dict) -> list[tuple[str, str, float, list[float]]]:
+    return [(p["name"], p["verdict"], p["effective_scale"], [layer["effective_scale"] for layer in p["layers"]]) for p in report["phases"]]
+
+
+def test_the_fixed_sync_path_is_healthy_on_a_multimodal_base(plan_reports):
+    run, report = plan_reports["swift-fixed"]
+    assert run.exit_code == 0, run.stderr
+    for name, verdict, alpha, layers in phase_figures(report):
+        assert verdict == "ok", name
+        assert alpha == pytest.approx(1.0, abs=0.02)
+        # Every module of the adapter is read, in the adapter's own names.
+        assert len(layers) == len(ADAPTER_MODULES) and all(a == pytest.approx(1.0, abs=0.02) for a in layers)
+    assert sorted(layer["module"] for layer in report["phases"][0]["layers"]) == sorted(ADAPTER_MODULES)
+
+
+def test_the_double_count_after_resume_is_caught_on_a_multimodal_base(plan_reports):
+    run, report = plan_reports["swift-colocate-lora"]
+    assert run.exit_code == 1, run.stderr
+    (merged, merged_verdict, merged_alpha, merged_layers), (adapter, verdict, alpha, layers) = phase_figures(report)
+    assert (merged, merged_verdict) == ("full-merged", "ok")
+    assert merged_alpha == pytest.approx(1.0, abs=0.02) and all(a == pytest.approx(1.0, abs=0.02) for a in merged_layers)
+    assert (adapter, verdict) == ("adapter", "double_counted")
+    assert alpha == pytest.approx(2.0, abs=0.02)
+    assert len(layers) == len(ADAPTER_MODULES) and all(a == pytest.approx(2.0, abs=0.02) for a in layers)
+    # Named by its structure: ΔW merged into the engine's base and loaded in its slot, in every module.
+    for layer in report["phases"][1]["layers"]:
+        assert layer["base_part"] == pytest.approx(1.0, abs=0.02) and layer["slot_part"] == pytest.approx(1.0, abs=0.02), layer
+
+
+def test_a_prefix_the_engine_does_not_map_stops_the_check_with_the_names(tmp_path):
+    renamed = rename_adapter(VL_CHECKPOINT, tmp_path / "thinker", *THINKER)
+    run = run_cli("check", renamed, "--json", tmp_path / "r.json")
+    assert run.exit_code == 1, run.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["phases"] == [] and "engine_name_mismatch" in report["stopped"]
+    finding = next(f for f in report["preflight"] if f["code"] == "engine_name_mismatch")
+    assert "thinker.model.layers.0.self_attn.q_proj" in finding["message"]

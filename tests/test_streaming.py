@@ -11,7 +11,7 @@ from conftest import BASE, CHECKPOINT, run_cli
 
 from lora_doctor.engine import _dense_prompt_logprobs
 from lora_doctor.logit_pass import measure_logits, prompt_chunks
-from lora_doctor.plans import Plan
+from lora_doctor.sync import Sync
 
 # Both sides are float32 on CPU: the same numbers, summed in another order.
 KL_TOLERANCE = dict(rel=1e-4, abs=1e-9)
@@ -19,18 +19,13 @@ KL_TOLERANCE = dict(rel=1e-4, abs=1e-9)
 
 def synced(checker, scale: float, adapter: bool = False):
     """Put the shared engine in a known state (merged at `scale`, or base + adapter); its request."""
-    state = {}
-
-    def plan(sync):
-        if adapter:
-            sync.load_merged(scale=1.0)
-            sync.add_adapter()
-        else:
-            sync.load_merged(scale=scale)
-        state["request"] = sync.lora_request
-
-    checker.run(Plan("test-state", "a known engine state", plan))
-    return state["request"]
+    sync = Sync(checker.engine, checker.checkpoint, checker.reference, checker._measure, checker.previous)
+    if adapter:
+        sync.load_merged(scale=1.0)
+        sync.add_adapter()
+    else:
+        sync.load_merged(scale=scale)
+    return sync.lora_request
 
 
 def measure(checker, request, chunk_positions: int):
