@@ -35,6 +35,7 @@ from .result import LayerResult, PhaseResult, Report
 from .verdict import (
     DIVERGED,
     DOUBLE_COUNTED,
+    EXPORT_PHASE,
     FAIL,
     MISSING,
     OK,
@@ -49,7 +50,7 @@ from .verdict import (
 )
 from .weight_files import TensorInfo, model_tensors, read_chunks, read_header
 
-PHASE = "export"
+PHASE = EXPORT_PHASE
 # Bytes of one tensor per read. The export and the base are read in turn; from a cold page cache,
 # 1 MiB reads alternating between two files ran at half a plain sequential read, 32 MiB reads close to it.
 READ_BYTES = 32 * 2**20

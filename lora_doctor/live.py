@@ -13,6 +13,7 @@ from .engine import WORKER_EXTENSION, Engine
 from .errors import BadInput, ProblemDetected
 from .prompts import load_prompts
 from .reference import Reference
+from .report.markdown import fmt
 from .result import PhaseResult, Report
 from .verdict import Thresholds
 
@@ -25,7 +26,9 @@ def gate(checkpoint: str | Path, *, plan: str = DEFAULT_PLAN, **options) -> Repo
     """
     report = check(checkpoint, plan=plan, **options)
     if not report.ok:
-        wrong = [f"phase {p.index + 1} {p.name}: {p.verdict} (α = {p.effective_scale:.2f})" for p in report.phases if not p.ok]
+        wrong = [f"phase {p.index + 1} {p.name}: {p.verdict} (α = {fmt(p.effective_scale, '.2f')})" for p in report.phases if not p.ok]
+        if report.stopped:
+            wrong = [report.stopped]
         raise ProblemDetected(f"lora-doctor gate failed for plan {report.plan['name']}: " + "; ".join(wrong), report)
     return report
 

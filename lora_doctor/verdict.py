@@ -53,6 +53,27 @@ CAUSES = {
     "repeated merge/unmerge in bf16, or corrupted tensors; fix: sync from a float32 master copy, check the base",
 }
 
+# The phase an audit of a merged export records: its failures have causes of their own.
+EXPORT_PHASE = "export"
+EXPORT_CAUSES = {
+    DOUBLE_COUNTED: "the LoRA was merged twice: a merge run on an already merged model, or merged weights saved as the "
+    "base and merged again; fix: merge once, from the unmerged base",
+    MISSING: "the export holds the base weights: the merge was not applied or its result was not saved (verl #4553, "
+    "#7285); fix: check that the merge step writes the merged weights",
+    SCALED: "the merge used another scaling than PEFT's (alpha/r for an rsLoRA adapter as in verl PR #4704, or "
+    "rank/alpha patterns ignored); fix: merge with PEFT's merge_and_unload, or the adapter_config's own scaling",
+    PARTIAL: "some modules were not merged or were merged into a wrongly named weight; fix: compare the module names "
+    "the merge writes with the adapter's",
+    DIVERGED: "weights differ from W0 + ΔW in a way no LoRA scale explains, or a tensor the LoRA does not touch "
+    "changed: another base, a corrupted or re-quantized export; fix: merge again from the exact base",
+}
+
+
+def cause_for(phase) -> str | None:
+    """The usual cause of an unhealthy phase's verdict and its fix (an export's own, for an audit)."""
+    causes = EXPORT_CAUSES if phase.name == EXPORT_PHASE else CAUSES
+    return causes.get(phase.verdict)
+
 
 @dataclass(frozen=True)
 class Thresholds:

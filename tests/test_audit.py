@@ -231,3 +231,14 @@ def test_chunked_reading_returns_the_tensors(tmp_path):
     for name in names:
         assert torch.equal(torch.cat(pieces[name]), loaded[name]), name
     assert max(len(p) for p in pieces.values()) > 10
+
+
+def test_an_export_names_an_export_cause_not_an_engine_one():
+    from lora_doctor.result import PhaseResult
+    from lora_doctor.verdict import CAUSES, EXPORT_CAUSES, cause_for
+
+    def phase(name: str) -> PhaseResult:
+        return PhaseResult(0, name, False, "missing", "", 0.0, None, None, None, None, None)
+
+    assert cause_for(phase("export")) == EXPORT_CAUSES["missing"] and "merge" in EXPORT_CAUSES["missing"]
+    assert cause_for(phase("after-wake-up")) == CAUSES["missing"]

@@ -201,3 +201,11 @@ def test_the_per_module_read_refuses_a_layer_class_it_does_not_know(checker):
     unwrapped = model.lora_manager.modules[name].base_layer  # a vLLM linear layer without LoRA
     with pytest.raises(EnvironmentProblem, match="does not know QKVParallelLinear.*--no-layer-check"):
         _shards(name, unwrapped, _packed_mapping(model))
+
+
+def test_the_gate_refuses_a_stopped_check_and_says_why(nan_checkpoint):
+    from lora_doctor import ProblemDetected, gate
+
+    with pytest.raises(ProblemDetected, match="pre-flight found problems.*nan_inf") as refused:
+        gate(nan_checkpoint, base=BASE)
+    assert refused.value.exit_code == 1 and refused.value.report.phases == []

@@ -20,10 +20,10 @@ from html import escape
 
 from ..modules import module_kind
 from ..result import LayerResult, PhaseResult, Report
+from ..verdict import cause_for
 from .grid import layer_grid, layer_label, modules_line, not_read_lines, resolution_line, wrong_layers
 from .markdown import (
     ENVIRONMENT_KEYS,
-    cause_for,
     fmt,
     has_previous,
     headline,
@@ -140,7 +140,7 @@ def _diagnosis(report: Report) -> str:
         )
     items = []
     for phase in bad:
-        cause = cause_for(phase.verdict)
+        cause = cause_for(phase)
         cause_html = f'<p class="cause"><strong>Likely cause &amp; fix:</strong> {esc(cause)}</p>' if cause else ""
         items.append(
             f'<div class="finding"><div class="finding-head">phase {phase.index + 1} '

@@ -13,7 +13,7 @@ import re
 from html import escape
 
 from ..result import PhaseResult, Report
-from ..verdict import CAUSES
+from ..verdict import cause_for
 from .grid import layer_grid, modules_line, not_read_lines, parts_summary, resolution_line, wrong_layers
 
 ENVIRONMENT_KEYS = ("python", "torch", "vllm", "transformers", "peft", "device")
@@ -82,10 +82,6 @@ def phase_figures(phase: PhaseResult, previous: bool = False) -> list[str]:
     if previous:
         cells.append(fmt(getattr(phase, "kl_previous", None), ".2e"))
     return cells
-
-
-def cause_for(verdict: str) -> str | None:
-    return CAUSES.get(verdict)
 
 
 def thresholds_items(report: Report) -> list[tuple[str, str]]:
@@ -202,7 +198,7 @@ def _diagnosis(report: Report) -> list[str]:
         lines.append(
             f"- **phase {phase.index + 1} {md_code(phase.name)}: `{phase.verdict}`** — {md_text(phase.explanation)}"
         )
-        cause = cause_for(phase.verdict)
+        cause = cause_for(phase)
         if cause:
             lines.append(f"  - *likely cause:* {md_text(cause)}")
     return lines

@@ -8,7 +8,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..result import PhaseResult, Report
-from ..verdict import CAUSES
+from ..verdict import cause_for
 from .grid import layer_grid, modules_line, not_read_lines, parts_summary, resolution_line, wrong_layers
 from .markdown import phase_figures
 
@@ -57,8 +57,9 @@ def render_terminal(report: Report, console: Console, layers: bool = False) -> N
                 f"[{_style(phase.verdict)}]phase {phase.index + 1} {phase.name}: {phase.verdict}[/] — {phase.explanation}",
                 highlight=False,
             )
-            if phase.verdict in CAUSES:
-                console.print(f"  likely cause: {CAUSES[phase.verdict]}", style="dim", highlight=False)
+            cause = cause_for(phase)
+            if cause:
+                console.print(f"  likely cause: {cause}", style="dim", highlight=False)
     console.print(Text(f"verdict: {report.verdict.upper()} (exit {report.exit_code})", style=_style(report.verdict)))
 
 
