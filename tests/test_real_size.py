@@ -85,7 +85,9 @@ def test_the_printed_table_marks_every_row_as_expected(table):
     assert text.count("| ✓ ") == len(CASES) and "✗" not in text
 
 
-@pytest.fixture(scope="module")
+# Session scope: a finalized in-process engine tears down vLLM's process-wide parallel state under
+# the engines still in use (the shared `checker`), so no engine is dropped before the session ends.
+@pytest.fixture(scope="session")
 def bf16_llm():
     """A user's bf16 engine on the bf16 base, with lora-doctor's worker extension."""
     import gc
