@@ -139,12 +139,14 @@ def measure_logits(
                 ids, left = ids[:left], left - len(ids)
                 own = reference.prompt_logprobs(ids, alpha)
                 ahead = reference.prompt_logprobs(ids, alpha + SLOPE_STEP)
-                for table, at_alpha, at_ahead in zip(engine_tables[: len(ids)], own, ahead, strict=True):
+                for n, table in enumerate(engine_tables[: len(ids)]):
+                    at_alpha, at_ahead = own[n], ahead[n]
+                    own[n] = ahead[n] = None  # each prompt's two tables give way to its tangent's two
                     slope = (at_ahead - at_alpha) / SLOPE_STEP
                     tally.add(table, at_alpha, slope)
                     # The tangent at the midpoint, where the difference is the slope to second order.
-                    tangent.append((table, (at_alpha + at_ahead) / 2, slope))
-                del own, ahead
+                    tangent.append((table, at_alpha.add(at_ahead).div_(2), slope))
+                    del at_alpha, at_ahead
             node, middle = tally.node(), alpha + SLOPE_STEP / 2
             step = tangent_minimum(tangent, scale_range[0] - middle, scale_range[1] - middle)
             return dataclasses.replace(node, step=step + SLOPE_STEP / 2)
