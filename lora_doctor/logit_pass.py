@@ -42,6 +42,9 @@ CHUNK_POSITIONS = 512
 # reference at some α every token has its minimum there, so a sample finds it; the α they end at is
 # then evaluated over every prompt. Keeps the fit a small part of a phase with many prompts.
 FIT_SAMPLE_POSITIONS = 512
+# Positions the tangent's minimum is found on (the first prompts, whole): its Newton iterations pass
+# over these tables several times, and every token has its minimum at the engine's α.
+TANGENT_POSITIONS = 128
 
 
 @dataclass
@@ -145,7 +148,8 @@ def measure_logits(
                     slope = (at_ahead - at_alpha) / SLOPE_STEP
                     tally.add(table, at_alpha, slope)
                     # The tangent at the midpoint, where the difference is the slope to second order.
-                    tangent.append((table, at_alpha.add(at_ahead).div_(2), slope))
+                    if sum(len(t[0]) for t in tangent) < TANGENT_POSITIONS:
+                        tangent.append((table, at_alpha.add(at_ahead).div_(2), slope))
                     del at_alpha, at_ahead
             node, middle = tally.node(), alpha + SLOPE_STEP / 2
             step = tangent_minimum(tangent, scale_range[0] - middle, scale_range[1] - middle)
