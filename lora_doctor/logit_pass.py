@@ -10,6 +10,7 @@ another α reads them back, one chunk at a time, instead of asking the engine ag
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import tempfile
 import time
@@ -18,7 +19,19 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .metrics import NODE_SLOPES, SLOPE_STEP, LogitComparison, Node, NodeTally, ScaleFit, TokenTally, fit_scale, kl_per_token, node_slope
+from .metrics import (
+    NODE_SLOPES,
+    SLOPE_STEP,
+    LogitComparison,
+    Node,
+    NodeTally,
+    ScaleFit,
+    TokenTally,
+    fit_scale,
+    kl_per_token,
+    node_slope,
+    tangent_minimum,
+)
 from .reference import PREVIOUS_ADAPTER
 
 # Prompt positions per chunk. A phase's peak holds about three (chunk × vocab) float32 tables plus
@@ -29,6 +42,9 @@ CHUNK_POSITIONS = 512
 # reference at some α every token has its minimum there, so a sample finds it; the α they end at is
 # then evaluated over every prompt. Keeps the fit a small part of a phase with many prompts.
 FIT_SAMPLE_POSITIONS = 512
+# Positions the tangent's minimum is found on (the first prompts, whole): its Newton iterations pass
+# over these tables several times, and every token has its minimum at the engine's α.
+TANGENT_POSITIONS = 128
 
 
 @dataclass
@@ -117,17 +133,27 @@ def measure_logits(
         sample = sample or nodes
 
         def measure(alpha: float) -> Node:
-            """The objective and its slope at a new α over the sample: the engine's tables read back."""
-            tally, left = NodeTally(), sample_count
+            """The objective, its slope and the tangent's minimum at a new α over the sample: the
+            engine's tables read back."""
+            tally, left, tangent = NodeTally(higher=True), sample_count, []
             for ids, engine_tables in zip(chunks, stored, strict=True):
                 if left <= 0:
                     break
                 ids, left = ids[:left], left - len(ids)
                 own = reference.prompt_logprobs(ids, alpha)
                 ahead = reference.prompt_logprobs(ids, alpha + SLOPE_STEP)
-                for table, at_alpha, at_ahead in zip(engine_tables[: len(ids)], own, ahead, strict=True):
-                    tally.add(table, at_alpha, (at_ahead - at_alpha) / SLOPE_STEP)
-            return tally.node()
+                for n, table in enumerate(engine_tables[: len(ids)]):
+                    at_alpha, at_ahead = own[n], ahead[n]
+                    own[n] = ahead[n] = None  # each prompt's two tables give way to its tangent's two
+                    slope = (at_ahead - at_alpha) / SLOPE_STEP
+                    tally.add(table, at_alpha, slope)
+                    # The tangent at the midpoint, where the difference is the slope to second order.
+                    if sum(len(t[0]) for t in tangent) < TANGENT_POSITIONS:
+                        tangent.append((table, at_alpha.add(at_ahead).div_(2), slope))
+                    del at_alpha, at_ahead
+            node, middle = tally.node(), alpha + SLOPE_STEP / 2
+            step = tangent_minimum(tangent, scale_range[0] - middle, scale_range[1] - middle)
+            return dataclasses.replace(node, step=step + SLOPE_STEP / 2)
 
         def kl_at(alpha: float) -> float:
             """The objective at a new α over every prompt."""

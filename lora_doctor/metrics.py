@@ -101,25 +101,33 @@ class TokenTally:
 @dataclass(frozen=True)
 class Node:
     """The fit objective at one scale α: mean KL(reference@α ‖ engine), its slope in α and its
-    Gauss-Newton curvature (the reference's Fisher information along α)."""
+    Gauss-Newton curvature (the reference's Fisher information along α). Where asked for: the
+    objective's whole second derivative along the reference's tangent ℓ + ℓ'·d (renormalised), which
+    Gauss-Newton keeps only at a zero residual, and `step`, how far along α that tangent puts the
+    objective's minimum."""
 
     kl: float
     slope: float
     curvature: float
+    second: float | None = None
+    step: float | None = None
 
 
 class NodeTally:
     """Sums over tokens of KL(reference@α ‖ engine), its slope and curvature in α, accumulated
     prompt by prompt so that no table outlives its prompt.
 
-    With ℓ = log p_α and ℓ' = ∂ℓ/∂α: slope = Cov_p(ℓ', ℓ − log e); curvature = Var_p(ℓ'), the
-    Gauss-Newton part of the second derivative, exact at a minimum where the engine is the
-    reference at some α.
+    With ℓ = log p_α, u = ℓ' = ∂ℓ/∂α and δ = ℓ − log e: slope = Cov_p(u, δ); curvature = Var_p(u),
+    the Gauss-Newton part of the second derivative, exact at a minimum where the engine is the
+    reference at some α. With `higher`, the tangent family p·exp(u·d) (an exponential family in d)
+    gives the objective's second derivative at d = 0 from joint cumulants of (δ, u) under p:
+    second = Var(u) + κ(δ,u,u).
     """
 
-    def __init__(self):
+    def __init__(self, higher: bool = False):
         self.tokens = 0
-        self.kl = self.slope = self.curvature = 0.0
+        self.kl = self.slope = self.curvature = self.second = 0.0
+        self.higher = higher
 
     def add(self, engine: torch.Tensor, own: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
         """One prompt: the engine's table, the reference's at α and ∂ℓ/∂α there. Returns the
@@ -133,8 +141,14 @@ class NodeTally:
             weighted = p * d
             mean = weighted.sum(-1).double()
             per_token[rows] = kl
-            self.slope += float((torch.linalg.vecdot(weighted, diff).double() - mean * kl).sum())
-            self.curvature += float((torch.linalg.vecdot(weighted, d).double() - mean**2).sum())
+            covariance = torch.linalg.vecdot(weighted, diff).double() - mean * kl
+            variance = torch.linalg.vecdot(weighted, d).double() - mean**2
+            self.slope += float(covariance.sum())
+            self.curvature += float(variance.sum())
+            if self.higher:
+                centred = d - mean.to(dtype)[:, None]  # d may be the caller's table: not in place
+                mixed = torch.linalg.vecdot(p.mul_(centred).mul_(centred), diff).double() - kl * variance
+                self.second += float((variance + mixed).sum())
         per_token.clamp_min_(0.0)
         self.kl += float(per_token.sum())
         self.tokens += engine.shape[0]
@@ -142,7 +156,9 @@ class NodeTally:
 
     def node(self) -> Node:
         n = max(self.tokens, 1)
-        return Node(self.kl / n, self.slope / n, self.curvature / n)
+        if not self.higher:
+            return Node(self.kl / n, self.slope / n, self.curvature / n)
+        return Node(self.kl / n, self.slope / n, self.curvature / n, self.second / n)
 
 
 # Slope ∂ℓ/∂α of the reference's log-probs at α = 0, 1, 2 from its tables at those three scales
@@ -155,6 +171,35 @@ def node_slope(alpha: float, tables: list[torch.Tensor]) -> torch.Tensor:
     (w0, w1, w2), (t0, t1, t2) = NODE_SLOPES[alpha], tables
     slope = t0.mul(w0).add_(t2, alpha=w2)
     return slope.add_(t1, alpha=w1) if w1 else slope
+
+
+# Newton iterations along one tangent, and the step in α below which they stop: the tangent is only
+# a model of the reference, so 1e-4 (a hundredth of the reported ±0.01) is as far as it is worth.
+TANGENT_ITERATIONS = 8
+TANGENT_TOLERANCE = 1e-4
+
+
+def tangent_minimum(tables: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], low: float, high: float) -> float:
+    """The d ∈ [low, high] that minimises the mean KL(softmax(ℓ + u·d) ‖ e) over the prompts'
+    (engine e, reference ℓ at α, u = ∂ℓ/∂α there) tables: where the reference's tangent at α puts the
+    objective's minimum. Exact for logits linear in α; for the reference, its error is second order
+    in d (the curvature of ℓ in α). Newton steps on the exact derivatives of that model, a worse
+    point halving the step back."""
+    best, best_kl, d = 0.0, math.inf, 0.0
+    for _ in range(TANGENT_ITERATIONS):
+        tally = NodeTally(higher=True)
+        for engine, own, slope in tables:
+            tally.add(engine, torch.log_softmax(own + slope * d, -1) if d else own, slope)
+        node = tally.node()
+        if node.kl > best_kl:
+            d = (d + best) / 2  # worse: halfway back
+            continue
+        best, best_kl = d, node.kl
+        step = -node.slope / node.second if node.second > 0 else _newton_step(node)
+        d = min(max(d + step, low), high)
+        if abs(d - best) < TANGENT_TOLERANCE:
+            return d
+    return best
 
 
 @dataclass(frozen=True)
@@ -172,9 +217,9 @@ class ScaleFit:
 
 # The fit stops when a step moves α by less than this: half the ±0.01 the scale is reported to.
 SCALE_TOLERANCE = 5e-3
-# Gauss-Newton steps the fit may take after the nodes α ∈ {0, 1, 2}; each costs two reference
-# forwards (α and α + SLOPE_STEP), on a sample of the prompts, and one more over every prompt checks
-# where the steps end: 3 + 2·2 + 1 = 8 reference forwards per phase at most.
+# Steps the fit may take after the nodes α ∈ {0, 1, 2}; each costs two reference forwards (α and
+# α + SLOPE_STEP), on a sample of the prompts, and one more over every prompt checks where the steps
+# end: 3 + 2·2 + 1 = 8 reference forwards per phase at most.
 FIT_STEPS = 2
 # α step of the forward difference that gives ∂ℓ/∂α away from the nodes: small against the
 # curvature of ℓ in α, large against float32 rounding of log-probs (~1e-6).
@@ -194,21 +239,20 @@ def fit_scale(
     """Minimise the mean KL(reference@α ‖ engine) over α ∈ [low, high].
 
     `nodes` are the objective at α = 0, 1, 2 (slopes from the parabola through the three tables)
-    and `measure(α)` the objective at a new α with an exact slope, both possibly on a sample of the
-    tokens; `kl_nodes` and `kl_at(α)` are the objective over every token (default: the nodes' own).
-    From the best node a Gauss-Newton step (−slope / curvature) says whether the minimum is the
-    node itself — the usual ok / double counted / missing phases, no further call — and where it
-    is otherwise; past the outer nodes, where the parabola's slope is an extrapolation, the first
-    step is at least one node spacing. Then Gauss-Newton steps on exact slopes, a worse point
-    halving the step back; where they end is evaluated over every token, and the result is the
-    best of that point and the nodes.
+    and `measure(α)` the objective at a new α with an exact slope and, when it has one, the step to
+    the minimum along the reference's tangent there (`tangent_minimum`), both possibly on a sample
+    of the tokens; `kl_nodes` and `kl_at(α)` are the objective over every token (default: the
+    nodes' own). From the best node a Gauss-Newton step (−slope / curvature) says whether the
+    minimum is the node itself — the usual ok / double counted / missing phases, no further call —
+    and where it is otherwise (`_first_step` for the outer nodes). Then steps to each measured
+    point's tangent minimum (Gauss-Newton without one); a worse point sends the next step back
+    (`_step_back`); where they end is evaluated over every token, and the result is the best of
+    that point and the nodes.
     """
     overall = dict(kl_nodes) if kl_nodes is not None else {alpha: node.kl for alpha, node in nodes.items()}
     points = {alpha: node.kl for alpha, node in nodes.items()}
     best = min(points, key=points.__getitem__)
-    step = _newton_step(nodes[best])
-    if abs(step) > tolerance and ((best == min(nodes) and step < 0) or (best == max(nodes) and step > 0)):
-        step = math.copysign(max(abs(step), 1.0), step)
+    step = _first_step(nodes, best, tolerance)
     for _ in range(steps if abs(step) > tolerance else 0):
         alpha = min(max(best + step, low), high)
         if min(abs(alpha - x) for x in points) < tolerance / 2:
@@ -216,9 +260,9 @@ def fit_scale(
         node = measure(alpha)
         points[alpha] = node.kl
         if node.kl >= points[best]:
-            step = (alpha - best) / 2  # worse: halfway back
+            step = _step_back(best, alpha, node)
             continue
-        best, step = alpha, _newton_step(node)
+        best, step = alpha, node.step if node.step is not None else _newton_step(node)
         if abs(step) <= tolerance:
             break
     target = best if abs(step) <= tolerance else min(max(best + step, low), high)
@@ -227,6 +271,36 @@ def fit_scale(
     best = min(overall, key=overall.__getitem__)
     at_edge = best <= low + tolerance or best >= high - tolerance
     return ScaleFit(scale=float(best), kl=float(overall[best]), at_edge=at_edge)
+
+
+# An outer node whose inward Gauss-Newton step explains less than this share of its KL is not near
+# the minimum: the slope there is the parabola's extrapolation, and on the loud fixture a minimum
+# past the node shows as a slight inward slope (explained share 1e-3 with the engine at 3.5) where
+# a true inward minimum explains ≥ 4% (0.25, 0.5, 0.6, 1.8).
+EXPLAINED_SHARE = 0.01
+
+
+def _first_step(nodes: dict[float, Node], best: float, tolerance: float) -> float:
+    """The step from the best node. Past the outer nodes the parabola's slope is an extrapolation:
+    a step outwards is at least one node spacing, and so is one from an outer node that the objective
+    falls into from its neighbour while its quadratic model cannot explain its KL (the minimum lies
+    beyond, past a ridge the extrapolated slope does not see)."""
+    node, step = nodes[best], _newton_step(nodes[best])
+    if abs(step) <= tolerance or best not in (min(nodes), max(nodes)):
+        return step
+    outward = 1.0 if best == max(nodes) else -1.0
+    if step * outward > 0:
+        return outward * max(abs(step), 1.0)
+    explained = -0.5 * node.slope * step  # the model's fall to its minimum: slope²/(2·curvature)
+    return outward if explained < EXPLAINED_SHARE * node.kl else step
+
+
+def _step_back(best: float, alpha: float, node: Node) -> float:
+    """From `best`, the step after a worse point at `alpha`: to the minimum that point's tangent
+    names when it lies between the two (the minimum was overshot), else halfway back."""
+    if node.step is not None and min(best, alpha) < alpha + node.step < max(best, alpha):
+        return alpha + node.step - best
+    return (alpha - best) / 2
 
 
 def _newton_step(node: Node) -> float:

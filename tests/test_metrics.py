@@ -5,7 +5,17 @@ import math
 import pytest
 import torch
 
-from lora_doctor.metrics import SLOPE_STEP, NodeTally, compare_logprobs, fit_scale, greedy_match, kl_per_token, mean_kl, node_slope
+from lora_doctor.metrics import (
+    SLOPE_STEP,
+    NodeTally,
+    compare_logprobs,
+    fit_scale,
+    greedy_match,
+    kl_per_token,
+    mean_kl,
+    node_slope,
+    tangent_minimum,
+)
 
 
 def test_kl_of_identical_distributions_is_zero():
@@ -110,6 +120,31 @@ def test_node_slope_and_curvature_match_finite_differences_of_the_objective():
     matched.add(engine, at(1.3), (at(1.3 + 1e-6) - at(1.3 - 1e-6)) / 2e-6)
     second = (mean_kl([at(1.3 + h)], [engine]) - 2 * mean_kl([at(1.3)], [engine]) + mean_kl([at(1.3 - h)], [engine])) / h**2
     assert matched.node().curvature == pytest.approx(second, rel=1e-3)
+
+
+def test_second_derivative_along_the_tangent_matches_finite_differences_away_from_the_minimum():
+    at = _linear_family()
+    engine = at(1.3)
+    # Away from the minimum Gauss-Newton misses KL's asymmetry; the tangent's second derivative
+    # does not (for logits linear in α the tangent is the family itself).
+    tally = NodeTally(higher=True)
+    tally.add(engine, at(0.6), (at(0.6 + 1e-6) - at(0.6 - 1e-6)) / 2e-6)
+    h = 1e-4
+    second = (mean_kl([at(0.6 + h)], [engine]) - 2 * mean_kl([at(0.6)], [engine]) + mean_kl([at(0.6 - h)], [engine])) / h**2
+    assert tally.node().second == pytest.approx(second, rel=1e-3)
+    assert abs(tally.node().curvature - second) > 0.05 * second
+
+
+@pytest.mark.parametrize(("start", "true_scale"), [(0.3, 2.8284), (3.0, 3.5), (-1.0, -0.5), (2.0, 0.25)])
+def test_the_tangent_minimum_is_exact_for_logits_linear_in_the_scale(start, true_scale):
+    at = _linear_family()
+    engine = at(true_scale)
+    own = at(start)
+    slope = (at(start + 1e-6) - at(start - 1e-6)) / 2e-6
+    step = tangent_minimum([(engine, own, slope)], -1.0 - start, 4.0 - start)
+    assert start + step == pytest.approx(true_scale, abs=1e-3)
+    # Bounded by the searched range.
+    assert tangent_minimum([(engine, own, slope)], -0.1, 0.1) == pytest.approx(0.1 if true_scale > start else -0.1)
 
 
 def test_kl_per_token_in_float32_blocks_matches_float64():

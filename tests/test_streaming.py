@@ -3,14 +3,17 @@ that stays within ±0.01 in at most 8 reference forwards per phase."""
 
 from __future__ import annotations
 
+import importlib
 import json
+import math
 
 import pytest
 import torch
-from conftest import BASE, CHECKPOINT, run_cli
+from conftest import BASE, CHECKPOINT, ROOT, run_cli
 
 from lora_doctor.engine import _dense_prompt_logprobs
 from lora_doctor.logit_pass import measure_logits, prompt_chunks
+from lora_doctor.plans import get_plan
 from lora_doctor.sync import Sync
 
 # Both sides are float32 on CPU: the same numbers, summed in another order.
@@ -18,7 +21,8 @@ KL_TOLERANCE = dict(rel=1e-4, abs=1e-9)
 
 
 def synced(checker, scale: float, adapter: bool = False):
-    """Put the shared engine in a known state (merged at `scale`, or base + adapter); its request."""
+    """Put the shared engine in a known state (merged at `scale`, or base + adapter); its request.
+    A sync handle driven directly: a plan must probe, and these tests measure the state themselves."""
     sync = Sync(checker.engine, checker.checkpoint, checker.reference, checker._measure, checker.previous)
     if adapter:
         sync.load_merged(scale=1.0)
@@ -95,6 +99,39 @@ def test_scale_fit_within_a_hundredth_in_at_most_eight_reference_forwards(checke
     assert len(forwards) <= 8
     if scale in (0.0, 1.0, 2.0):
         assert forwards == [0.0, 1.0, 2.0]  # the nodes answer: no forward spent on the fit
+
+
+@pytest.mark.parametrize(
+    ("function", "scale"),
+    [("merged_at_1_5", 1.5), ("merged_at_sqrt_r", math.sqrt(8)), ("merged_at_3_5", 3.5), ("merged_at_minus_half", -0.5)],
+)
+def test_scale_fit_off_the_nodes_within_a_hundredth_in_at_most_eight_forwards(checker, monkeypatch, function, scale):
+    check = importlib.import_module("lora_doctor.check")  # the package's `check` is the function
+
+    reference = checker.measurer.reference
+    own, own_measure = reference.prompt_logprobs, check.measure_logits
+    passes = []  # per logit pass: the α of every reference forward of the current LoRA, and the figures
+
+    def counted(prompts, alpha=1.0, adapter=None):
+        if adapter is None:
+            passes[-1][0].append(alpha)
+        return own(prompts, alpha, adapter)
+
+    def measured(*args, **kwargs):
+        passes.append(([], None))
+        figures = own_measure(*args, **kwargs)
+        passes[-1] = (passes[-1][0], figures)
+        return figures
+
+    monkeypatch.setattr(reference, "prompt_logprobs", counted)
+    monkeypatch.setattr(check, "measure_logits", measured)
+    (phase,) = checker.run(get_plan(f"{ROOT / 'tests' / 'scale_plans.py'}:{function}")).phases
+    forwards, figures = passes[-1]  # the phase's pass (a first run also measures the noise before it)
+    assert figures.fit.scale == pytest.approx(scale, abs=0.01)
+    assert not figures.fit.at_edge
+    assert phase.effective_scale == figures.fit.scale
+    assert len(forwards) <= 8
+    assert forwards[:3] == [0.0, 1.0, 2.0]
 
 
 def test_kl_directions_agree_between_mean_kl_and_kl_at_scale(checker):
