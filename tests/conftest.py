@@ -63,6 +63,30 @@ def assert_one_line_error(run: CliRun, exit_code: int, needle: str, unwritten: P
     return lines[0]
 
 
+def user_engine(model: Path, dtype: str):
+    """An engine as a user builds it for lora-doctor: in-process, LoRA enabled, full-vocabulary
+    log-probs, lora-doctor's worker extension. Keep it for the whole session: a finalized in-process
+    engine tears down vLLM's process-wide parallel state under the engines still in use."""
+    import gc
+
+    os.environ.update(ENGINE_ENV)
+    from vllm import LLM
+
+    # An engine dropped earlier is finalized now, before this one sets the parallel state up.
+    gc.collect()
+    return LLM(
+        model=str(model),
+        dtype=dtype,
+        enable_lora=True,
+        max_lora_rank=8,
+        max_model_len=256,
+        enforce_eager=True,
+        enable_prefix_caching=False,
+        max_logprobs=-1,
+        worker_extension_cls="lora_doctor.worker.LoraDoctorWorker",
+    )
+
+
 @pytest.fixture(scope="session")
 def checkpoint_dir() -> Path:
     return CHECKPOINT

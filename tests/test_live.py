@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import BASE, CHECKPOINT, ENGINE_ENV, PROMPTS, ROOT
+from conftest import BASE, CHECKPOINT, ENGINE_ENV, PROMPTS, ROOT, user_engine
 
 from lora_doctor import probe
 from lora_doctor.callback import LoraDoctorCallback
@@ -16,25 +16,10 @@ from lora_doctor.callback import LoraDoctorCallback
 SCALE_TOLERANCE = 0.05
 
 
-# Session scope: a finalized in-process engine tears down vLLM's process-wide parallel state under
-# the engines still in use (the shared `checker`), so no engine is dropped before the session ends.
 @pytest.fixture(scope="session")
 def llm():
     """The user's own engine: built here, with lora-doctor's worker extension for per-module figures."""
-    os.environ.update(ENGINE_ENV)
-    from vllm import LLM
-
-    return LLM(
-        model=str(BASE),
-        dtype="float32",
-        enable_lora=True,
-        max_lora_rank=8,
-        max_model_len=256,
-        enforce_eager=True,
-        enable_prefix_caching=False,
-        max_logprobs=-1,
-        worker_extension_cls="lora_doctor.worker.LoraDoctorWorker",
-    )
+    return user_engine(BASE, "float32")
 
 
 def policy(trainable: bool = False):

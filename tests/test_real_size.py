@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, user_engine
 
 sys.path.insert(0, str(ROOT / "bench"))
 import verdict_matrix as matrix  # noqa: E402
@@ -85,33 +85,10 @@ def test_the_printed_table_marks_every_row_as_expected(table):
     assert text.count("| ✓ ") == len(CASES) and "✗" not in text
 
 
-# Session scope: a finalized in-process engine tears down vLLM's process-wide parallel state under
-# the engines still in use (the shared `checker`), so no engine is dropped before the session ends.
 @pytest.fixture(scope="session")
 def bf16_llm():
     """A user's bf16 engine on the bf16 base, with lora-doctor's worker extension."""
-    import gc
-    import os
-
-    from conftest import ENGINE_ENV
-
-    os.environ.update(ENGINE_ENV)
-    from vllm import LLM
-
-    # An in-process engine dropped by an earlier test tears down vLLM's process-wide parallel state
-    # when it is finalized: let that happen before this engine sets it up, not under it.
-    gc.collect()
-    return LLM(
-        model=str(matrix.FIXTURES / "tiny-qwen2-bf16"),
-        dtype="bfloat16",
-        enable_lora=True,
-        max_lora_rank=8,
-        max_model_len=256,
-        enforce_eager=True,
-        enable_prefix_caching=False,
-        max_logprobs=-1,
-        worker_extension_cls="lora_doctor.worker.LoraDoctorWorker",
-    )
+    return user_engine(matrix.FIXTURES / "tiny-qwen2-bf16", "bfloat16")
 
 
 def test_probe_judges_a_float32_policy_on_a_bf16_engine_by_the_engines_precision(bf16_llm):
