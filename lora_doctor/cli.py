@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .errors import INTERNAL_ERROR_EXIT_CODE, BadInput, LoraDoctorError
+from .errors import INTERNAL_ERROR_EXIT_CODE, BadInput, LoraDoctorError, one_line
 from .output import save_crash
 
 app = typer.Typer(
@@ -261,15 +261,10 @@ def main() -> None:
             sys.exit(2 if error.exit_code != 0 else 0)
         crash = save_crash(error)
         stderr.print(
-            f"[bold red]internal error:[/] {escape(type(error).__name__)}: {escape(_first_line(error))} — lora-doctor crashed; "
+            f"[bold red]internal error:[/] {escape(type(error).__name__)}: {escape(one_line(error))} — lora-doctor crashed; "
             f"the full traceback is in {escape(str(crash))} (please attach it to a bug report)",
             highlight=False,
             soft_wrap=True,
         )
         sys.exit(INTERNAL_ERROR_EXIT_CODE)
     sys.exit(code if isinstance(code, int) else 0)
-
-
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else "(no message)"

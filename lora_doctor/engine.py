@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import BadInput, EnvironmentProblem, LoraDoctorError, memory_problem, out_of_memory
+from .errors import BadInput, EnvironmentProblem, LoraDoctorError, memory_problem, one_line, out_of_memory
 
 WORKER_EXTENSION = "lora_doctor.worker.LoraDoctorWorker"
 INSTALL_HINT = "install the engine with: pip install 'lora-doctor[cpu]' (CPU) or 'lora-doctor[gpu]'"
@@ -268,14 +268,6 @@ class Engine:
             if shutdown is not None and hasattr(shutdown, "shutdown"):
                 shutdown.shutdown()
             del self.llm
-
-
-def one_line(error: BaseException) -> str:
-    """The most telling line of an exception (pydantic errors put it in the middle)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    lines = [line for line in lines if not line.startswith("For further information")]
-    telling = [line for line in lines if "error" in line.lower()]
-    return (telling or lines or [type(error).__name__])[-1]
 
 
 def _dense_prompt_logprobs(flat, vocab_size: int) -> torch.Tensor:

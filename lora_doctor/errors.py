@@ -37,6 +37,14 @@ class ProblemDetected(LoraDoctorError):
         self.report = report
 
 
+def one_line(error: BaseException) -> str:
+    """The most telling line of an exception (pydantic errors put it in the middle)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith("For further information")]
+    telling = [line for line in lines if "error" in line.lower()]
+    return (telling or lines or [type(error).__name__])[-1]
+
+
 def out_of_memory(error: BaseException) -> bool:
     """Whether an error means the machine ran out of memory (torch, Python, or the OS refusing a map)."""
     if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
