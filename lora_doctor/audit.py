@@ -20,13 +20,14 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy
 import torch
 
 from . import __version__
+from .bf16_sums import bf16_sums
 from .checkpoint import ADAPTER_WEIGHTS, PEFT_PREFIX, load_checkpoint
 from .errors import BadInput
 from .lora_delta import LoraFactors, load_lora_factors, merge_in_dtype
@@ -109,10 +110,21 @@ class _Module:
         self.name = name
         self.factors = factors
         self.gram = torch.zeros(3, 3, dtype=torch.float64)
+        # ΔW's rows [start, end) = scaling · left[start:end] @ right: `LoraFactors.delta` as one GEMM into
+        # a reused buffer (the GEMM's alpha gives the same float32 values as multiplying afterwards).
+        if factors.fan_in_fan_out:
+            self._left, self._right = factors.A.float().T.contiguous(), factors.B.float().T.contiguous()
+        else:
+            self._left, self._right = factors.B.float().contiguous(), factors.A.float().contiguous()
+        self._delta = torch.empty(0)
 
     def add_rows(self, start: int, end: int, merged: torch.Tensor, w0: torch.Tensor) -> None:
         """Rows [start, end) of the export's weight and the base's."""
         delta = self._delta_rows(start, end)
+        if merged.dtype == torch.bfloat16 and w0.dtype in (torch.bfloat16, torch.float32):
+            ee, eD, eX, DD, DX, XX = bf16_sums(merged, w0, delta)
+            self.gram += torch.tensor([[ee, eD, eX], [eD, DD, DX], [eX, DX, XX]], dtype=torch.float64)
+            return
         expected = merge_in_dtype(w0, delta, merged.dtype)
         precision = torch.float64 if merged.dtype.itemsize >= 4 else torch.float32
         vectors = torch.empty(3, *delta.shape, dtype=precision)
@@ -123,10 +135,12 @@ class _Module:
         self.gram += (flat @ flat.T).double()
 
     def _delta_rows(self, start: int, end: int) -> torch.Tensor:
-        """Rows of ΔW through the project's `LoraFactors.delta`, on the factors' matching slice."""
-        if self.factors.fan_in_fan_out:
-            return replace(self.factors, A=self.factors.A[:, start:end]).delta()
-        return replace(self.factors, B=self.factors.B[start:end]).delta()
+        """Rows of ΔW in float32, in the export weight's layout."""
+        size = (end - start) * self._right.shape[1]
+        if self._delta.numel() < size:
+            self._delta = torch.empty(size)
+        rows = self._delta[:size].view(end - start, self._right.shape[1])
+        return torch.addmm(rows, self._left[start:end], self._right, beta=0, alpha=self.factors.scaling, out=rows)
 
     def figures(self) -> _Figures | None:
         (ee, eD, eX), (_, DD, DX), (_, _, XX) = self.gram.tolist()

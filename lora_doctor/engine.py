@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .compat import let_vllm_scan_llvmlite
 from .errors import BadInput, EnvironmentProblem, LoraDoctorError, memory_problem, one_line, out_of_memory
 
 WORKER_EXTENSION = "lora_doctor.worker.LoraDoctorWorker"
@@ -58,6 +59,7 @@ def _thread_binding(ranks: int) -> str:
 
 def import_vllm():
     """Import vLLM or explain, in one line, how to get it (exit 3)."""
+    let_vllm_scan_llvmlite()
     try:
         import vllm
         from vllm.lora.request import LoRARequest  # noqa: F401
