@@ -39,11 +39,15 @@ from .reference import PREVIOUS_ADAPTER
 # ~200-token prompts); larger chunks save little time, small vocabularies fit every prompt in one.
 CHUNK_POSITIONS = 512
 # Positions the fit's Gauss-Newton steps look at (the first prompts, whole): when the engine is the
-# reference at some α every token has its minimum there, so a sample finds it; the α they end at is
-# then evaluated over every prompt. Keeps the fit a small part of a phase with many prompts.
-FIT_SAMPLE_POSITIONS = 512
-# Positions the tangent's minimum is found on (the first prompts, whole): its Newton iterations pass
-# over these tables several times, and every token has its minimum at the engine's α.
+# reference at some α every token has its minimum there, so a sample finds it.
+FIT_SAMPLE_POSITIONS = 128
+# Positions the α the steps end at is judged on, against the nodes (the first prompts, whole): the
+# fitted α and `kl_at_scale` come from them. Over every prompt this one forward cost a quarter of a
+# phase at 4k positions (the fit then took 25–32% of the phases' time); the objective at the nodes
+# over every prompt stays in `kl_at`.
+FIT_CHECK_POSITIONS = 512
+# Positions the tangent's minimum is found on (the sample's first rows): its Newton iterations (5–7
+# measured) pass over these tables several times, and every token has its minimum at the engine's α.
 TANGENT_POSITIONS = 128
 
 
@@ -52,7 +56,7 @@ class PhaseLogits:
     """What the logits say about one phase; every KL is KL(reference ‖ engine) per token, averaged."""
 
     comparison: LogitComparison  # the reference at α = 1 against the engine
-    fit: ScaleFit
+    fit: ScaleFit  # its kl: over the first prompts (≥ FIT_CHECK_POSITIONS positions, or every prompt)
     # The fit objective at the nodes α = 0, 1, 2: mean KL(reference@α ‖ engine) over every prompt.
     kl_at: dict[float, float]
     # Mean KL(reference@1 ‖ reference@α) for α = 0 and 2: how far the LoRA moves the logits.
@@ -100,6 +104,8 @@ def measure_logits(
     nodes = {alpha: NodeTally() for alpha in NODE_SLOPES}
     sample: dict[float, NodeTally] | None = None  # the nodes over the fit's sample: the first prompts
     sample_count = len(token_ids)
+    check: dict[float, NodeTally] | None = None  # the nodes over the first prompts the fitted α is judged on
+    check_count = len(token_ids)
     reference_kl = {0.0: 0.0, 2.0: 0.0}
     previous_kl = []
     with _EngineTables(spill=len(chunks) > 1) as stored:
@@ -122,6 +128,9 @@ def measure_logits(
                 if sample is None and nodes[1.0].tokens >= FIT_SAMPLE_POSITIONS:
                     sample = {alpha: copy.copy(tally) for alpha, tally in nodes.items()}
                     sample_count = tokens.prompts
+                if check is None and nodes[1.0].tokens >= FIT_CHECK_POSITIONS:
+                    check = {alpha: copy.copy(tally) for alpha, tally in nodes.items()}
+                    check_count = tokens.prompts
             del at, tables
             if previous:
                 previous_tables = reference.prompt_logprobs(ids, 1.0, PREVIOUS_ADAPTER)
@@ -130,35 +139,40 @@ def measure_logits(
             del engine_tables
             seconds["reference"] += time.perf_counter() - started
 
-        sample = sample or nodes
+        sample, check = sample or nodes, check or nodes
+
+        def first_prompts(count: int):
+            """(prompts, the engine's tables) of the first `count` prompts, chunk by chunk: read back."""
+            for chunk, ids in enumerate(chunks):
+                if count <= 0:
+                    return
+                yield ids[:count], stored.first(chunk, count)
+                count -= len(ids)
 
         def measure(alpha: float) -> Node:
-            """The objective, its slope and the tangent's minimum at a new α over the sample: the
-            engine's tables read back."""
-            tally, left, tangent = NodeTally(higher=True), sample_count, []
-            for ids, engine_tables in zip(chunks, stored, strict=True):
-                if left <= 0:
-                    break
-                ids, left = ids[:left], left - len(ids)
+            """The objective, its slope and the tangent's minimum at a new α over the sample."""
+            tally, tangent = NodeTally(higher=True), []
+            for ids, engine_tables in first_prompts(sample_count):
                 own = reference.prompt_logprobs(ids, alpha)
                 ahead = reference.prompt_logprobs(ids, alpha + SLOPE_STEP)
-                for n, table in enumerate(engine_tables[: len(ids)]):
+                for n, table in enumerate(engine_tables):
                     at_alpha, at_ahead = own[n], ahead[n]
                     own[n] = ahead[n] = None  # each prompt's two tables give way to its tangent's two
                     slope = (at_ahead - at_alpha) / SLOPE_STEP
                     tally.add(table, at_alpha, slope)
                     # The tangent at the midpoint, where the difference is the slope to second order.
-                    if sum(len(t[0]) for t in tangent) < TANGENT_POSITIONS:
-                        tangent.append((table, at_alpha.add(at_ahead).div_(2), slope))
+                    room = TANGENT_POSITIONS - sum(len(t[0]) for t in tangent)
+                    if room > 0:
+                        tangent.append((table[:room], at_alpha[:room].add(at_ahead[:room]).div_(2), slope[:room]))
                     del at_alpha, at_ahead
             node, middle = tally.node(), alpha + SLOPE_STEP / 2
             step = tangent_minimum(tangent, scale_range[0] - middle, scale_range[1] - middle)
             return dataclasses.replace(node, step=step + SLOPE_STEP / 2)
 
         def kl_at(alpha: float) -> float:
-            """The objective at a new α over every prompt."""
+            """The objective at a new α over the prompts the fitted α is judged on."""
             total, count = 0.0, 0
-            for ids, engine_tables in zip(chunks, stored, strict=True):
+            for ids, engine_tables in first_prompts(check_count):
                 for table, own in zip(engine_tables, reference.prompt_logprobs(ids, alpha), strict=True):
                     kl = kl_per_token(own, table)
                     total, count = total + float(kl.sum()), count + len(kl)
@@ -167,7 +181,7 @@ def measure_logits(
         started = time.perf_counter()
         node_figures = {alpha: tally.node() for alpha, tally in nodes.items()}
         sample_figures = {alpha: tally.node() for alpha, tally in sample.items()}
-        kl_nodes = {alpha: node.kl for alpha, node in node_figures.items()}
+        kl_nodes = {alpha: tally.node().kl for alpha, tally in check.items()}
         fit = fit_scale(measure, kl_at, *scale_range, nodes=sample_figures, kl_nodes=kl_nodes)
         seconds["scale_fit"] = time.perf_counter() - started
     count = max(nodes[1.0].tokens, 1)
@@ -201,17 +215,16 @@ class _EngineTables:
             array.tofile(self._file)
         self._chunks.append(layout)
 
-    def __iter__(self):
-        for chunk in self._chunks:
-            if self._file is None:
-                yield chunk
-                continue
-            tables = []
-            for offset, shape in chunk:
-                self._file.seek(offset)
-                array = np.fromfile(self._file, dtype=np.float32, count=math.prod(shape)).reshape(shape)
-                tables.append(torch.from_numpy(array))
-            yield tables
+    def first(self, chunk: int, count: int) -> list[torch.Tensor]:
+        """The tables of the first `count` prompts of chunk number `chunk` (only those are read back)."""
+        if self._file is None:
+            return self._chunks[chunk][:count]
+        tables = []
+        for offset, shape in self._chunks[chunk][:count]:
+            self._file.seek(offset)
+            array = np.fromfile(self._file, dtype=np.float32, count=math.prod(shape)).reshape(shape)
+            tables.append(torch.from_numpy(array))
+        return tables
 
     def __enter__(self) -> _EngineTables:
         return self
