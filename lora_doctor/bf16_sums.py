@@ -1,7 +1,8 @@
 """The audit's per-element arithmetic for a bf16 export, in one compiled pass over memory.
 
 For rows of a bf16 export W_m, of the base W0 and of ΔW (float32), a correct merge holds
-E = round(round(W0) + round(ΔW)) (PEFT's merge in bf16: `merge_in_dtype`). The audit needs, with
+E = round(round(W0) + round(ΔW)) (PEFT's merge in bf16: `merge_in_dtype`), or, for a float32 base
+merged in float32 and saved in bf16, E = round(W0 + ΔW). The audit needs, with
 e = W_m − E and D = E − W0, the six sums ‖e‖², ⟨e, D⟩, ⟨e, ΔW⟩, ‖D‖², ⟨D, ΔW⟩ and ‖ΔW‖².
 
 Written as torch operations this is about a dozen passes over the rows (conversions, the rounding, two
@@ -53,7 +54,7 @@ def _round_bf16(value):
 
 
 @njit(fastmath=_FAST)
-def _block(merged, base, delta):
+def _block(merged, base, delta, once):
     ee = np.float32(0.0)
     e_kept = np.float32(0.0)
     e_delta = np.float32(0.0)
@@ -63,7 +64,7 @@ def _block(merged, base, delta):
     for i in range(delta.size):  # a loop over the whole arrays vectorizes; range(start, stop) did not
         x = delta[i]
         w0 = _widen(base[i])
-        expected = _round_bf16(_round_bf16(w0) + _round_bf16(x))
+        expected = _round_bf16(w0 + x if once else _round_bf16(w0) + _round_bf16(x))
         e = _widen(merged[i]) - expected
         d = expected - w0
         ee += e * e
@@ -76,22 +77,23 @@ def _block(merged, base, delta):
 
 
 @njit(nogil=True, fastmath=_FAST, cache=True)
-def _sums(merged, base, delta):
+def _sums(merged, base, delta, once):
     totals = np.zeros(6, dtype=np.float64)
     for start in range(0, delta.size, _BLOCK):
         stop = min(start + _BLOCK, delta.size)
-        sums = _block(merged[start:stop], base[start:stop], delta[start:stop])
+        sums = _block(merged[start:stop], base[start:stop], delta[start:stop], once)
         for k in range(6):
             totals[k] += sums[k]
     return totals
 
 
-def bf16_sums(merged: torch.Tensor, base: torch.Tensor, delta: torch.Tensor) -> tuple[float, ...]:
+def bf16_sums(merged: torch.Tensor, base: torch.Tensor, delta: torch.Tensor, once: bool = False) -> tuple[float, ...]:
     """(‖e‖², ⟨e, D⟩, ⟨e, ΔW⟩, ‖D‖², ⟨D, ΔW⟩, ‖ΔW‖²) for contiguous rows: `merged` bf16, `base` bf16 or
-    float32, `delta` float32, all of one shape."""
+    float32, `delta` float32, all of one shape. With `once`, the merge expected is E = round(W0 + ΔW), a
+    float32 base merged in float32 and then saved in bf16, instead of PEFT's merge in bf16."""
     if merged.dtype != torch.bfloat16 or delta.dtype != torch.float32 or base.dtype not in (torch.bfloat16, torch.float32):
         raise TypeError(f"bf16_sums takes a bf16 export, a bf16 or float32 base and a float32 ΔW, not {merged.dtype}, {base.dtype}, {delta.dtype}")
     if not merged.shape == base.shape == delta.shape:
         raise ValueError(f"shapes differ: {tuple(merged.shape)}, {tuple(base.shape)}, {tuple(delta.shape)}")
     base_array = base.reshape(-1).view(torch.uint16 if base.dtype == torch.bfloat16 else torch.float32).numpy()
-    return tuple(_sums(merged.reshape(-1).view(torch.uint16).numpy(), base_array, delta.reshape(-1).numpy()).tolist())
+    return tuple(_sums(merged.reshape(-1).view(torch.uint16).numpy(), base_array, delta.reshape(-1).numpy(), once).tolist())

@@ -21,6 +21,7 @@ def exports(tmp_path_factory) -> dict[str, Path]:
     """Every export, built once for the module by the fixture script (real PEFT merges)."""
     out = tmp_path_factory.mktemp("exports")
     real_size = build_fixtures.real_size_adapter(out / "adapter-real-size", ratio=1e-2)
+    small = build_fixtures.real_size_adapter(out / "adapter-2e-3", ratio=2e-3)
     return {
         "correct": build_fixtures.export_merged(out / "correct"),
         "merged-twice": build_fixtures.export_merged_twice(out / "merged-twice"),
@@ -31,6 +32,9 @@ def exports(tmp_path_factory) -> dict[str, Path]:
         "real-size-adapter": real_size,
         "bf16": build_fixtures.export_merged(out / "bf16", ckpt_dir=real_size, dtype=torch.bfloat16),
         "bf16-merged-twice": build_fixtures.export_merged_twice(out / "bf16-twice", ckpt_dir=real_size, dtype=torch.bfloat16),
+        "small-adapter": small,
+        "bf16-of-float32-merge": build_fixtures.export_merged_in_float32(out / "bf16-of-float32", ckpt_dir=small),
+        "bf16-of-float32-merge-twice": build_fixtures.export_merged_in_float32(out / "bf16-of-float32-twice", ckpt_dir=small, times=2),
     }
 
 
@@ -115,6 +119,20 @@ def test_bf16_export_merged_twice_is_double_counted(exports, tmp_path):
     phase = only_phase(report)
     assert (code, phase["verdict"]) == (1, "double_counted")
     assert all(layer["effective_scale"] == pytest.approx(2.0, abs=0.01) for layer in phase["layers"])
+
+
+@pytest.mark.parametrize(("export", "code", "verdict", "scale"), [
+    ("bf16-of-float32-merge", 0, "ok", 1.0), ("bf16-of-float32-merge-twice", 1, "double_counted", 2.0),
+])
+def test_bf16_export_of_a_float32_merge_is_judged_against_that_merge(exports, tmp_path, export, code, verdict, scale):
+    # The float32 base merged in float32 and saved in bf16, with ‖ΔW‖/‖W0‖ = 2e-3: most of ΔW is below half
+    # a bf16 ulp, and PEFT's merge in bf16 keeps another part of it than this single rounding does.
+    found, report = audit(exports[export], exports["small-adapter"], tmp_path)
+    phase = only_phase(report)
+    assert (found, phase["verdict"]) == (code, verdict)
+    assert phase["effective_scale"] == pytest.approx(scale, abs=0.01)
+    assert all(layer["effective_scale"] == pytest.approx(scale, abs=0.05) for layer in phase["layers"])
+    assert report["checkpoint"]["export"]["merged"] == {"in float32, saved in bf16": 14}
 
 
 def test_changed_untouched_tensor_is_named(exports, tmp_path):
