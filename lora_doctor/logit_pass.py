@@ -2,9 +2,11 @@
 
 A (positions × vocab) float32 table is 2.4 GB at 4k positions and a 151,936-token vocabulary, so no
 table outlives its chunk of prompts. Pass 1 takes, per chunk, the engine's table and the reference's
-at α = 0, 1, 2 and keeps only per-token sums (`metrics.NodeTally`); the engine's tables go to a
-temporary file when there is more than one chunk, because a scale fit that needs the reference at
-another α reads them back, one chunk at a time, instead of asking the engine again.
+at α = 0, 1, 2 and keeps only per-token sums (`metrics.NodeTally`). The scale fit works on the first
+prompts (≥ FIT_CHECK_POSITIONS positions): their engine tables go to a temporary file when there is
+more than one chunk, and a fit that needs the reference at another α reads them back, one chunk at a
+time, instead of asking the engine again. (Spilling every prompt's tables wrote 5 GB at 8k positions
+and made the whole pass grow faster than the prompts.)
 """
 
 from __future__ import annotations
@@ -112,8 +114,9 @@ def measure_logits(
         for ids in chunks:
             started = time.perf_counter()
             engine_tables = engine.prompt_logprobs(ids, lora_request)
-            stored.add(engine_tables)
             seconds["engine"] += time.perf_counter() - started
+            if check is None:  # the fit reads back the first prompts only: up to those it is judged on
+                stored.add(engine_tables)
 
             started = time.perf_counter()
             at = [reference.prompt_logprobs(ids, alpha) for alpha in NODE_SLOPES]
