@@ -6,7 +6,7 @@ intermediate 8960, vocabulary 151,936, tied embeddings, random bf16 weights, ~3.
 `save_pretrained` does; a rank-16 LoRA on the seven projections with ‖ΔW‖/‖W0‖ = 1e-2; and the
 correct bf16 merge of the two (sharded too). Then, twice — with the files in the page cache (warm)
 and after dropping these files from it with posix_fadvise (cold) — it times a plain sequential read
-of the export and the base and the audit (`lora-doctor audit` in a child process), and prints the
+of the export and the base and the audit, `--repeat` times each (pairs in turn; the medians are the figures) (`lora-doctor audit` in a child process), and prints the
 throughput of each in GB/s and the audit's peak RSS. Everything is deleted afterwards.
 
     python bench/audit_speed.py [--layers 28] [--dir /tmp]
@@ -19,6 +19,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -175,6 +176,7 @@ def run_audit(export: Path, adapter: Path, report: Path) -> tuple[float, int, di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=28, help="decoder layers (Qwen2-1.5B: 28)")
+    parser.add_argument("--repeat", type=int, default=3, help="plain read + audit pairs per cache state (a disk's speed varies by ±30%% here)")
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()), help="where to build the model (deleted afterwards)")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="lora-doctor-audit-bench-", dir=args.dir))
@@ -188,19 +190,25 @@ def main() -> None:
               f"({args.layers} layers, Qwen2-1.5B shapes, bf16), largest tensor {largest / 1e6:.0f} MB")
         limit = 2 * largest + 500e6
         print(f"{'cache':5s} {'plain read':>14s} {'audit':>14s} {'audit/plain':>11s} {'audit peak RSS':>15s}  verdict")
-        for cache in ("warm", "cold"):
-            if cache == "warm":
-                plain_read(files)  # fill the page cache with both folders
-            else:
-                drop_from_page_cache(files)
-            plain = plain_read(files)
-            if cache == "cold":
-                drop_from_page_cache(files)
-            seconds, rss, report = run_audit(export, adapter, folder / "report.json")
-            audit_seconds = report["seconds"]["audit"]
-            print(f"{cache:5s} {total / plain / 1e9:9.2f} GB/s {total / audit_seconds / 1e9:9.2f} GB/s "
-                  f"{plain / audit_seconds:10.0%} {rss / 1e9:12.2f} GB  {report['phases'][0]['verdict']} "
-                  f"(audit {audit_seconds:.1f} s inside a {seconds:.1f} s process)")
+        ratios: dict[str, list[float]] = {"warm": [], "cold": []}
+        for run in range(args.repeat):
+            for cache in ("warm", "cold"):
+                if cache == "warm":
+                    plain_read(files)  # fill the page cache with both folders
+                else:
+                    drop_from_page_cache(files)
+                plain = plain_read(files)
+                if cache == "cold":
+                    drop_from_page_cache(files)
+                seconds, rss, report = run_audit(export, adapter, folder / "report.json")
+                audit_seconds = report["seconds"]["audit"]
+                ratios[cache].append(plain / audit_seconds)
+                print(f"{cache:5s} {total / plain / 1e9:9.2f} GB/s {total / audit_seconds / 1e9:9.2f} GB/s "
+                      f"{plain / audit_seconds:10.0%} {rss / 1e9:12.2f} GB  {report['phases'][0]['verdict']} "
+                      f"(audit {audit_seconds:.1f} s inside a {seconds:.1f} s process; run {run + 1})")
+        for cache, values in ratios.items():
+            print(f"{cache}: audit/plain median {statistics.median(values):.0%} over {len(values)} runs "
+                  f"(from {min(values):.0%} to {max(values):.0%}; each pair read in turn, so both see the same disk)")
         print(f"targets: audit ≥ 70% of the plain read's throughput; peak RSS ≤ 2 × largest tensor + 500 MB = {limit / 1e9:.2f} GB")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
