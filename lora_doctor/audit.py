@@ -135,7 +135,9 @@ class _Module:
         if merged.dtype == torch.bfloat16 and w0.dtype in (torch.bfloat16, torch.float32):
             self.gram += _gram(bf16_sums(merged, w0, delta))
             if w0.dtype == torch.float32:
-                self.gram_once = _gram(bf16_sums(merged, w0, delta, once=True)) + (0 if self.gram_once is None else self.gram_once)
+                if self.gram_once is None:
+                    self.gram_once = torch.zeros(3, 3, dtype=torch.float64)
+                self.gram_once += _gram(bf16_sums(merged, w0, delta, once=True))
             return
         expected = merge_in_dtype(w0, delta, merged.dtype)
         precision = torch.float64 if merged.dtype.itemsize >= 4 else torch.float32

@@ -33,8 +33,12 @@ _FAST = {"reassoc", "contract", "nsz", "arcp"}
 _BLOCK = 2048
 
 
-def _widen(value):  # pragma: no cover - replaced by the overload inside compiled code
-    raise NotImplementedError
+def _widen(value):
+    """A bf16 value stored as its 16 bits (an integer) or a float32, as float32. Compiled code uses the
+    overload below; this is the same conversion in Python."""
+    if isinstance(value, (int, np.integer)):
+        return np.array([int(value) << 16], dtype=np.uint32).view(np.float32)[0]
+    return np.float32(value)
 
 
 @overload(_widen, inline="always")

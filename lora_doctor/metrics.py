@@ -300,13 +300,9 @@ def _first_step(nodes: dict[float, Node], best: float, tolerance: float) -> floa
 
 
 def _kl_parabola_falls_past(nodes: dict[float, Node], best: float, outward: float) -> bool:
-    """Whether the parabola through the objective's values at the three nodes still falls at the
-    outer node `best`, going outwards."""
-    low, middle, high = sorted(nodes)
-    f0, f1, f2 = nodes[low].kl, nodes[middle].kl, nodes[high].kl
-    h = middle - low
-    # The parabola's slope at the outer node, from its values at three equally spaced nodes.
-    slope = (3 * f2 - 4 * f1 + f0) / (2 * h) if outward > 0 else (-3 * f0 + 4 * f1 - f2) / (2 * h)
+    """Whether the parabola through the objective's values at the nodes α = 0, 1, 2 still falls at
+    the outer node `best`, going outwards (its slope there: the same weights as `node_slope`'s)."""
+    slope = sum(weight * nodes[alpha].kl for weight, alpha in zip(NODE_SLOPES[best], sorted(NODE_SLOPES), strict=True))
     return slope * outward < 0
 
 

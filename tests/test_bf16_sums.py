@@ -98,3 +98,12 @@ def test_a_vllm_engine_starts_in_a_process_that_ran_the_compiled_pass():
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**os.environ, **ENGINE_ENV}, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "vocab" in done.stdout
+
+
+def test_widen_in_python_matches_torch():
+    from lora_doctor.bf16_sums import _widen
+
+    values = torch.tensor([1.0, -2.5, 3.140625, 1e-30], dtype=torch.bfloat16)
+    for value, bits in zip(values.float().tolist(), values.view(torch.uint16).tolist(), strict=True):
+        assert _widen(bits) == value
+        assert _widen(value) == value
