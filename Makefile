@@ -19,15 +19,15 @@ SWIFT_STAMP := $(SWIFT_VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml lora_doctor/torchvision_ops.py
+$(STAMP): pyproject.toml lora_doctor/engine/torchvision_ops.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[cpu,test,trl]'
 	@# PyPI's torchaudio/torchcodec break `import transformers` beside the CPU torch vLLM pins. torchvision
 	@# (vLLM's Qwen-VL model files need it) stays, with its missing operator schemas defined at import by a
-	@# .pth hook: see lora_doctor/torchvision_ops.py.
+	@# .pth hook: see lora_doctor/engine/torchvision_ops.py.
 	$(BIN)/python -m pip uninstall --quiet -y torchaudio torchcodec
-	$(BIN)/python -m lora_doctor.torchvision_ops
+	$(BIN)/python -m lora_doctor.engine.torchvision_ops
 	touch $(STAMP)
 
 swift-env: $(SWIFT_STAMP)

@@ -87,7 +87,7 @@ def compare_paths(model_dir: Path, tokens: int) -> None:
     os.environ.update(ENV)
     from transformers import AutoTokenizer
 
-    from lora_doctor.engine import Engine, EngineConfig, _dense_prompt_logprobs
+    from lora_doctor.engine.driver import Engine, EngineConfig, _dense_prompt_logprobs
 
     ids = AutoTokenizer.from_pretrained(model_dir)(("Question: what is 12 plus 7?\nAnswer: 19\n" * 40), verbose=False).input_ids[:tokens]
     engine = Engine(model_dir, EngineConfig(max_model_len=256))

@@ -55,8 +55,8 @@ PARTS: dict[str, dict[str, tuple[tuple[int, int] | None, ...]]] = {
 
 def run_config(dtype: str, size: str) -> dict[str, dict]:
     """Every plan of TRUTH on one engine: plan name → report (as JSON data)."""
-    from lora_doctor.check import Checker
-    from lora_doctor.plans import get_plan
+    from lora_doctor.checker import Checker
+    from lora_doctor.plans.builtin import get_plan
 
     checkpoint = FIXTURES / f"checkpoint-500-{size}"
     previous = FIXTURES / f"checkpoint-250-{size}"

@@ -25,7 +25,7 @@ export LORA_DOCTOR_PROMPTS=${LORA_DOCTOR_PROMPTS:-$root/fixtures/prompts.jsonl}
     --dataset "$root/fixtures/prompts.jsonl" --reward_funcs format repetition \
     --use_vllm true --vllm_mode colocate --vllm_enable_lora true --sleep_level 0 \
     --vllm_max_model_len 256 --vllm_enforce_eager true \
-    --vllm_engine_kwargs '{"load_format": "auto", "max_logprobs": -1, "worker_extension_cls": "lora_doctor.worker.LoraDoctorWorker"}' \
+    --vllm_engine_kwargs '{"load_format": "auto", "max_logprobs": -1, "worker_extension_cls": "lora_doctor.engine.worker.LoraDoctorWorker"}' \
     --external_plugins "$root/lora_doctor/integrations/swift_plugin/lora_doctor_swift.py" \
     --num_generations 2 --per_device_train_batch_size 2 --steps_per_generation 1 --max_completion_length 16 \
     --max_steps 503 --learning_rate 1e-6 --logging_steps 1 --save_strategy no --report_to none \

@@ -10,24 +10,29 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
 
-from .check import check  # noqa: E402
+from .checker import Checker, check  # noqa: E402
 from .errors import BadInput, EnvironmentProblem, LoraDoctorError, ProblemDetected  # noqa: E402
+from .export_audit import audit  # noqa: E402
 from .live import gate, probe  # noqa: E402
-from .result import LayerResult, PhaseResult, Report, Sample  # noqa: E402
-from .verdict import Thresholds  # noqa: E402
+from .measure.verdict import Thresholds  # noqa: E402
+from .preflight import inspect_checkpoint  # noqa: E402
+from .result import ModuleResult, PhaseResult, Report, Sample  # noqa: E402
 
 __all__ = [
     "BadInput",
+    "Checker",
     "EnvironmentProblem",
-    "LayerResult",
     "LoraDoctorError",
+    "ModuleResult",
     "PhaseResult",
     "ProblemDetected",
     "Report",
     "Sample",
     "Thresholds",
     "__version__",
+    "audit",
     "check",
     "gate",
+    "inspect_checkpoint",
     "probe",
 ]

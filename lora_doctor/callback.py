@@ -35,7 +35,7 @@ class LoraDoctorCallback(TrainerCallback):
         base_dir=None,
         stop_on_failure: bool = True,
         max_new_tokens: int = 16,
-        layers: bool = True,
+        module_read: bool = True,
     ):
         self.trainer = trainer
         self.llm = llm
@@ -46,7 +46,7 @@ class LoraDoctorCallback(TrainerCallback):
         self.base_dir = base_dir
         self.stop_on_failure = stop_on_failure
         self.max_new_tokens = max_new_tokens
-        self.layers = layers
+        self.module_read = module_read
         self.results: list[PhaseResult] = []
         self._unlogged: dict[str, float] | None = None
 
@@ -63,7 +63,7 @@ class LoraDoctorCallback(TrainerCallback):
             tokenizer=self.tokenizer,
             base_dir=self.base_dir,
             max_new_tokens=self.max_new_tokens,
-            layers=self.layers,
+            module_read=self.module_read,
             name=f"step-{step}",
         )
         self.results.append(result)

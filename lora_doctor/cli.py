@@ -24,11 +24,21 @@ app = typer.Typer(
 )
 stderr = Console(stderr=True)
 
+# Options several commands take, declared once so that their help stays the same everywhere.
+CHECKPOINT_ARGUMENT = typer.Argument(..., help="PEFT adapter folder or trainer checkpoint (e.g. checkpoint-500/).")
+BASE_OPTION = typer.Option(None, "--base", help="Local base model folder (default: base_model_name_or_path from adapter_config.json).")
+THRESHOLD_OPTION = typer.Option([], "--threshold", help="Override a threshold, NAME=VALUE (repeatable).")
+JSON_OPTION = typer.Option(None, "--json", help="Write the JSON report here ('-' for stdout).")
+REPORT_OPTION = typer.Option(None, "--report", help="Write report.json, report.md (paste into an issue) and report.html into this folder.")
+EXIT_ZERO_OPTION = typer.Option(False, "--exit-zero", help="Exit 0 even when a problem is found.")
+ALL_MODULES_OPTION = typer.Option(False, "--all-modules", help="Show every LoRA module's effective scale, residual and divergence.")
+QUIET_OPTION = typer.Option(False, "--quiet", "-q", help="No terminal report, only the exit code (and --json).")
+
 
 @app.command()
 def check(
-    checkpoint: Path = typer.Argument(..., help="PEFT adapter folder or trainer checkpoint (e.g. checkpoint-500/)."),
-    base: Optional[Path] = typer.Option(None, "--base", help="Local base model folder (default: base_model_name_or_path from adapter_config.json)."),
+    checkpoint: Path = CHECKPOINT_ARGUMENT,
+    base: Optional[Path] = BASE_OPTION,
     plan: str = typer.Option("swift-colocate-lora", "--plan", help="Sync plan to replay: a name from 'lora-doctor plans', or FILE.py:FUNCTION / MODULE:FUNCTION for your own."),
     previous: Optional[Path] = typer.Option(None, "--previous", help="An older checkpoint of the same run: tells a stale adapter from a wrong one."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompts file: .jsonl with a \"prompt\" field, or one prompt per line. Default: built-in math questions."),
@@ -36,21 +46,21 @@ def check(
     dtype: str = typer.Option("float32", "--dtype", help="float32 (tight thresholds), bfloat16 or float16."),
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", "-tp", help="vLLM tensor-parallel ranks."),
     kv_cache_gib: Optional[int] = typer.Option(None, "--kv-cache-gib", help="CPU KV cache of the engine, in GiB (at least 1). Default: VLLM_CPU_KVCACHE_SPACE if set, else 1; the option wins over the variable."),
-    threshold: list[str] = typer.Option([], "--threshold", help="Override a threshold, NAME=VALUE (repeatable)."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the JSON report here ('-' for stdout)."),
-    report_dir: Optional[Path] = typer.Option(None, "--report", help="Write report.json, report.md (paste into an issue) and report.html into this folder."),
-    exit_zero: bool = typer.Option(False, "--exit-zero", help="Exit 0 even when a problem is detected."),
-    layers: bool = typer.Option(False, "--layers", help="Show every LoRA module's effective scale, residual and divergence."),
-    no_layer_check: bool = typer.Option(False, "--no-layer-check", help="Skip reading the engine's weights per module (logits only)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No terminal report, only the exit code (and --json)."),
+    threshold: list[str] = THRESHOLD_OPTION,
+    json_path: Optional[Path] = JSON_OPTION,
+    report_dir: Optional[Path] = REPORT_OPTION,
+    exit_zero: bool = EXIT_ZERO_OPTION,
+    all_modules: bool = ALL_MODULES_OPTION,
+    no_module_read: bool = typer.Option(False, "--no-module-read", help="Skip reading the engine's weights per module (logits only)."),
+    quiet: bool = QUIET_OPTION,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the engine's own logs and progress bars (vLLM, torch, transformers) instead of keeping them in a log file."),
 ) -> None:
     """Replay a trainer's sync plan into a real vLLM engine and compare it with HF + PEFT after each phase."""
     import os
 
-    from .check import check as run_check
+    from .checker import check as run_check
+    from .measure.verdict import Thresholds
     from .output import engine_output_to_log
-    from .verdict import Thresholds
 
     _check_output_path(json_path)
     _check_report_dir(report_dir)
@@ -73,10 +83,10 @@ def check(
             thresholds=limits,
             tensor_parallel_size=tensor_parallel_size,
             kv_cache_gib=kv_cache_gib,
-            layers=not no_layer_check,
+            module_read=not no_module_read,
             progress=lambda message: status.update(message),
         )
-    _emit(report, quiet=quiet, layers=layers, json_path=json_path, report_dir=report_dir)
+    _emit(report, quiet=quiet, all_modules=all_modules, json_path=json_path, report_dir=report_dir)
     raise typer.Exit(0 if exit_zero else report.exit_code)
 
 
@@ -112,12 +122,12 @@ def report(
 
 @app.command()
 def inspect(
-    checkpoint: Path = typer.Argument(..., help="PEFT adapter folder or trainer checkpoint (e.g. checkpoint-500/)."),
-    base: Optional[Path] = typer.Option(None, "--base", help="Local base model folder (default: base_model_name_or_path from adapter_config.json)."),
+    checkpoint: Path = CHECKPOINT_ARGUMENT,
+    base: Optional[Path] = BASE_OPTION,
     max_lora_rank: Optional[int] = typer.Option(None, "--max-lora-rank", help="The engine's max_lora_rank, to check the adapter's rank against."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the JSON report here ('-' for stdout)."),
-    exit_zero: bool = typer.Option(False, "--exit-zero", help="Exit 0 even when a problem is found."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No terminal report, only the exit code (and --json)."),
+    json_path: Optional[Path] = JSON_OPTION,
+    exit_zero: bool = EXIT_ZERO_OPTION,
+    quiet: bool = QUIET_OPTION,
 ) -> None:
     """Pre-flight: what vLLM will refuse, drop or scale differently in this adapter (no engine needed)."""
     from .preflight import inspect_checkpoint
@@ -135,7 +145,7 @@ def inspect(
 @app.command()
 def plans() -> None:
     """List the built-in sync plans."""
-    from .plans import DEFAULT_PLAN, PLANS
+    from .plans.builtin import DEFAULT_PLAN, PLANS
 
     console = Console()
     for plan in PLANS.values():
@@ -147,16 +157,16 @@ def plans() -> None:
 def audit(
     export: Path = typer.Argument(..., help="The merged model folder (model.safetensors, or shards with model.safetensors.index.json)."),
     adapter: Path = typer.Option(..., "--adapter", help="The PEFT adapter folder or trainer checkpoint that was merged."),
-    base: Optional[Path] = typer.Option(None, "--base", help="Local base model folder (default: base_model_name_or_path from adapter_config.json)."),
-    threshold: list[str] = typer.Option([], "--threshold", help="Override a threshold, NAME=VALUE (repeatable)."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the JSON report here ('-' for stdout)."),
-    report_dir: Optional[Path] = typer.Option(None, "--report", help="Write report.json, report.md (paste into an issue) and report.html into this folder."),
-    exit_zero: bool = typer.Option(False, "--exit-zero", help="Exit 0 even when a problem is found."),
-    layers: bool = typer.Option(False, "--layers", help="Show every LoRA module's effective scale, residual and divergence."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No terminal report, only the exit code (and --json)."),
+    base: Optional[Path] = BASE_OPTION,
+    threshold: list[str] = THRESHOLD_OPTION,
+    json_path: Optional[Path] = JSON_OPTION,
+    report_dir: Optional[Path] = REPORT_OPTION,
+    exit_zero: bool = EXIT_ZERO_OPTION,
+    all_modules: bool = ALL_MODULES_OPTION,
+    quiet: bool = QUIET_OPTION,
 ) -> None:
     """Verify a merged export (LoRA merged into the base and saved) against its base and adapter, without an engine."""
-    from .audit import audit as run_audit
+    from .export_audit import audit as run_audit
 
     _check_output_path(json_path)
     _check_report_dir(report_dir)
@@ -166,16 +176,16 @@ def audit(
         raise BadInput(f"--threshold: {error}") from None
     with stderr.status("auditing", spinner="dots") as status:
         report = run_audit(export, adapter, base=base, thresholds=overrides, progress=lambda message: status.update(message))
-    _emit(report, quiet=quiet, layers=layers, json_path=json_path, report_dir=report_dir)
+    _emit(report, quiet=quiet, all_modules=all_modules, json_path=json_path, report_dir=report_dir)
     raise typer.Exit(0 if exit_zero else report.exit_code)
 
 
-def _emit(report, *, quiet: bool, layers: bool, json_path: Optional[Path], report_dir: Optional[Path]) -> None:
+def _emit(report, *, quiet: bool, all_modules: bool, json_path: Optional[Path], report_dir: Optional[Path]) -> None:
     """The terminal report (on stderr when the JSON goes to stdout), the JSON, the report folder."""
     from .report import render_json, render_terminal
 
     if not quiet:
-        render_terminal(report, stderr if json_path == Path("-") else _stdout_console(), layers=layers)
+        render_terminal(report, stderr if json_path == Path("-") else _stdout_console(), all_modules=all_modules)
     if json_path is not None:
         _write(render_json(report), json_path)
     if report_dir is not None:

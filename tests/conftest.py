@@ -83,7 +83,7 @@ def user_engine(model: Path, dtype: str):
         enforce_eager=True,
         enable_prefix_caching=False,
         max_logprobs=-1,
-        worker_extension_cls="lora_doctor.worker.LoraDoctorWorker",
+        worker_extension_cls="lora_doctor.engine.worker.LoraDoctorWorker",
     )
 
 
@@ -100,7 +100,7 @@ def base_dir() -> Path:
 @pytest.fixture(scope="session")
 def checker():
     """One in-process engine on the fixture for every library-level test (engines are slow to start)."""
-    from lora_doctor.check import Checker
+    from lora_doctor import Checker
 
     os.environ.update(ENGINE_ENV)
     with Checker(CHECKPOINT, previous=PREVIOUS, prompts=PROMPTS) as shared:

@@ -12,7 +12,7 @@ def layer0_merged_without_adapter(sync):
     sync.load_base()
     sync.add_adapter()
     sync.probe("base+adapter")
-    sync.load_merged(layers={0})
+    sync.load_merged(decoder_layers={0})
     sync.drop_adapter()
     sync.probe("layer0-merged")
 

@@ -26,9 +26,9 @@ def mean_kl(p: list[torch.Tensor], q: list[torch.Tensor]) -> float:
 def main(adapter: Path, renamed: Path) -> dict:
     from transformers import AutoTokenizer
 
-    from lora_doctor.checkpoint import load_checkpoint
-    from lora_doctor.engine import Engine, EngineConfig
-    from lora_doctor.reference import Reference
+    from lora_doctor.adapter.checkpoint import load_checkpoint
+    from lora_doctor.engine.driver import Engine, EngineConfig
+    from lora_doctor.measure.reference import Reference
 
     ckpt = load_checkpoint(adapter)
     reference = Reference(ckpt)

@@ -238,7 +238,7 @@ def test_chunked_reading_returns_the_tensors(tmp_path):
     """Row chunks of a few hundred bytes, reassembled, equal the tensors safetensors loads."""
     from safetensors.torch import load_file
 
-    from lora_doctor.weight_files import model_tensors, read_chunks
+    from lora_doctor.adapter.weight_files import model_tensors, read_chunks
 
     tensors = model_tensors(BASE)
     names = sorted(tensors)
@@ -252,8 +252,8 @@ def test_chunked_reading_returns_the_tensors(tmp_path):
 
 
 def test_an_export_names_an_export_cause_not_an_engine_one():
+    from lora_doctor.measure.verdict import CAUSES, EXPORT_CAUSES, cause_for
     from lora_doctor.result import PhaseResult
-    from lora_doctor.verdict import CAUSES, EXPORT_CAUSES, cause_for
 
     def phase(name: str) -> PhaseResult:
         return PhaseResult(0, name, False, "missing", "", 0.0, None, None, None, None, None)

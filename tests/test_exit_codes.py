@@ -62,7 +62,7 @@ def test_a_crash_is_exit_4_with_the_traceback_saved(tmp_path):
     # An internal function failing the way a bug would, in a real CLI process.
     script = (
         "import importlib, sys\n"
-        "check = importlib.import_module('lora_doctor.check')\n"
+        "check = importlib.import_module('lora_doctor.checker')\n"
         "def broken(*args, **kwargs):\n"
         "    raise ZeroDivisionError('division by zero')\n"
         "check.inspect_checkpoint = broken\n"
@@ -157,7 +157,7 @@ def test_a_reference_that_runs_out_of_memory_is_an_environment_problem(tmp_path,
     margin = weights.stat().st_size + (400 << 20)
     script = (
         "import resource, sys\n"
-        "import torch, transformers, peft, lora_doctor.reference, lora_doctor.cli\n"
+        "import torch, transformers, peft, lora_doctor.measure.reference, lora_doctor.cli\n"
         "size = int(next(l for l in open('/proc/self/status') if l.startswith('VmSize')).split()[1]) * 1024\n"
         f"resource.setrlimit(resource.RLIMIT_AS, (size + {margin}, resource.RLIM_INFINITY))\n"
         f"sys.argv = ['lora-doctor', 'check', {str(CHECKPOINT)!r}, '--base', {str(large_base)!r}, '--json', {str(tmp_path / 'r.json')!r}]\n"
@@ -177,29 +177,29 @@ def test_the_per_module_read_refuses_fully_sharded_lora_with_the_logits_only_hin
     config = worker.model_runner.lora_config
     config.fully_sharded_loras = True
     try:
-        with pytest.raises(EnvironmentProblem, match="fully sharded.*--no-layer-check"):
+        with pytest.raises(EnvironmentProblem, match="fully sharded.*--no-module-read"):
             worker.lora_doctor_layer_stats(str(BASE), str(CHECKPOINT), None)
     finally:
         config.fully_sharded_loras = False
 
 
 def test_the_per_module_read_refuses_a_packed_layer_that_disagrees_with_its_mapping(checker):
-    from lora_doctor.worker import _shards
+    from lora_doctor.engine.worker import _shards
 
     _worker, model = worker_of(checker)
     name = "model.layers.0.self_attn.qkv_proj"
     layer = model.lora_manager.modules[name]
-    with pytest.raises(EnvironmentProblem, match="3 LoRA slices but packed mapping.*--no-layer-check"):
+    with pytest.raises(EnvironmentProblem, match="3 LoRA slices but packed mapping.*--no-module-read"):
         _shards(name, layer, {"qkv_proj": ["q_proj", "k_proj"]})
 
 
 def test_the_per_module_read_refuses_a_layer_class_it_does_not_know(checker):
-    from lora_doctor.worker import _packed_mapping, _shards
+    from lora_doctor.engine.worker import _packed_mapping, _shards
 
     _worker, model = worker_of(checker)
     name = "model.layers.0.self_attn.qkv_proj"
     unwrapped = model.lora_manager.modules[name].base_layer  # a vLLM linear layer without LoRA
-    with pytest.raises(EnvironmentProblem, match="does not know QKVParallelLinear.*--no-layer-check"):
+    with pytest.raises(EnvironmentProblem, match="does not know QKVParallelLinear.*--no-module-read"):
         _shards(name, unwrapped, _packed_mapping(model))
 
 

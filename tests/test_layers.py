@@ -10,7 +10,7 @@ import pytest
 from conftest import CHECKPOINT
 from rich.console import Console
 
-from lora_doctor.plans import Plan
+from lora_doctor.plans.builtin import Plan
 from lora_doctor.report import render_terminal
 
 # float32: the engine's weights matched W0 + ΔW to ~1e-7 relative; the bar is ±0.02.
@@ -19,7 +19,7 @@ SCALE_TOLERANCE = 0.02
 
 def merged_layer0_then_adapter(sync) -> None:
     # A sync that merged only decoder layer 0 into the base, then added the adapter on top.
-    sync.load_merged(layers={0})
+    sync.load_merged(decoder_layers={0})
     sync.add_adapter()
     sync.probe("layer0-merged+adapter")
 
@@ -80,8 +80,8 @@ def test_adapter_synced_onto_the_disk_base_holds_exactly_w0_plus_delta(checker):
 def test_targeted_modules_without_figures_are_listed_with_the_reason(checker, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from lora_doctor.check import NOT_READ_ABSENT, NOT_READ_ZERO
-    from lora_doctor.report.grid import modules_line
+    from lora_doctor.measure.phase import NOT_READ_ABSENT, NOT_READ_ZERO
+    from lora_doctor.report.format import modules_line
     from lora_doctor.result import PhaseResult
 
     tensors = load_file(str(CHECKPOINT / "adapter_model.safetensors"))

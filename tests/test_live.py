@@ -88,9 +88,9 @@ def test_probe_takes_the_bare_llm_engine_a_trainer_holds(llm):
 def test_probe_says_what_it_did_not_measure(llm):
     model = policy()
     llm.collective_rpc("reload_weights", kwargs={"weights_iterator": merged_weights(model)})
-    result = probe(llm, model, prompts=PROMPTS, layers=False)
+    result = probe(llm, model, prompts=PROMPTS, module_read=False)
     assert result.verdict == "ok", result.explanation
-    assert result.layers == [] and "layers=False" in result.not_measured["layers"]
+    assert result.layers == [] and "module_read=False" in result.not_measured["layers"]
 
 
 def test_callback_logs_the_figures_and_stops_a_wrongly_synced_run(llm, tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import BASE, CHECKPOINT
 
-from lora_doctor.lora_delta import LoraFactors, load_lora_factors, merge_in_dtype
+from lora_doctor.adapter.lora_delta import LoraFactors, load_lora_factors, merge_in_dtype
 
 
 def peft_deltas(adapter_dir) -> dict[str, torch.Tensor]:
@@ -105,7 +105,7 @@ def test_fan_in_fan_out_and_blocks_match_peft_on_conv1d_weights():
 
 
 def test_module_figures_split_base_and_slot():
-    from lora_doctor.lora_delta import STAT_KEYS, module_figures
+    from lora_doctor.measure.layer_figures import STAT_KEYS, module_figures
 
     torch.manual_seed(0)
     w0, delta = torch.randn(32, 32, dtype=torch.float64), 0.01 * torch.randn(32, 32, dtype=torch.float64)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lora_doctor.metrics import (
+from lora_doctor.measure.metrics import (
     SLOPE_STEP,
     NodeTally,
     compare_logprobs,

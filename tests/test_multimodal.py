@@ -19,9 +19,9 @@ import pytest
 import torch
 from conftest import ENGINE_ENV, FIXTURES, ROOT, run_cli
 
-from lora_doctor.checkpoint import load_checkpoint
-from lora_doctor.lora_delta import load_lora_factors
-from lora_doctor.names import LANGUAGE_MODEL, TOWER, NameMap, engine_naming, name_map
+from lora_doctor.adapter.checkpoint import load_checkpoint
+from lora_doctor.adapter.lora_delta import load_lora_factors
+from lora_doctor.adapter.names import LANGUAGE_MODEL, TOWER, NameMap, engine_naming, name_map
 from lora_doctor.preflight import inspect_checkpoint
 
 VL_BASE = FIXTURES / "tiny-qwen2.5-vl"
@@ -149,7 +149,7 @@ def test_preflight_reports_vision_tower_lora_as_not_served(tmp_path):
 
 @pytest.fixture(scope="module")
 def reference():
-    from lora_doctor.reference import Reference
+    from lora_doctor.measure.reference import Reference
 
     return Reference(load_checkpoint(VL_CHECKPOINT))
 

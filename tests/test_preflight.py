@@ -16,8 +16,9 @@ import torch
 from conftest import BASE, CHECKPOINT
 from rich.console import Console
 
+from lora_doctor.engine.serving import vllm_lora_ranks
 from lora_doctor.errors import BadInput
-from lora_doctor.preflight import PreflightReport, inspect_checkpoint, vllm_lora_ranks
+from lora_doctor.preflight import PreflightReport, inspect_checkpoint
 from lora_doctor.report.preflight import render_preflight_json, render_preflight_terminal
 
 

@@ -99,7 +99,7 @@ def test_probe_judges_a_float32_policy_on_a_bf16_engine_by_the_engines_precision
     from vllm.lora.request import LoRARequest
 
     from lora_doctor import probe
-    from lora_doctor.lora_delta import load_lora_factors, merge_in_dtype
+    from lora_doctor.adapter.lora_delta import load_lora_factors, merge_in_dtype
 
     base_dir = matrix.FIXTURES / "tiny-qwen2-bf16"
     adapter = matrix.FIXTURES / "checkpoint-500-2e-3"
@@ -120,7 +120,7 @@ def test_probe_judges_a_float32_policy_on_a_bf16_engine_by_the_engines_precision
     assert all(layer.base_part == pytest.approx(1, abs=PART_TOLERANCE) and layer.slot_part == pytest.approx(1, abs=PART_TOLERANCE)
                for layer in doubled.layers)
     # Without the per-module read nothing can decide: unresolved, never ok.
-    blind = probe(bf16_llm, policy, lora_request=request, prompts=matrix.PROMPTS, base_dir=base_dir, layers=False)
+    blind = probe(bf16_llm, policy, lora_request=request, prompts=matrix.PROMPTS, base_dir=base_dir, module_read=False)
     assert blind.verdict == "unresolved" and blind.decided_by == "nothing"
 
     # A correct adapter sync onto the untouched base.

@@ -11,10 +11,10 @@ import pytest
 import torch
 from conftest import BASE, CHECKPOINT, ROOT, run_cli
 
-from lora_doctor.engine import _dense_prompt_logprobs
-from lora_doctor.logit_pass import measure_logits, prompt_chunks
-from lora_doctor.plans import get_plan
-from lora_doctor.sync import Sync
+from lora_doctor.engine.driver import _dense_prompt_logprobs
+from lora_doctor.measure.logit_pass import measure_logits, prompt_chunks
+from lora_doctor.plans.builtin import get_plan
+from lora_doctor.plans.sync import Sync
 
 # Both sides are float32 on CPU: the same numbers, summed in another order.
 KL_TOLERANCE = dict(rel=1e-4, abs=1e-9)
@@ -106,7 +106,7 @@ def test_scale_fit_within_a_hundredth_in_at_most_eight_reference_forwards(checke
     [("merged_at_1_5", 1.5), ("merged_at_sqrt_r", math.sqrt(8)), ("merged_at_3_5", 3.5), ("merged_at_minus_half", -0.5)],
 )
 def test_scale_fit_off_the_nodes_within_a_hundredth_in_at_most_eight_forwards(checker, monkeypatch, function, scale):
-    check = importlib.import_module("lora_doctor.check")  # the package's `check` is the function
+    check = importlib.import_module("lora_doctor.measure.phase")
 
     reference = checker.measurer.reference
     own, own_measure = reference.prompt_logprobs, check.measure_logits
@@ -168,7 +168,7 @@ def _vllm_output(ids, table):
 
 
 def test_captured_chunks_are_split_per_prompt_and_checked_against_vllms_own_values():
-    from lora_doctor.engine import _captured_tables
+    from lora_doctor.engine.driver import _captured_tables
 
     torch.manual_seed(0)
     prompts = [[5, 1, 2, 3, 4], [6, 7, 8]]
@@ -188,7 +188,7 @@ def test_captured_chunks_are_split_per_prompt_and_checked_against_vllms_own_valu
 
 
 def test_fit_steps_on_a_sample_of_the_prompts_find_the_same_scale(checker, monkeypatch):
-    import lora_doctor.logit_pass as logit_pass
+    import lora_doctor.measure.logit_pass as logit_pass
 
     request = synced(checker, 0.75)
     whole = measure(checker, request, chunk_positions=10_000)

@@ -4,9 +4,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from lora_doctor.metrics import ScaleFit
-from lora_doctor.noise import MEASURED, PRIOR, Resolution, measure_resolution
-from lora_doctor.verdict import (
+from lora_doctor.measure.metrics import ScaleFit
+from lora_doctor.measure.noise import MEASURED, PRIOR, Resolution, measure_resolution
+from lora_doctor.measure.verdict import (
     Thresholds,
     describe_modules,
     layer_verdict,

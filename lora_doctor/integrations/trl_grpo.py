@@ -15,7 +15,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 from ..callback import LoraDoctorCallback
-from ..engine import WORKER_EXTENSION
+from ..engine.driver import WORKER_EXTENSION
 from ..errors import BadInput
 
 

@@ -8,96 +8,26 @@ and the thresholds. Long detail sits in `<details>` blocks so the issue stays re
 
 from __future__ import annotations
 
-import math
 import re
-from html import escape
 
+from ..measure.verdict import cause_for
 from ..result import PhaseResult, Report
-from ..verdict import cause_for
-from .grid import layer_grid, modules_line, not_read_lines, parts_summary, resolution_line, wrong_layers
-
-ENVIRONMENT_KEYS = ("python", "torch", "vllm", "transformers", "peft", "device")
-PHASE_COLUMNS = ("#", "phase", "adapter", "verdict", "α", "KL mean", "KL max", "KL at α", "top-1", "greedy")
-
-
-# ---------------------------------------------------------------------------------------------
-# Formatting helpers, shared with the HTML renderer.
-
-
-def fmt(value: object, spec: str) -> str:
-    """`value` formatted with `spec`; "—" for a missing value, "nan"/"inf" kept readable."""
-    if value is None:
-        return "—"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, (int, float)):
-        if isinstance(value, float) and math.isnan(value):
-            return "nan"
-        if isinstance(value, float) and math.isinf(value):
-            return "∞" if value > 0 else "−∞"
-        try:
-            return format(value, spec)
-        except (TypeError, ValueError):
-            return str(value)
-    return str(value)
-
-
-def has_previous(report: Report) -> bool:
-    """Whether any phase was also compared with a previous checkpoint (adds a "KL vs previous" column)."""
-    return any(getattr(phase, "kl_previous", None) is not None for phase in report.phases)
-
-
-def phase_columns(report: Report) -> list[str]:
-    return [*PHASE_COLUMNS, "KL vs previous"] if has_previous(report) else list(PHASE_COLUMNS)
-
-
-def preflight_findings(report: Report) -> list[dict]:
-    """Pre-flight findings, problems first (a report from before pre-flight has none)."""
-    order = {"problem": 0, "warning": 1, "info": 2}
-    findings = list(getattr(report, "preflight", None) or [])
-    return sorted(findings, key=lambda f: order.get(str(f.get("severity")), 3))
-
-
-def logit_scale(phase: PhaseResult) -> str:
-    """The fitted α, in parentheses when the logits cannot resolve the LoRA (it is then noise)."""
-    value = fmt(phase.effective_scale, ".3f")
-    # An audit's α comes from the weights alone (no logits measured): nothing to mark.
-    return value if phase.kl_mean is None or "logits" in phase.decided_by else f"({value})"
-
-
-def phase_figures(phase: PhaseResult, previous: bool = False) -> list[str]:
-    """The phase table's cells, formatted as the terminal table formats them."""
-    cells = [
-        str(phase.index + 1),
-        phase.name,
-        "yes" if phase.with_adapter else "no",
-        phase.verdict,
-        logit_scale(phase),
-        fmt(phase.kl_mean, ".2e"),
-        fmt(phase.kl_max, ".2e"),
-        fmt(phase.kl_at_scale, ".2e"),
-        fmt(phase.top1_agreement, ".1%"),
-        fmt(phase.greedy_match, ".0%"),
-    ]
-    if previous:
-        cells.append(fmt(getattr(phase, "kl_previous", None), ".2e"))
-    return cells
-
-
-def thresholds_items(report: Report) -> list[tuple[str, str]]:
-    return [(name, fmt(value, "g")) for name, value in report.thresholds.items()]
-
-
-def headline(report: Report) -> str:
-    """"FAIL: phase 2 adapter double_counted" / "PASS: every phase ok" (what the verdict says)."""
-    if report.stopped:
-        return f"{report.verdict.upper()}: stopped before measuring — {report.stopped}"
-    bad = [phase for phase in report.phases if not phase.ok]
-    if not bad:
-        return f"{report.verdict.upper()}: all {len(report.phases)} sync phases ok"
-    parts = [f"phase {phase.index + 1} {phase.name} {phase.verdict}" for phase in bad]
-    return f"{report.verdict.upper()}: " + "; ".join(parts)
-
+from .format import (
+    ENVIRONMENT_KEYS,
+    esc,
+    fmt,
+    has_previous,
+    layer_grid,
+    modules_line,
+    not_read_lines,
+    parts_summary,
+    phase_columns,
+    phase_figures,
+    preflight_findings,
+    resolution_line,
+    thresholds_items,
+    wrong_layers,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Markdown escaping.
@@ -308,7 +238,7 @@ def _layer_section(phase: PhaseResult) -> list[str]:
                            _table(["module", "base", "slot", "α", "residual", "divergence", "verdict"], detail,
                                   ["l", "r", "r", "r", "r", "r", "l"]))]
     body += ["", *extra] if extra else []
-    summary = f"Per-module scale — phase {phase.index + 1} <code>{_html(phase.name)}</code>: " \
+    summary = f"Per-module scale — phase {phase.index + 1} <code>{esc(phase.name)}</code>: " \
               f"{len(wrong)}/{len(phase.layers)} modules wrong"
     return _details(summary, body, open_=True)
 
@@ -336,7 +266,7 @@ def _samples_section(report: Report) -> list[str]:
                 body.append("")
         matches = sum(sample.engine == sample.reference for sample in phase.samples)
         summary = (
-            f"phase {phase.index + 1} <code>{_html(phase.name)}</code> ({_html(phase.verdict)}): "
+            f"phase {phase.index + 1} <code>{esc(phase.name)}</code> ({esc(phase.verdict)}): "
             f"{matches}/{len(phase.samples)} samples match the reference"
         )
         lines += ["", *_details(summary, body, open_=not phase.ok)]
@@ -351,8 +281,3 @@ def _thresholds_section(report: Report) -> list[str]:
         timing = " · ".join(f"{md_text(k)} {fmt(v, '.1f')} s" for k, v in report.seconds.items())
         body += ["", f"Wall time: {timing}."]
     return _details("Thresholds", body)
-
-
-def _html(text: object) -> str:
-    """Text for raw HTML inside Markdown (the `<summary>` lines)."""
-    return escape(str(text), quote=True)

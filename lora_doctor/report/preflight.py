@@ -45,9 +45,7 @@ def render_preflight_terminal(report: PreflightReport, console: Console) -> None
         console.print(Text("no findings: nothing an engine is known to refuse, drop or scale differently", style="green"))
     problems, warnings = len(report.problems), len(report.warnings)
     style = "bold red" if problems else ("yellow" if warnings else "bold green")
-    console.print(
-Text(f"preflight: {problems} problems, {warnings} warnings", style=style)
-    )
+    console.print(Text(f"preflight: {problems} problems, {warnings} warnings", style=style))
 
 
 def render_preflight_json(report: PreflightReport) -> str:

@@ -7,10 +7,9 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from ..measure.verdict import cause_for
 from ..result import PhaseResult, Report
-from ..verdict import cause_for
-from .grid import layer_grid, modules_line, not_read_lines, parts_summary, resolution_line, wrong_layers
-from .markdown import phase_figures
+from .format import PHASE_COLUMNS, layer_grid, modules_line, not_read_lines, parts_summary, phase_figures, resolution_line, wrong_layers
 
 VERDICT_STYLE = {"ok": "bold green", "pass": "bold green", "fail": "bold red"}
 
@@ -19,8 +18,8 @@ def _style(verdict: str) -> str:
     return VERDICT_STYLE.get(verdict, "bold red")
 
 
-def render_terminal(report: Report, console: Console, layers: bool = False) -> None:
-    """Print the report; `layers` adds every module's figures for every phase."""
+def render_terminal(report: Report, console: Console, all_modules: bool = False) -> None:
+    """Print the report; `all_modules` adds every module's figures for every phase."""
     ckpt = report.checkpoint
     rslora = ", rsLoRA" if ckpt["use_rslora"] else ""
     console.print(
@@ -41,10 +40,10 @@ def render_terminal(report: Report, console: Console, layers: bool = False) -> N
     if resolution:
         console.print(resolution, style="dim", highlight=False)
     for phase in report.phases:
-        console.print(_layer_summary(phase, full=layers))
+        console.print(_layer_summary(phase, full=all_modules))
         for line in not_read_lines(phase):
             console.print(f"  {line}", style="yellow", highlight=False)
-        if layers:
+        if all_modules:
             console.print(_layer_detail(phase))
         for warning in phase.warnings:
             console.print(f"[yellow]phase {phase.index + 1} {phase.name}: warning:[/] {warning}", highlight=False)
@@ -68,7 +67,7 @@ def _phase_table(report: Report) -> Table:
         title="sync phases: engine vs reference (HF + PEFT, W0 + ΔW); α = effective LoRA scale",
         title_justify="left",
     )
-    for column in ("#", "phase", "adapter", "verdict", "α", "KL mean", "KL max", "KL at α", "top-1", "greedy"):
+    for column in PHASE_COLUMNS:
         table.add_column(column, justify="left" if column in ("phase", "verdict") else "right", no_wrap=True)
     for phase in report.phases:
         # An audit of a merged export has no logits: those cells read "—".

@@ -19,24 +19,11 @@ from pathlib import Path
 
 import torch
 
-from .errors import BadInput
+from ..errors import BadInput
+from .dtypes import SAFETENSORS_DTYPES, dtype_name
 
 INDEX_FILE = "model.safetensors.index.json"
 
-_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
 # A real header is a few hundred kB even for large models; a larger length means a corrupt file.
 _MAX_HEADER_BYTES = 100 * 2**20
 
@@ -55,6 +42,10 @@ class TensorInfo:
     @property
     def nbytes(self) -> int:
         return self.end - self.start
+
+    @property
+    def dtype_name(self) -> str:
+        return dtype_name(self.dtype)
 
     @property
     def rows(self) -> int:
@@ -129,11 +120,11 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             if name == "__metadata__":
                 continue
             begin, end = (data_start + offset for offset in meta["data_offsets"])
-            if meta["dtype"] not in _DTYPES:
+            if meta["dtype"] not in SAFETENSORS_DTYPES:
                 raise ValueError(f"unsupported dtype {meta['dtype']} of {name}")
             if not data_start <= begin <= end <= size:
                 raise ValueError(f"byte range of {name} lies outside the file")
-            tensors[name] = TensorInfo(name, path, _DTYPES[meta["dtype"]], tuple(meta["shape"]), begin, end)
+            tensors[name] = TensorInfo(name, path, SAFETENSORS_DTYPES[meta["dtype"]], tuple(meta["shape"]), begin, end)
         return tensors
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
         raise BadInput(f"{path} is not a readable safetensors file ({error})") from None

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from .checkpoint import Checkpoint
-from .errors import BadInput, memory_problem, out_of_memory
+from ..adapter.checkpoint import Checkpoint
+from ..adapter.inventory import PEFT_PREFIX, read_json
+from ..errors import BadInput, memory_problem, out_of_memory
 
 ADAPTER_NAME = "default"
 PREVIOUS_ADAPTER = "previous"
@@ -58,7 +59,7 @@ class Reference:
         self._scaling = self._own_scaling(self.adapter)
         # Base module name → position in the architecture (q, k, v, o, gate, up, down per layer).
         self.module_order = {
-            name.removeprefix("base_model.model."): position
+            name.removeprefix(PEFT_PREFIX): position
             for position, (name, module) in enumerate(self.model.named_modules())
             if _is_lora_layer(module)
         }
@@ -127,7 +128,6 @@ def _model_class(checkpoint: Checkpoint):
     classification head)."""
     import transformers
 
-    from .checkpoint import read_json
 
     architectures = read_json(checkpoint.base_dir / "config.json").get("architectures") or []
     named = getattr(transformers, str(architectures[0]), None) if architectures else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields, replace
 
-from .modules import layer_index, module_kind
+from ..adapter.modules import layer_index, module_kind
 
 OK = "ok"
 DOUBLE_COUNTED = "double_counted"
@@ -47,8 +47,8 @@ CAUSES = {
     PARTIAL: "some modules were not synced or were synced under a wrong name (prefix, packed q/k/v or gate/up slices); "
     "fix: compare the names your sync sends with the engine's module names",
     UNRESOLVED: "the LoRA is small next to the weights and the check runs in half precision without the per-module "
-    "read; fix: keep the per-module read (drop --no-layer-check; build a probed engine with "
-    "worker_extension_cls='lora_doctor.worker.LoraDoctorWorker'), or check in float32",
+    "read; fix: keep the per-module read (drop --no-module-read; build a probed engine with "
+    "worker_extension_cls='lora_doctor.engine.worker.LoraDoctorWorker'), or check in float32",
     DIVERGED: "weights differ from W0 + ΔW in a way no LoRA scale explains: a different base, precision drift from "
     "repeated merge/unmerge in bf16, or corrupted tensors; fix: sync from a float32 master copy, check the base",
 }
@@ -195,7 +195,7 @@ def layer_verdict(effective_scale: float | None, residual: float | None, diverge
 
 def module_verdict(figures, thresholds: Thresholds) -> str:
     """Name what the engine holds for one module from its two parts (`lora_delta.module_figures`
-    or a `LayerResult`): base_part (0 unmerged, 1 merged in the engine's dtype) and slot_part
+    or a `ModuleResult`): base_part (0 unmerged, 1 merged in the engine's dtype) and slot_part
     (0 no adapter, 1 the adapter). A double count is a merged base plus a loaded slot."""
     base, slot = figures.base_part, figures.slot_part
     if base is None or slot is None:

@@ -3,7 +3,7 @@
 A plan is a Python function that receives a `Sync` and calls, in the trainer's order:
 
 - `load_base()`: full sync of the unmerged base weights `W0`;
-- `load_merged(scale=1.0, layers=None, dtype=None, cycles=0)`: full sync of `W0 + scale·ΔW` merged
+- `load_merged(scale=1.0, decoder_layers=None, dtype=None, cycles=0)`: full sync of `W0 + scale·ΔW` merged
   in `dtype` (default: the engine's, as the trainer holds its weights), optionally for some decoder
   layers only, optionally after `cycles` merge/unmerge rounds (precision drift);
 - `add_adapter(id=None, load_inplace=False, weights="current")`: adapter sync of the checkpoint's
@@ -21,16 +21,15 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import Checkpoint
-from .engine import Engine
-from .errors import BadInput
-from .lora_delta import load_lora_factors, merge_in_dtype
-from .modules import layer_index
-from .names import name_map
-from .reference import Reference
-from .result import PhaseResult
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+from ..adapter.checkpoint import Checkpoint
+from ..adapter.dtypes import COMPUTE_DTYPES
+from ..adapter.lora_delta import load_lora_factors, merge_in_dtype
+from ..adapter.modules import layer_index
+from ..adapter.names import name_map
+from ..engine.driver import Engine
+from ..errors import BadInput
+from ..measure.reference import Reference
+from ..result import PhaseResult
 
 
 class Sync:
@@ -60,7 +59,7 @@ class Sync:
     def load_merged(
         self,
         scale: float = 1.0,
-        layers: set[int] | None = None,
+        decoder_layers: set[int] | None = None,
         dtype: str | None = None,
         cycles: int = 0,
     ) -> None:
@@ -68,18 +67,18 @@ class Sync:
         (default: the engine's) merges them: `merge_in_dtype`, so in bf16 what is below half an ulp
         of W0 is lost, exactly as in the trainer.
 
-        `layers` limits the merge to some decoder layers. With `cycles`, the weights are merged then
+        `decoder_layers` limits the merge to some decoder layers. With `cycles`, the weights are merged then
         unmerged that many times before the final merge: the rounding drift of trl #6688.
         """
-        if dtype is not None and dtype not in _DTYPES:
-            raise BadInput(f"load_merged: unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
+        if dtype is not None and dtype not in COMPUTE_DTYPES:
+            raise BadInput(f"load_merged: unknown dtype {dtype!r}; use one of {', '.join(COMPUTE_DTYPES)}")
         delta = self._deltas()
-        precision = _DTYPES[dtype] if dtype is not None else self.engine.llm.llm_engine.model_config.dtype
+        precision = COMPUTE_DTYPES[dtype] if dtype is not None else self.engine.llm.llm_engine.model_config.dtype
 
         def merged() -> Iterator[tuple[str, torch.Tensor]]:
             for name, weight in self._base_weights():
                 held = weight.to(precision)
-                if name in delta and _in_layers(name, layers):
+                if name in delta and _in_layers(name, decoder_layers):
                     step = scale * delta[name]
                     rounded = step.to(precision)
                     for _ in range(cycles):
@@ -122,12 +121,7 @@ class Sync:
         return path
 
     def _base_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        from safetensors import safe_open
-
-        for file in sorted(self.checkpoint.base_dir.glob("*.safetensors")):
-            with safe_open(str(file), framework="pt") as handle:
-                for name in handle.keys():
-                    yield name, handle.get_tensor(name)
+        return self.checkpoint.base().weights()
 
     def _deltas(self) -> dict[str, torch.Tensor]:
         if self._delta is None:
@@ -139,7 +133,7 @@ class Sync:
         return self._delta
 
 
-def _in_layers(name: str, layers: set[int] | None) -> bool:
-    if layers is None:
+def _in_layers(name: str, decoder_layers: set[int] | None) -> bool:
+    if decoder_layers is None:
         return True
-    return layer_index(name) in layers
+    return layer_index(name) in decoder_layers

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-PEFT_PREFIX = "base_model.model."
+from .inventory import PEFT_PREFIX, read_base
+
 WEIGHT = ".weight"
 
 # Roles of an engine module (lora/model_manager.py `_get_punica_wrapper`): LoRA is served on the
@@ -226,18 +227,8 @@ def engine_naming(architecture: str) -> EngineNaming:
 @lru_cache(maxsize=None)
 def name_map(base_dir: str | Path) -> NameMap:
     """The name map of a local base model folder (config.json + safetensors headers)."""
-    import json
-
-    from safetensors import safe_open
-
-    base_dir = Path(base_dir)
-    config = json.loads((base_dir / "config.json").read_text())
-    architecture = (config.get("architectures") or [""])[0]
-    keys: list[str] = []
-    for file in sorted(base_dir.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as handle:
-            keys.extend(handle.keys())
-    return NameMap(keys, engine_naming(architecture))
+    base = read_base(Path(base_dir))
+    return NameMap(base.tensors, engine_naming(base.architecture))
 
 
 def _vllm_root() -> Path | None:

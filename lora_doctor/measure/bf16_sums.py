@@ -21,7 +21,7 @@ import torch
 from numba import njit, types
 from numba.extending import overload
 
-from .compat import let_vllm_scan_llvmlite
+from ..engine.compat import let_vllm_scan_llvmlite
 
 let_vllm_scan_llvmlite()  # a vLLM engine started later in this process must not trip over numba's llvmlite
 

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import BadInput, unreadable_safetensors
+from ..errors import BadInput
+from .inventory import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterInventory, BaseInventory, read_adapter, read_base, read_json
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."
+# PEFT's LoraConfig default when a config leaves lora_alpha out.
+PEFT_DEFAULT_ALPHA = 8
 
 
 @dataclass(frozen=True)
@@ -26,16 +26,33 @@ class LoraSpec:
     alpha_pattern: dict = field(default_factory=dict)
     modules_to_save: list[str] = field(default_factory=list)
     use_dora: bool = False
+    fan_in_fan_out: bool = False
 
     @property
     def max_rank(self) -> int:
-        """The largest rank of any module (r, or a `rank_pattern` override)."""
-        return max([self.r, *map(int, self.rank_pattern.values())])
+        """The largest rank of any module (r, or a numeric `rank_pattern` override)."""
+        pattern = [int(v) for v in self.rank_pattern.values() if isinstance(v, (int, float))]
+        return max([self.r, *pattern])
 
     @property
     def scaling(self) -> float:
         """PEFT's `s`: alpha/r, or alpha/sqrt(r) with rsLoRA."""
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def scaling_for(self, module: str) -> float:
+        """The scaling PEFT gives `module`, with rank_pattern / alpha_pattern overrides."""
+        rank = self.rank_pattern.get(pattern_key(self.rank_pattern, module), self.r)
+        alpha = self.alpha_pattern.get(pattern_key(self.alpha_pattern, module), self.lora_alpha)
+        return alpha / (math.sqrt(rank) if self.use_rslora else rank)
+
+
+def pattern_key(patterns: dict, module: str) -> str | None:
+    """PEFT's `get_pattern_key` (the same rule as vLLM's PEFTHelper._match_pattern): the first key that
+    matches a dotted suffix of the name; None when none does."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return None
 
 
 @dataclass(frozen=True)
@@ -47,6 +64,26 @@ class Checkpoint:
     base_model: str
     spec: LoraSpec
     module_names: list[str]
+
+    def adapter(self) -> AdapterInventory:
+        return read_adapter(self.adapter_dir)
+
+    def base(self) -> BaseInventory:
+        return read_base(self.base_dir)
+
+    def summary(self) -> dict:
+        """The checkpoint as the JSON report records it."""
+        spec = self.spec
+        return {
+            "path": str(self.adapter_dir),
+            "base_model": self.base_model,
+            "base_path": str(self.base_dir),
+            "r": spec.r,
+            "lora_alpha": spec.lora_alpha,
+            "use_rslora": spec.use_rslora,
+            "scaling": spec.scaling,
+            "target_modules": spec.target_modules,
+        }
 
     @property
     def tokenizer_dir(self) -> Path:
@@ -66,14 +103,17 @@ def load_checkpoint(path: str | Path, base: str | Path | None = None) -> Checkpo
     spec = spec_from_config(config, adapter_dir)
     base_model = str(base) if base is not None else config.get("base_model_name_or_path") or ""
     base_dir = resolve_base(base_model, adapter_dir, explicit=base is not None)
-    shapes = adapter_shapes(adapter_dir)
-    check_fits_base(shapes, base_dir)
+    adapter = read_adapter(adapter_dir)
+    incomplete = sorted(m for m, factors in adapter.lora_modules.items() if set(factors) != {"A", "B"})
+    if incomplete:
+        raise BadInput(f"{adapter.file}: {incomplete[0]} has lora_A or lora_B but not both")
+    check_fits_base(adapter, read_base(base_dir))
     return Checkpoint(
         adapter_dir=adapter_dir.resolve(),
         base_dir=base_dir.resolve(),
         base_model=base_model,
         spec=spec,
-        module_names=sorted(shapes),
+        module_names=sorted(adapter.linear),
     )
 
 
@@ -96,20 +136,10 @@ def find_adapter_dir(path: Path) -> Path:
     raise BadInput(f"{path} has no {ADAPTER_CONFIG}: pass a PEFT adapter folder or a trainer checkpoint that holds one")
 
 
-def read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise BadInput(f"{path} is not readable JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise BadInput(f"{path} does not hold a JSON object")
-    return data
-
-
 def spec_from_config(config: dict, adapter_dir: Path) -> LoraSpec:
     try:
         r = int(config["r"])
-        alpha = float(config.get("lora_alpha", r))
+        alpha = float(config.get("lora_alpha", PEFT_DEFAULT_ALPHA))
     except (KeyError, TypeError, ValueError):
         raise BadInput(f"{adapter_dir / ADAPTER_CONFIG}: missing or invalid 'r' / 'lora_alpha'") from None
     if r <= 0:
@@ -126,6 +156,7 @@ def spec_from_config(config: dict, adapter_dir: Path) -> LoraSpec:
         alpha_pattern=dict(config.get("alpha_pattern") or {}),
         modules_to_save=list(config.get("modules_to_save") or []),
         use_dora=bool(config.get("use_dora", False)),
+        fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
     )
 
 
@@ -146,71 +177,24 @@ def resolve_base(base_model: str, adapter_dir: Path, explicit: bool) -> Path:
     )
 
 
-def adapter_shapes(adapter_dir: Path) -> dict[str, dict[str, tuple[int, ...]]]:
-    """Module name → {"A": shape, "B": shape}, read from the safetensors header only."""
-    from safetensors import safe_open
-
-    weights = adapter_dir / ADAPTER_WEIGHTS
-    if not weights.is_file():
-        raise BadInput(f"{adapter_dir} has no {ADAPTER_WEIGHTS} (only safetensors adapters are supported)")
-    shapes: dict[str, dict[str, tuple[int, ...]]] = {}
-    try:
-        with safe_open(str(weights), framework="pt") as handle:
-            for key in handle.keys():
-                for kind in ("A", "B"):
-                    suffix = f".lora_{kind}.weight"
-                    if key.endswith(suffix):
-                        module = key[: -len(suffix)].removeprefix(PEFT_PREFIX)
-                        shapes.setdefault(module, {})[kind] = tuple(handle.get_slice(key).get_shape())
-    except Exception as error:  # safetensors raises its own error types for corrupt headers
-        raise unreadable_safetensors(weights, error) from None
-    if not shapes:
-        raise BadInput(f"{weights} holds no LoRA weights (no '*.lora_A.weight' tensors)")
-    incomplete = sorted(m for m, s in shapes.items() if set(s) != {"A", "B"})
-    if incomplete:
-        raise BadInput(f"{weights}: {incomplete[0]} has lora_A or lora_B but not both")
-    return shapes
-
-
-def base_weight_shapes(base_dir: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor name → shape for every safetensors file of a base model (headers only)."""
-    from safetensors import safe_open
-
-    files = sorted(base_dir.glob("*.safetensors"))
-    if not files:
-        raise BadInput(f"base model {base_dir} has no *.safetensors weights")
-    shapes: dict[str, tuple[int, ...]] = {}
-    for file in files:
-        try:
-            with safe_open(str(file), framework="pt") as handle:
-                for key in handle.keys():
-                    shapes[key] = tuple(handle.get_slice(key).get_shape())
-        except Exception as error:
-            raise unreadable_safetensors(file, error) from None
-    return shapes
-
-
-def check_fits_base(adapter: dict[str, dict[str, tuple[int, ...]]], base_dir: Path) -> None:
-    """Every adapter module has a base weight of its shape. Names are matched the way vLLM matches them
-    (names.py); a module under a prefix the engine does not map is matched by its path inside its block
-    here and left to the pre-flight's `engine_name_mismatch` finding, which names all three names."""
+def check_fits_base(adapter: AdapterInventory, base: BaseInventory) -> None:
+    """Every linear adapter module has a base weight of its shape. Names are matched the way vLLM matches
+    them (names.py); a module under a prefix the engine does not map is matched by its path inside its
+    block here and left to the pre-flight's `engine_name_mismatch` finding, which names all three names."""
     from .names import NameMap, engine_naming
 
-    base = base_weight_shapes(base_dir)
-    architectures = read_json(base_dir / "config.json").get("architectures") or [""]
-    names = NameMap(base, engine_naming(str(architectures[0])))
-    for module, factor in sorted(adapter.items()):
+    names = NameMap(base.tensors, engine_naming(base.architecture))
+    for module, factors in sorted(adapter.linear.items()):
         resolved = names.resolve(module)
-        key = resolved.base or resolved.nearest_base
-        if key is None:
+        weight = base.module_weight(module, resolved)
+        if weight is None:
             raise BadInput(
-                f"adapter module {module} has no weight in base {base_dir} ({resolved.side_by_side()}): "
+                f"adapter module {module} has no weight in base {base.folder} ({resolved.side_by_side()}): "
                 "wrong base model? (pass --base)"
             )
-        weight = base[key]
-        out_features, in_features = weight[0], weight[-1]
-        if factor["A"][-1] != in_features or factor["B"][0] != out_features:
+        key, (out_features, in_features) = weight.name, (weight.shape[0], weight.shape[-1])
+        if factors["A"].shape[-1] != in_features or factors["B"].shape[0] != out_features:
             raise BadInput(
-                f"adapter does not fit base {base_dir}: {module} is {out_features}x{in_features} in the base ({key}) "
-                f"but the adapter's B·A is {factor['B'][0]}x{factor['A'][-1]}; pass the base it was trained on (--base)"
+                f"adapter does not fit base {base.folder}: {module} is {out_features}x{in_features} in the base ({key}) "
+                f"but the adapter's B·A is {factors['B'].shape[0]}x{factors['A'].shape[-1]}; pass the base it was trained on (--base)"
             )

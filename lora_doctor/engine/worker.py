@@ -1,13 +1,12 @@
 """vLLM worker extension: read what each LoRA-wrapped linear layer of the engine holds — its base
 weight and its loaded adapter slot, apart — against W0 and ΔW from the checkpoint on disk.
 
-Loaded in every worker via `LLM(..., worker_extension_cls="lora_doctor.worker.LoraDoctorWorker")`
+Loaded in every worker via `LLM(..., worker_extension_cls="lora_doctor.engine.worker.LoraDoctorWorker")`
 and called with `llm.collective_rpc(method_name, args=(...))`, which returns one result per rank.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,17 +23,19 @@ from vllm.lora.layers import (
 from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
 from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 
+from ..adapter.lora_delta import LoraFactors, load_lora_factors, merge_in_dtype
+from ..adapter.names import name_map
+from ..adapter.weight_files import model_tensors
+from ..errors import BadInput, EnvironmentProblem
+from ..measure.layer_figures import STAT_KEYS
 from .capture import PromptLogprobCapture
-from .errors import BadInput, EnvironmentProblem
-from .lora_delta import STAT_KEYS, LoraFactors, load_lora_factors, merge_in_dtype
-from .names import name_map
 
 # Weights are streamed in column blocks of at most this many elements per matrix,
 # so memory stays bounded on large layers.
 _BLOCK_ELEMENTS = 1 << 22
 
 # The way out when the per-module read cannot place an engine layout: the logit figures still work.
-_LOGITS_ONLY = "run with --no-layer-check for the logit figures only"
+_LOGITS_ONLY = "run with --no-module-read for the logit figures only"
 
 
 class LoraDoctorWorker(PromptLogprobCapture):
@@ -252,17 +253,7 @@ class _BaseWeights:
     """Slices of the base model's weights, read straight from its safetensors files."""
 
     def __init__(self, base_dir: Path, mapper=None):
-        index = base_dir / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self._files = {name: base_dir / file for name, file in weight_map.items()}
-        else:
-            self._files = {}
-            for file in sorted(base_dir.glob("*.safetensors")):
-                with safe_open(str(file), framework="pt") as handle:
-                    self._files.update(dict.fromkeys(handle.keys(), file))
-        if not self._files:
-            raise BadInput(f"base model {base_dir} has no *.safetensors weights")
+        self._files = {name: info.path for name, info in model_tensors(base_dir).items()}
         # vLLM module name → checkpoint module name, for models that rename weights on load.
         self._names = {}
         for key in self._files:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import BadInput, LoraDoctorError
+from ..errors import BadInput, LoraDoctorError
 from .sync import Sync
 
 # Merge/unmerge rounds before the drift plan's final merge: a few hundred optimizer steps.

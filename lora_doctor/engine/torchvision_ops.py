@@ -16,7 +16,7 @@ matching CPU or CUDA build) it registers the operators itself and nothing is def
 vLLM imports the model files in processes of its own (the model-class inspection runs
 `python -m vllm.model_executor.models.registry`; the engine core and workers may be spawned), so the
 definition has to happen in every process of the environment, before its first `import torchvision`:
-`python -m lora_doctor.torchvision_ops` (run by `make install`) writes a `.pth` file into
+`python -m lora_doctor.engine.torchvision_ops` (run by `make install`) writes a `.pth` file into
 site-packages — Python's documented start-up hook (the `site` module executes its `import` lines) —
 that adds an import hook. The hook costs nothing until something imports torchvision, and then acts
 once. Delete the `.pth` file to undo it.
@@ -41,7 +41,7 @@ PTH_NAME = "lora_doctor_torchvision_ops.pth"
 PTH_LINE = (
     "import importlib.util as u, sys; s = u.find_spec('lora_doctor'); "
     "f = s and s.submodule_search_locations and u.spec_from_file_location("
-    "'lora_doctor_torchvision_ops', s.submodule_search_locations[0] + '/torchvision_ops.py'); "
+    "'lora_doctor_torchvision_ops', s.submodule_search_locations[0] + '/engine/torchvision_ops.py'); "
     "m = f and u.module_from_spec(f); "
     "m and (sys.modules.setdefault(f.name, m), f.loader.exec_module(m), m.install_import_hook())\n"
 )

@@ -28,13 +28,15 @@ import numpy
 import torch
 
 from . import __version__
-from .bf16_sums import bf16_sums
-from .checkpoint import ADAPTER_WEIGHTS, PEFT_PREFIX, load_checkpoint
+from .adapter.checkpoint import load_checkpoint
+from .adapter.inventory import ties_embeddings
+from .adapter.lora_delta import LoraFactors, load_lora_factors, merge_in_dtype
+from .adapter.modules import layer_index, module_kind
+from .adapter.weight_files import TensorInfo, model_tensors, read_chunks
+from .environment import environment
 from .errors import BadInput
-from .lora_delta import LoraFactors, load_lora_factors, merge_in_dtype
-from .modules import layer_index, module_kind
-from .result import LayerResult, PhaseResult, Report
-from .verdict import (
+from .measure.bf16_sums import bf16_sums
+from .measure.verdict import (
     DIVERGED,
     DOUBLE_COUNTED,
     EXPORT_PHASE,
@@ -50,7 +52,7 @@ from .verdict import (
     refine_with_layers,
     scale_hint,
 )
-from .weight_files import TensorInfo, model_tensors, read_chunks, read_header
+from .result import ModuleResult, PhaseResult, Report
 
 PHASE = EXPORT_PHASE
 # Bytes of one tensor per read. The export and the base are read in turn; from a cold page cache,
@@ -228,7 +230,7 @@ def audit(
     export_dir = Path(export)
     exported = model_tensors(export_dir)
     factors = load_lora_factors(ckpt.adapter_dir)
-    expected = dict(model_tensors(ckpt.base_dir), **_trained_copies(ckpt.adapter_dir))
+    expected = dict(model_tensors(ckpt.base_dir), **ckpt.adapter().trained_copies())
     pairs, absent = _pair(exported, expected, factors, export_dir, ckpt.base_dir)
     limits, margin = _thresholds(pairs, thresholds or {})
 
@@ -262,14 +264,12 @@ def audit(
         layers=layers,
         seconds={"read_and_compare": streaming},
     )
-    from .check import checkpoint_summary, environment
-
-    summary = checkpoint_summary(ckpt)
+    summary = ckpt.summary()
     summary["export"] = {
         "path": str(export_dir.resolve()),
         "files": len({info.path for info in exported.values()}),
         "tensors": len(exported),
-        "dtypes": sorted({str(info.dtype).removeprefix("torch.") for info in exported.values()}),
+        "dtypes": sorted({info.dtype_name for info in exported.values()}),
         "lora_modules": len(figures),
         "untouched_tensors": sum(pair.module is None for pair in pairs),
         "differing_untouched": len(differences),
@@ -320,12 +320,6 @@ def _pair(exported: dict[str, TensorInfo], based: dict[str, TensorInfo], factors
     return pairs, absent
 
 
-def _trained_copies(adapter_dir: Path) -> dict[str, TensorInfo]:
-    """Whole tensors the adapter file holds (`modules_to_save`): a merge writes them in place of the base's."""
-    saved = read_header(adapter_dir / ADAPTER_WEIGHTS)
-    return {name.removeprefix(PEFT_PREFIX): info for name, info in saved.items() if ".lora_" not in name}
-
-
 def _lookup(tensors: dict[str, TensorInfo], folder: Path, name: str) -> TensorInfo | None:
     """A tensor by name; a model with tied embeddings may leave its lm_head out (it is the embedding)."""
     if name in tensors:
@@ -340,7 +334,7 @@ def _ties_embeddings(folder: Path) -> bool:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    return bool(config.get("tie_word_embeddings", False))
+    return ties_embeddings(config) if isinstance(config, dict) else False
 
 
 def _thresholds(pairs: list[_Pair], overrides: dict[str, float]) -> tuple[Thresholds, float]:
@@ -398,10 +392,10 @@ def _stream(pairs: list[_Pair], factors: dict[str, LoraFactors], say: Progress) 
     return figures, list(differences.values())
 
 
-def _layer(figures: _Figures, limits: Thresholds, margin: float) -> LayerResult:
+def _layer(figures: _Figures, limits: Thresholds, margin: float) -> ModuleResult:
     allowed = limits.override({"layer_divergence": max(limits.layer_divergence, margin * figures.rounding_floor)})
     values = (figures.effective_scale, figures.residual, figures.divergence)
-    return LayerResult(figures.module, *values, verdict=layer_verdict(*values, allowed))
+    return ModuleResult(figures.module, *values, verdict=layer_verdict(*values, allowed))
 
 
 def _compare_untouched(name: str, mine: torch.Tensor, theirs: torch.Tensor, differences: dict[str, _Difference]) -> None:
@@ -430,7 +424,7 @@ def _module_order(module: str) -> tuple:
     return (index if index is not None else -1, _LORA_KINDS.index(kind) if kind in _LORA_KINDS else len(_LORA_KINDS), module)
 
 
-def _explain(verdict: str, scale: float | None, layers: list[LayerResult], differences: list[_Difference], spec) -> str:
+def _explain(verdict: str, scale: float | None, layers: list[ModuleResult], differences: list[_Difference], spec) -> str:
     explanation = EXPLANATIONS[verdict]
     if verdict == SCALED and scale is not None:
         hint = scale_hint(scale, spec.r, spec.lora_alpha, spec.use_rslora)

@@ -1,92 +1,9 @@
-"""ΔW of a PEFT LoRA adapter, with PEFT's exact scaling, what a merge in a given dtype holds, and
-the driver-side reduction of the worker's per-shard sums into per-module figures. No vLLM import."""
+"""Per-module figures from the sums the worker extension accumulates per weight shard: how much of ΔW the
+engine's base and its LoRA slot hold. Driver side, no vLLM import."""
 
 from __future__ import annotations
 
-import json
 import math
-import re
-from dataclasses import dataclass
-from pathlib import Path
-
-import torch
-
-from .errors import BadInput
-
-PEFT_PREFIX = "base_model.model."
-_A_SUFFIX = ".lora_A.weight"
-_B_SUFFIX = ".lora_B.weight"
-
-
-@dataclass(frozen=True)
-class LoraFactors:
-    """One module's LoRA: ΔW = scaling · B @ A (A: r × in, B: out × r)."""
-
-    A: torch.Tensor
-    B: torch.Tensor
-    scaling: float
-    fan_in_fan_out: bool = False
-
-    def delta(self, rows: slice = slice(None), cols: slice = slice(None), dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """ΔW[rows, cols] in the base weight's own layout, as PEFT's `get_delta_weight` returns it
-        (transposed for `fan_in_fan_out` layers, whose weight is stored in × out). The one ΔW every
-        part of lora-doctor uses: the sync's merges, the per-module read and the audit."""
-        if self.fan_in_fan_out:
-            # The stored weight is (ΔWᵀ): its rows index A's columns, its columns B's rows.
-            return ((self.B[cols].to(dtype) @ self.A[:, rows].to(dtype)) * self.scaling).T
-        return (self.B[rows].to(dtype) @ self.A[:, cols].to(dtype)) * self.scaling
-
-
-def merge_in_dtype(w0: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """What a trainer's merge `W0 + ΔW` holds when its weights live in `dtype`.
-
-    PEFT's `merge` computes ΔW in float32 and casts it to the weight's dtype, then adds it in place:
-    round(round(W0) + round(ΔW)). In bf16 every part of ΔW below half an ulp of W0 is lost, so a
-    merged sync in bf16 is expected to hold this, not the exact W0 + ΔW.
-    """
-    return (w0.to(dtype) + delta.to(dtype)).to(dtype)
-
-
-def load_lora_factors(adapter_dir: str | Path) -> dict[str, LoraFactors]:
-    """Module name of the base model (e.g. "model.layers.0.self_attn.q_proj") → its LoRA factors."""
-    from safetensors.torch import load_file
-
-    adapter_dir = Path(adapter_dir)
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    if config.get("use_dora"):
-        raise BadInput(f"{adapter_dir}: DoRA adapters are not supported (ΔW is not scaling·B·A)")
-    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
-    factors = {}
-    for key, lora_a in tensors.items():
-        if not key.endswith(_A_SUFFIX):
-            continue
-        module = key[: -len(_A_SUFFIX)].removeprefix(PEFT_PREFIX)
-        lora_b = tensors[key[: -len(_A_SUFFIX)] + _B_SUFFIX]
-        factors[module] = LoraFactors(
-            A=lora_a,
-            B=lora_b,
-            scaling=peft_scaling(config, module),
-            fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
-        )
-    return factors
-
-
-def peft_scaling(config: dict, module: str) -> float:
-    """The scaling PEFT gives `module`, with rank_pattern / alpha_pattern overrides."""
-    r = config.get("rank_pattern", {}) or {}
-    alpha = config.get("alpha_pattern", {}) or {}
-    rank = r.get(_pattern_key(r, module), config["r"])
-    lora_alpha = alpha.get(_pattern_key(alpha, module), config.get("lora_alpha", 8))  # 8: PEFT's default
-    return lora_alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
-
-
-def _pattern_key(patterns: dict, module: str) -> str:
-    """PEFT's `get_pattern_key`: the first key that matches a dotted suffix of the name."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return key
-    return module
-
 
 # The sums the worker accumulates per shard (float64), over the shard's elements, for
 #   b = W_base − W0_D   what the engine's base weight adds to the base model (W0_D: W0 in the engine's dtype),

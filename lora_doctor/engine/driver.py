@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import BadInput, EnvironmentProblem, LoraDoctorError, memory_problem, one_line, out_of_memory
 from .compat import let_vllm_scan_llvmlite
-from .errors import BadInput, EnvironmentProblem, LoraDoctorError, memory_problem, one_line, out_of_memory
 
-WORKER_EXTENSION = "lora_doctor.worker.LoraDoctorWorker"
+WORKER_EXTENSION = "lora_doctor.engine.worker.LoraDoctorWorker"
 INSTALL_HINT = "install the engine with: pip install 'lora-doctor[cpu]' (CPU) or 'lora-doctor[gpu]'"
 # One GiB of KV cache holds tens of thousands of tokens of a small model: far more than a check's prompts.
 DEFAULT_KV_CACHE_GIB = 1

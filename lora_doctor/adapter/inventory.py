@@ -1,0 +1,186 @@
+"""One inventory of what PEFT wrote into an adapter file, and one of a base model's weights.
+
+Every caller (checkpoint resolution, pre-flight, ΔW, the sync, the audit, the name map) asks these
+instead of listing the files itself. Both are read from safetensors headers alone; tensors are
+read only when a caller asks for them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import BadInput
+from .weight_files import TensorInfo, model_tensors, read_header
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# PEFT's key prefix in a saved adapter: the wrapper's `base_model.model.` around the trainer's model.
+PEFT_PREFIX = "base_model.model."
+LINEAR_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B"}
+EMBEDDING_SUFFIXES = {".lora_embedding_A": "A", ".lora_embedding_B": "B"}
+# Module names of a causal LM's input embedding and output head, as transformers' model classes name them.
+EMBEDDING_NAMES = ("embed_tokens", "wte", "word_embeddings", "embed_in")
+OUTPUT_NAMES = ("lm_head", "embed_out")
+
+
+@dataclass
+class AdapterInventory:
+    """An adapter file's tensors, sorted by what PEFT wrote them for (module names without PEFT's prefix)."""
+
+    file: Path
+    linear: dict[str, dict[str, TensorInfo]] = field(default_factory=dict)  # module → {"A", "B"}
+    embedding: dict[str, dict[str, TensorInfo]] = field(default_factory=dict)  # module → {"A", "B"}
+    magnitude: list[TensorInfo] = field(default_factory=list)  # DoRA
+    saved_base_layers: list[TensorInfo] = field(default_factory=list)  # `*.base_layer.weight` (save_embedding_layers)
+    base_layer_bias: list[TensorInfo] = field(default_factory=list)  # bias="all"/"lora_only"
+    full_modules: dict[str, list[TensorInfo]] = field(default_factory=dict)  # trained full copies (modules_to_save)
+    other: list[TensorInfo] = field(default_factory=list)
+
+    @property
+    def lora_modules(self) -> dict[str, dict[str, TensorInfo]]:
+        return {**self.linear, **self.embedding}
+
+    @property
+    def tensors(self) -> list[TensorInfo]:
+        pairs = [t for factors in self.lora_modules.values() for t in factors.values()]
+        full = [t for group in self.full_modules.values() for t in group]
+        return pairs + self.magnitude + self.saved_base_layers + self.base_layer_bias + full + self.other
+
+    def trained_copies(self) -> dict[str, TensorInfo]:
+        """Whole tensors the file holds beside the LoRA factors (`modules_to_save`), by base weight name:
+        a merge writes them in place of the base's."""
+        return {t.name.removeprefix(PEFT_PREFIX): t for t in self.tensors if ".lora_" not in t.name}
+
+    def read(self, tensors: list[TensorInfo]) -> dict[str, torch.Tensor]:
+        """The values of some of this file's tensors, by key."""
+        from safetensors import safe_open
+
+        from ..errors import unreadable_safetensors
+
+        try:
+            with safe_open(str(self.file), framework="pt") as handle:
+                return {t.name: handle.get_tensor(t.name) for t in tensors}
+        except Exception as error:  # safetensors raises its own error types for corrupt data
+            raise unreadable_safetensors(self.file, error) from None
+
+
+def read_adapter(adapter_dir: Path) -> AdapterInventory:
+    """The inventory of `adapter_dir`'s adapter file; `BadInput` when it is absent, unreadable or holds no LoRA."""
+    weights = Path(adapter_dir) / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise BadInput(f"{adapter_dir} has no {ADAPTER_WEIGHTS} (only safetensors adapters are supported)")
+    inventory = AdapterInventory(weights)
+    for info in read_header(weights).values():
+        _classify(inventory, info)
+    if not inventory.lora_modules:
+        raise BadInput(f"{weights} holds no LoRA weights (no '*.lora_A.weight' or '*.lora_embedding_A' tensors)")
+    return inventory
+
+
+def _classify(inventory: AdapterInventory, tensor: TensorInfo) -> None:
+    name = tensor.name.removeprefix(PEFT_PREFIX)
+    for suffixes, bucket in ((LINEAR_SUFFIXES, inventory.linear), (EMBEDDING_SUFFIXES, inventory.embedding)):
+        for suffix, kind in suffixes.items():
+            if name.endswith(suffix):
+                bucket.setdefault(name[: -len(suffix)], {})[kind] = tensor
+                return
+    if re.search(r"\.lora_magnitude_vector(\.weight)?$", name):
+        inventory.magnitude.append(tensor)
+    elif name.endswith(".base_layer.weight"):
+        inventory.saved_base_layers.append(tensor)
+    elif name.endswith(".base_layer.bias"):
+        inventory.base_layer_bias.append(tensor)
+    elif ".modules_to_save." in name:
+        inventory.full_modules.setdefault(name.split(".modules_to_save.")[0], []).append(tensor)
+    elif name.endswith((".weight", ".bias")) and not re.search(r"\.lora_\w+\.", name):
+        # PEFT saves a modules_to_save copy under the plain module name (e.g. `lm_head.weight`).
+        inventory.full_modules.setdefault(name.rsplit(".", 1)[0], []).append(tensor)
+    else:
+        inventory.other.append(tensor)
+
+
+@dataclass
+class BaseInventory:
+    """A base model folder's weights (through `model.safetensors.index.json` when there is one) and config."""
+
+    folder: Path
+    tensors: dict[str, TensorInfo]
+    config: dict
+
+    @property
+    def text_config(self) -> dict:
+        nested = self.config.get("text_config")
+        return nested if isinstance(nested, dict) else {}
+
+    @property
+    def architecture(self) -> str:
+        return str((self.config.get("architectures") or [""])[0])
+
+    @property
+    def ties_embeddings(self) -> bool:
+        return ties_embeddings(self.config)
+
+    @property
+    def dtype(self) -> str | None:
+        """The dtype the config names, else the one most 2-D weights are stored in."""
+        for source in (self.config, self.text_config):
+            for key in ("dtype", "torch_dtype"):
+                value = source.get(key)
+                if isinstance(value, str) and value != "auto":
+                    return value.removeprefix("torch.")
+        counts = Counter(t.dtype_name for key, t in self.tensors.items() if key.endswith(".weight") and len(t.shape) == 2)
+        return counts.most_common(1)[0][0] if counts else None
+
+    def module_weight(self, module: str, names) -> TensorInfo | None:
+        """The weight an adapter module applies to: the one vLLM gives the same engine name (`names`, the
+        module's `names.ModuleNames`), else (a prefix mismatch) the one with the same path inside its
+        block; an output head the model ties to its input embedding is that embedding."""
+        key = names.base or names.nearest_base
+        weight = self.tensors.get(key) if key else None
+        if weight is None and module.rsplit(".", 1)[-1] in OUTPUT_NAMES and self.ties_embeddings:
+            suffixes = tuple(f"{name}.weight" for name in EMBEDDING_NAMES)
+            return next((t for k, t in self.tensors.items() if k.endswith(suffixes)), None)
+        return weight
+
+    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every weight's value, file by file."""
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for name, info in self.tensors.items():
+            by_file.setdefault(info.path, []).append(name)
+        for path in sorted(by_file):
+            with safe_open(str(path), framework="pt") as handle:
+                for name in sorted(by_file[path]):
+                    yield name, handle.get_tensor(name)
+
+
+def ties_embeddings(config: dict) -> bool:
+    """The output head is the input embedding (`tie_word_embeddings`, on the config or its text config)."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    value = config.get("tie_word_embeddings", text.get("tie_word_embeddings"))
+    return bool(value) if value is not None else False
+
+
+def read_base(folder: Path) -> BaseInventory:
+    """The inventory of a local base model folder; `BadInput` when it has no readable weights or config."""
+    folder = Path(folder)
+    return BaseInventory(folder, model_tensors(folder), read_json(folder / "config.json"))
+
+
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise BadInput(f"{path} is not readable JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise BadInput(f"{path} does not hold a JSON object")
+    return data
+

@@ -1,0 +1,192 @@
+"""`check`: replay a trainer's sync plan into a real engine and compare it with the reference."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from . import __version__
+from .adapter.checkpoint import Checkpoint, load_checkpoint
+from .adapter.dtypes import COMPUTE_DTYPES
+from .engine.driver import Engine
+from .engine.sizing import check_parallel_fit, engine_config
+from .environment import environment
+from .errors import BadInput
+from .measure.logit_pass import CHUNK_POSITIONS
+from .measure.phase import PhaseMeasurer, Progress
+from .measure.prompts import load_prompts, load_tokenizer, position_limit, tokenize
+from .measure.reference import Reference
+from .measure.verdict import FAIL, Thresholds, overall_verdict
+from .plans.builtin import DEFAULT_PLAN, Plan, get_plan
+from .plans.sync import Sync
+from .preflight import PreflightReport, inspect_checkpoint
+from .result import PhaseResult, Report
+
+# Pre-flight problems after which engine-vs-reference figures mean nothing, so the check stops
+# before loading anything: NaN/Inf factors make both forwards NaN (any verdict would be noise);
+# DoRA's ΔW is not scaling·B·A, so no per-module or scale figure applies; adapter modules the engine
+# would match to none of its own (a name prefix it does not map) are silently not applied by vLLM,
+# and PEFT refuses to load them, so there is no reference to compare with either.
+BLOCKING_FINDINGS = frozenset({"nan_inf", "dora", "engine_name_mismatch"})
+
+
+def check(checkpoint: str | Path, *, plan: str = DEFAULT_PLAN, **options) -> Report:
+    """Run `plan` on a real vLLM engine and measure it against HF + PEFT after every phase.
+
+    `options` are those of `Checker`. Returns the report; raises `BadInput` (exit 2) or
+    `EnvironmentProblem` (exit 3) when the check cannot be run at all.
+    """
+    validate_options(**{k: v for k, v in options.items() if k in _VALIDATED})
+    chosen = get_plan(plan)
+    # Before the reference and the engine are loaded: the plan cannot run without it.
+    _require_previous(chosen, options.get("previous"))
+    preflight = inspect_checkpoint(checkpoint, base=options.get("base"))
+    blockers = measurement_blockers(preflight)
+    if blockers:
+        # Measuring an adapter the engine cannot hold meaningfully would only report garbage.
+        return stopped_report(load_checkpoint(checkpoint, options.get("base")), chosen, preflight, blockers, options.get("thresholds"), options.get("dtype", "float32"))
+    with Checker(checkpoint, preflight=preflight, **options) as checker:
+        return checker.run(chosen)
+
+
+_VALIDATED = ("dtype", "max_new_tokens", "tensor_parallel_size", "kv_cache_gib")
+
+
+def validate_options(dtype: str = "float32", max_new_tokens: int = 32, tensor_parallel_size: int = 1, kv_cache_gib: int | None = None) -> None:
+    """Options that cannot work, refused before anything is read or loaded."""
+    if dtype not in COMPUTE_DTYPES:
+        raise BadInput(f"unknown dtype {dtype!r}; use one of {', '.join(COMPUTE_DTYPES)}")
+    if max_new_tokens < 1:
+        raise BadInput("--max-new-tokens must be at least 1")
+    if tensor_parallel_size < 1:
+        raise BadInput("--tensor-parallel-size must be at least 1")
+    if kv_cache_gib is not None and kv_cache_gib < 1:
+        raise BadInput(f"--kv-cache-gib must be at least 1 (GiB of CPU KV cache), got {kv_cache_gib}")
+
+
+def measurement_blockers(preflight: PreflightReport) -> list:
+    """Pre-flight problems that make the engine-vs-reference figures meaningless."""
+    return [finding for finding in preflight.problems if finding.code in BLOCKING_FINDINGS]
+
+
+def stopped_report(ckpt: Checkpoint, plan: Plan, preflight: PreflightReport, blockers: list, thresholds: Thresholds | None, dtype: str) -> Report:
+    """The report of a check stopped by the pre-flight: its findings, no phases, exit 1."""
+    codes = ", ".join(sorted({finding.code for finding in blockers}))
+    return Report(
+        tool={"name": "lora-doctor", "version": __version__},
+        environment=environment(),
+        checkpoint=dict(ckpt.summary(), previous=None),
+        plan={"name": plan.name, "summary": plan.summary, "phases": []},
+        thresholds=(thresholds or Thresholds.for_dtype(dtype)).as_dict(),
+        phases=[],
+        verdict=FAIL,
+        exit_code=1,
+        preflight=[finding.to_dict() for finding in preflight.findings],
+        stopped=f"the pre-flight found problems that make the measurement meaningless ({codes}); nothing was loaded",
+    )
+
+
+class Checker:
+    """A checkpoint, its reference and one engine, ready to replay any number of plans."""
+
+    def __init__(
+        self,
+        checkpoint: str | Path,
+        *,
+        base: str | Path | None = None,
+        previous: str | Path | None = None,
+        prompts: str | Path | list[str] | None = None,
+        max_new_tokens: int = 32,
+        dtype: str = "float32",
+        thresholds: Thresholds | None = None,
+        tensor_parallel_size: int = 1,
+        kv_cache_gib: int | None = None,
+        module_read: bool = True,
+        chunk_positions: int = CHUNK_POSITIONS,
+        progress: Progress | None = None,
+        preflight: PreflightReport | None = None,
+    ):
+        self.say = progress or (lambda _message: None)
+        validate_options(dtype=dtype, max_new_tokens=max_new_tokens, tensor_parallel_size=tensor_parallel_size, kv_cache_gib=kv_cache_gib)
+        if chunk_positions < 1:
+            raise BadInput("chunk_positions must be at least 1")
+        self.preflight = preflight or inspect_checkpoint(checkpoint, base=base)
+        self.checkpoint = load_checkpoint(checkpoint, base)
+        check_parallel_fit(self.checkpoint.base_dir, tensor_parallel_size)
+        # The older adapter state must apply to the same base.
+        self.previous = load_checkpoint(previous, self.checkpoint.base_dir) if previous is not None else None
+        texts = list(prompts) if isinstance(prompts, list) else load_prompts(prompts)
+        self.thresholds = thresholds or Thresholds.for_dtype(dtype)
+        # Before anything loads: a prompt the model cannot hold is the user's to shorten (exit 2).
+        tokenizer = load_tokenizer(self.checkpoint)
+        token_ids = tokenize(tokenizer, texts, self.checkpoint)
+        limit = position_limit(self.checkpoint, token_ids, max_new_tokens)
+
+        self.seconds: dict[str, float] = {}
+        started = time.perf_counter()
+        self.say("loading the reference (transformers + PEFT)")
+        self.reference = Reference(self.checkpoint, COMPUTE_DTYPES[dtype])
+        if self.previous is not None:
+            self.reference.load_previous(self.previous)
+        self.measurer = PhaseMeasurer(
+            self.reference, self.previous, tokenizer, texts, token_ids, max_new_tokens, self.thresholds, module_read, chunk_positions=chunk_positions
+        )
+
+        self.seconds["reference"] = time.perf_counter() - started
+
+        started = time.perf_counter()
+        self.say("starting the vLLM engine")
+        config = engine_config(self.checkpoint, limit, token_ids, max_new_tokens, dtype, tensor_parallel_size, kv_cache_gib)
+        self.engine = Engine(self.checkpoint.base_dir, config)
+        self.seconds["engine_start"] = time.perf_counter() - started
+        started = time.perf_counter()
+        self.say("measuring the run's noise: the engine's base against the reference without the LoRA")
+        self.measurer.resolution = self.measurer.measure_noise(self.engine)
+        self.seconds["noise"] = time.perf_counter() - started
+
+    def run(self, plan: Plan | str) -> Report:
+        """Replay one plan (a `Plan`, or a name `check --plan` takes) and judge every phase it probes."""
+        if isinstance(plan, str):
+            plan = get_plan(plan)
+        _require_previous(plan, self.previous)
+        sync = Sync(self.engine, self.checkpoint, self.reference, self._measure, self.previous)
+        self._sync = sync
+        started = time.perf_counter()
+        plan.run(sync)
+        seconds = dict(self.seconds, plan=time.perf_counter() - started)
+        verdict = overall_verdict([p.verdict for p in sync.phases])
+        return Report(
+            tool={"name": "lora-doctor", "version": __version__},
+            environment=dict(environment(), kv_cache_gib=self.engine.kv_cache_gib),
+            checkpoint=dict(
+                self.checkpoint.summary(),
+                previous=str(self.previous.adapter_dir) if self.previous is not None else None,
+            ),
+            plan={"name": plan.name, "summary": plan.summary, "phases": [p.name for p in sync.phases]},
+            thresholds=self.thresholds.as_dict(),
+            phases=sync.phases,
+            verdict=verdict,
+            exit_code=1 if verdict == FAIL else 0,
+            seconds=seconds,
+            preflight=[finding.to_dict() for finding in self.preflight.findings],
+            resolution=self.measurer.resolution.as_dict(),
+        )
+
+    def _measure(self, name: str, lora_request) -> PhaseResult:
+        return self.measurer(self.engine, len(self._sync.phases), name, lora_request, self.say)
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self) -> Checker:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def _require_previous(plan: Plan, previous) -> None:
+    if plan.needs_previous and previous is None:
+        raise BadInput(f"plan {plan.name} needs two states of the adapter: pass --previous <older checkpoint>")
+
+

@@ -1,0 +1,52 @@
+"""Sizing the engine for a check, before anything loads: its LoRA rank, model length and tensor-parallel fit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..adapter.checkpoint import Checkpoint
+from ..adapter.inventory import read_json
+from ..errors import BadInput
+from .driver import EngineConfig
+from .serving import vllm_lora_ranks
+
+
+def engine_config(ckpt: Checkpoint, limit: int | None, token_ids, max_new_tokens: int, dtype: str, tensor_parallel_size: int, kv_cache_gib: int | None) -> EngineConfig:
+    """The engine a check needs: the smallest LoRA rank vLLM accepts that holds the adapter, a model
+    length for the longest prompt and its continuation."""
+    # vLLM accepts only some max_lora_rank values: size the engine to the smallest that holds the adapter.
+    allowed, _default = vllm_lora_ranks()
+    lora_rank = next((r for r in allowed if r >= ckpt.spec.max_rank), None)
+    if lora_rank is None:
+        raise BadInput(f"LoRA rank {ckpt.spec.max_rank} is above the largest rank vLLM serves ({allowed[-1]})")
+    needed = max(len(ids) for ids in token_ids) + max_new_tokens + 1
+    limit = limit or needed
+    return EngineConfig(
+        dtype=dtype,
+        max_lora_rank=lora_rank,
+        max_model_len=min(limit, max(needed, 256)),
+        tensor_parallel_size=tensor_parallel_size,
+        kv_cache_gib=kv_cache_gib,
+    )
+
+
+def check_parallel_fit(base_dir: Path, tensor_parallel_size: int) -> None:
+    """Refuse a tensor-parallel size the model cannot be split into, before anything loads.
+
+    vLLM splits attention heads and the MLP's intermediate rows evenly across ranks; key/value
+    heads may instead be replicated when there are fewer of them than ranks.
+    """
+    if tensor_parallel_size == 1:
+        return
+    config = read_json(base_dir / "config.json")
+    config = config.get("text_config", config)
+    option = f"--tensor-parallel-size {tensor_parallel_size}"
+    heads = config.get("num_attention_heads")
+    if heads and heads % tensor_parallel_size:
+        raise BadInput(f"{option} does not divide the model's {heads} attention heads; use a divisor of {heads}")
+    kv_heads = config.get("num_key_value_heads") or heads
+    if kv_heads and kv_heads % tensor_parallel_size and tensor_parallel_size % kv_heads:
+        raise BadInput(f"{option} and the model's {kv_heads} key/value heads: one must divide the other")
+    intermediate = config.get("intermediate_size")
+    if intermediate and intermediate % tensor_parallel_size:
+        raise BadInput(f"{option} does not divide the model's intermediate size {intermediate}")

@@ -1,0 +1,225 @@
+"""The phase measurer `check` and `probe` share: one engine, after one sync phase, against the reference."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from ..adapter.lora_delta import load_lora_factors
+from ..engine.driver import Engine
+from ..result import ModuleResult, PhaseResult, Sample
+from .layer_figures import combine_layer_stats
+from .logit_pass import CHUNK_POSITIONS, measure_logits, scale_range
+from .metrics import greedy_match
+from .noise import measure_resolution
+from .reference import Reference
+from .verdict import (
+    EXPLANATIONS,
+    OK,
+    PARTIAL,
+    SCALED,
+    STALE,
+    decided_by,
+    describe_modules,
+    logit_verdict,
+    merge_warning,
+    module_verdict,
+    refine_with_layers,
+    resolution_note,
+    scale_hint,
+)
+
+# The per-module figures a ModuleResult carries (layer_figures.module_figures).
+MODULE_FIGURES = (
+    "effective_scale", "residual", "divergence", "base_part", "slot_part", "base_residual",
+    "slot_residual", "merge_kept", "merge_noise", "rounding", "delta_ratio",
+)
+NOT_READ_ZERO = "ΔW is zero (B = 0: an untrained adapter): there is nothing to compare"
+NOT_READ_ABSENT = "the engine has no LoRA layer for it: vLLM does not apply this adapter's weights there"
+SAMPLES_PER_PHASE = 3
+
+Progress = Callable[[str], None]
+
+
+class PhaseMeasurer:
+    """Measures an engine against the reference after a sync phase, streaming the prompts in chunks
+    (see `logit_pass`). `check` and `probe` share it; `module_read` turns the per-module read on."""
+
+    def __init__(
+        self, reference: Reference, previous, tokenizer, texts, token_ids, max_new_tokens, thresholds, module_read: bool, *, chunk_positions: int = CHUNK_POSITIONS
+    ):
+        self.module_read = module_read
+        self.reference = reference
+        self.previous = previous
+        self.tokenizer = tokenizer
+        self.texts = texts
+        self.token_ids = token_ids
+        self.max_new_tokens = max_new_tokens
+        self.thresholds = thresholds
+        # Set by the caller when it can measure the engine's noise; else the dtype's prior is used.
+        self.resolution = None
+        self.chunk_positions = chunk_positions
+        spec = reference.checkpoint.spec
+        self.scale_range = scale_range(spec.r, spec.scaling)
+        self.eos = eos_ids(tokenizer, reference)
+        self.reference_greedy = reference.greedy(token_ids, max_new_tokens, self.eos)
+
+    def measure_noise(self, engine: Engine):
+        """Fresh from disk and without an adapter, the engine must match the reference at α = 0:
+        what it still differs by is this run's noise; the reference at α = 0, 1, 2 gives the signal."""
+        base = measure_logits(self.reference, engine, self.token_ids, None, scale_range=self.scale_range, chunk_positions=self.chunk_positions)
+        return measure_resolution(base.reference_kl, self.thresholds, noise_kl=base.kl_at[0.0])
+
+    def __call__(self, engine: Engine, index: int, name: str, lora_request, say: Progress) -> PhaseResult:
+        clock = Stopwatch()
+        say(f"phase {index + 1} '{name}': engine and reference log-probs, effective LoRA scale")
+        phase_logits = measure_logits(
+            self.reference,
+            engine,
+            self.token_ids,
+            lora_request,
+            scale_range=self.scale_range,
+            previous=self.previous is not None,
+            chunk_positions=self.chunk_positions,
+        )
+        clock.record(phase_logits.seconds)
+        logits, fit = phase_logits.comparison, phase_logits.fit
+        say(f"phase {index + 1} '{name}': greedy continuations")
+        engine_greedy = engine.greedy(self.token_ids, self.max_new_tokens, lora_request)
+        clock.lap("greedy")
+        if self.resolution is None:
+            self.resolution = measure_resolution(phase_logits.reference_kl, self.thresholds)
+        resolution = self.resolution
+        verdict = logit_verdict(logits.kl_mean, fit, resolution, self.thresholds)
+        layers: list[ModuleResult] = []
+        not_read: list[dict] = []
+        if self.module_read:
+            say(f"phase {index + 1} '{name}': reading what the engine holds, per module")
+            layers, not_read = self.layer_results(engine, lora_request)
+            verdict = refine_with_layers(verdict, [layer.verdict for layer in layers], complete=not not_read)
+            clock.lap("layers")
+        kl_previous = phase_logits.kl_previous
+        if kl_previous is not None:
+            if verdict != OK and self.matches_previous(engine, lora_request, kl_previous, layers):
+                verdict = STALE
+            clock.lap("previous")
+        explanation = EXPLANATIONS[verdict]
+        if verdict == SCALED:
+            spec = self.reference.checkpoint.spec
+            factor = fit.scale if resolution.resolves or not layers else median([layer.effective_scale for layer in layers])
+            hint = scale_hint(factor, spec.r, spec.lora_alpha, spec.use_rslora)
+            explanation = f"{explanation}: α = {factor:.3f}" + (f" {hint}" if hint else "")
+        if verdict != OK and any(layer.verdict != OK for layer in layers):
+            detail = describe_modules([(layer.module, layer.verdict) for layer in layers])
+            explanation = f"{detail} — {explanation}" if verdict == PARTIAL else f"{explanation}; {detail}"
+        note = resolution_note(resolution, fit, bool(layers))
+        if note:
+            explanation = f"{explanation} ({note})"
+        kept = [layer.merge_kept for layer in layers if layer.merge_kept is not None]
+        warning = merge_warning(layers, self.thresholds)
+        return PhaseResult(
+            index=index,
+            name=name,
+            with_adapter=lora_request is not None,
+            verdict=verdict,
+            explanation=explanation,
+            effective_scale=fit.scale,
+            kl_at_scale=fit.kl,
+            kl_mean=logits.kl_mean,
+            kl_max=logits.kl_max,
+            top1_agreement=logits.top1_agreement,
+            greedy_match=greedy_match(self.reference_greedy, engine_greedy),
+            layers=layers,
+            samples=self._samples(engine_greedy),
+            kl_per_token=logits.kl_per_token,
+            kl_previous=kl_previous,
+            seconds=clock.laps,
+            kl_limit=resolution.kl_limit if resolution.resolves else None,
+            decided_by=decided_by(resolution, bool(layers)),
+            merge_kept=sum(kept) / len(kept) if kept else None,
+            warnings=[warning] if warning else [],
+            modules_not_read=not_read,
+        )
+
+    def matches_previous(self, engine: Engine, lora_request, kl_previous: float, layers: list[ModuleResult]) -> bool:
+        """Whether the engine holds the previous adapter state: by logits when they resolve the
+        LoRA and, when read, by weights.
+
+        Marks the modules that hold the previous ΔW as `stale`.
+        """
+        if self.resolution.resolves and kl_previous > self.resolution.kl_limit:
+            return False
+        if not layers:
+            return self.resolution.resolves
+        against_previous = {r.module: r for r in self.layer_results(engine, lora_request, self.previous.adapter_dir)[0]}
+        stale = [layer for layer in layers if against_previous.get(layer.module) and against_previous[layer.module].verdict == OK]
+        for layer in stale:
+            if layer.verdict != OK:
+                layer.verdict = STALE
+        return len(stale) == len(layers)
+
+    def layer_results(self, engine: Engine, lora_request, adapter_dir: Path | None = None) -> tuple[list[ModuleResult], list[dict]]:
+        """Per LoRA-targeted module, what the engine holds (base and adapter slot, read apart)
+        against ΔW; and the targeted modules it has no figures for, with the reason."""
+        ckpt = self.reference.checkpoint
+        lora_id = lora_request.lora_int_id if lora_request is not None else None
+        adapter = adapter_dir or ckpt.adapter_dir
+        per_rank = engine.rpc("lora_doctor_layer_stats", str(ckpt.base_dir), str(adapter), lora_id)
+        results = []
+        zero = set()
+        for figures in combine_layer_stats(per_rank):
+            if figures["effective_scale"] is None:
+                zero.add(figures["module"])
+                continue
+            layer = ModuleResult(**{key: figures[key] for key in MODULE_FIGURES}, module=figures["module"])
+            layer.verdict = module_verdict(layer, self.thresholds)
+            results.append(layer)
+        read = {layer.module for layer in results}
+        not_read = [
+            {"module": module, "reason": NOT_READ_ZERO if module in zero else NOT_READ_ABSENT}
+            for module in sorted(set(load_lora_factors(adapter)) - read)
+        ]
+        order = self.reference.module_order
+        return sorted(results, key=lambda layer: order.get(layer.module, len(order))), not_read
+
+    def _samples(self, engine_greedy: list[list[int]]) -> list[Sample]:
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        order = sorted(range(len(self.texts)), key=lambda i: self.reference_greedy[i] == engine_greedy[i])
+        return [
+            Sample(prompt=self.texts[i], reference=decode(self.reference_greedy[i]), engine=decode(engine_greedy[i]))
+            for i in sorted(order[:SAMPLES_PER_PHASE])
+        ]
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
+class Stopwatch:
+    """Wall time per step of a phase."""
+
+    def __init__(self):
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = now - self._last
+        self._last = now
+
+    def record(self, laps: dict[str, float]) -> None:
+        """Steps timed elsewhere, that together took the time since the last lap."""
+        self.laps.update(laps)
+        self._last = time.perf_counter()
+
+
+def eos_ids(tokenizer, reference: Reference) -> set[int]:
+    """The token ids that end a greedy continuation."""
+    # A multimodal config keeps the language model's eos (and vocab, positions) on its text_config.
+    ids = reference.model.config.get_text_config().eos_token_id
+    ids = set(ids) if isinstance(ids, list) else ({ids} if ids is not None else set())
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids

@@ -1,0 +1,85 @@
+"""Prompt sets: the user's own (a few from the training set are best) or a small built-in one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..adapter.checkpoint import Checkpoint
+from ..errors import BadInput
+
+# Short math questions in the "Question: … / Answer:" shape common to GRPO reasoning runs.
+DEFAULT_PROMPTS = [
+    "Question: what is 12 plus 7?\nAnswer:",
+    "Question: what is 9 plus 15?\nAnswer:",
+    "Question: what is 14 minus 6?\nAnswer:",
+    "Question: what is 7 times 3?\nAnswer:",
+]
+
+
+def load_prompts(path: str | Path | None) -> list[str]:
+    """Read prompts from a .jsonl file ({"prompt": ...} per line) or a text file (one per line)."""
+    if path is None:
+        return list(DEFAULT_PROMPTS)
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"prompts file not found: {path}")
+    try:
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as error:
+        raise BadInput(f"cannot read prompts file {path} ({error})") from None
+    if path.suffix == ".jsonl":
+        prompts = []
+        for number, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line)
+                prompts.append(record["prompt"] if isinstance(record, dict) else str(record))
+            except (json.JSONDecodeError, KeyError):
+                raise BadInput(f'{path}:{number}: expected a JSON object with a "prompt" field') from None
+    else:
+        prompts = [line.replace("\\n", "\n") for line in lines]
+    if not prompts:
+        raise BadInput(f"prompts file {path} holds no prompts")
+    return prompts
+
+
+def load_tokenizer(ckpt: Checkpoint):
+    """The tokenizer the trainer saved beside the adapter, else the base's."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(ckpt.tokenizer_dir))
+    except (OSError, ValueError) as error:
+        raise BadInput(f"no usable tokenizer in {ckpt.tokenizer_dir} ({error})") from None
+
+
+def tokenize(tokenizer, texts: list[str], ckpt: Checkpoint) -> list[list[int]]:
+    # verbose=False: a prompt over the tokenizer's own limit is reported by the length check, in one line.
+    token_ids = [tokenizer(text, verbose=False).input_ids for text in texts]
+    empty = [i + 1 for i, ids in enumerate(token_ids) if not ids]
+    if empty:
+        # transformers builds an empty tokenizer from a config alone, when the vocabulary files are missing.
+        raise BadInput(f"the tokenizer in {ckpt.tokenizer_dir} turns prompt {empty[0]} into no tokens: is tokenizer.json missing there?")
+    return token_ids
+
+
+def position_limit(ckpt: Checkpoint, token_ids: list[list[int]], max_new_tokens: int) -> int | None:
+    """The base model's position limit; `BadInput` when a prompt plus the continuation exceeds it.
+
+    Prompts are never truncated: a cut prompt is not the one the user's rollouts see, and a prompt
+    longer than the model's context cannot be a training prompt of that model either.
+    """
+    from transformers import AutoConfig
+
+    try:
+        limit = getattr(AutoConfig.from_pretrained(str(ckpt.base_dir)).get_text_config(), "max_position_embeddings", None)
+    except (OSError, ValueError):
+        return None  # the reference's own load says what is wrong with the base
+    longest = max(range(len(token_ids)), key=lambda i: len(token_ids[i]))
+    needed = len(token_ids[longest]) + max_new_tokens + 1
+    if limit is not None and needed > limit:
+        raise BadInput(
+            f"prompt {longest + 1} has {len(token_ids[longest])} tokens: with {max_new_tokens} new tokens it needs {needed} "
+            f"positions, more than the model's {limit}; shorten it or lower --max-new-tokens"
+        )
+    return limit
