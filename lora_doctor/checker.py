@@ -115,7 +115,7 @@ class Checker:
         check_parallel_fit(self.checkpoint.base_dir, tensor_parallel_size)
         # The older adapter state must apply to the same base.
         self.previous = load_checkpoint(previous, self.checkpoint.base_dir) if previous is not None else None
-        texts = list(prompts) if isinstance(prompts, list) else load_prompts(prompts)
+        texts = load_prompts(prompts)
         self.thresholds = thresholds or Thresholds.for_dtype(dtype)
         # Before anything loads: a prompt the model cannot hold is the user's to shorten (exit 2).
         tokenizer = load_tokenizer(self.checkpoint)

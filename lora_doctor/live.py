@@ -61,7 +61,7 @@ def probe(
     if lora_request is not None and not engine.lora_enabled:
         raise BadInput("a lora_request was given but the engine was built without enable_lora: it cannot serve an adapter")
     tokenizer = tokenizer or engine.core.get_tokenizer()
-    texts = list(prompts) if isinstance(prompts, list) else load_prompts(prompts)
+    texts = load_prompts(prompts)
     token_ids = [tokenizer(text).input_ids for text in texts]
     was_training = model.training
     model.eval()

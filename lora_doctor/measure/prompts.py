@@ -17,11 +17,15 @@ DEFAULT_PROMPTS = [
 ]
 
 
-def load_prompts(path: str | Path | None) -> list[str]:
-    """Read prompts from a .jsonl file ({"prompt": ...} per line) or a text file (one per line)."""
-    if path is None:
+def load_prompts(prompts: str | Path | list[str] | None) -> list[str]:
+    """The prompts to measure with: a list given in Python, a .jsonl file ({"prompt": ...} per line), a
+    text file (one per line), or the built-in set; `BadInput` for an empty set or a prompt that is not
+    non-empty text (a prompt must give the model at least one token to read)."""
+    if prompts is None:
         return list(DEFAULT_PROMPTS)
-    path = Path(path)
+    if isinstance(prompts, (list, tuple)):
+        return _checked(list(prompts), "prompts")
+    path = Path(prompts)
     if not path.is_file():
         raise BadInput(f"prompts file not found: {path}")
     try:
@@ -38,8 +42,17 @@ def load_prompts(path: str | Path | None) -> list[str]:
                 raise BadInput(f'{path}:{number}: expected a JSON object with a "prompt" field') from None
     else:
         prompts = [line.replace("\\n", "\n") for line in lines]
+    return _checked(prompts, f"prompts file {path}")
+
+
+def _checked(prompts: list, source: str) -> list[str]:
     if not prompts:
-        raise BadInput(f"prompts file {path} holds no prompts")
+        raise BadInput(f"{source} holds no prompts")
+    for number, prompt in enumerate(prompts, 1):
+        if not isinstance(prompt, str):
+            raise BadInput(f"{source}: prompt {number} is {type(prompt).__name__} {prompt!r}, not text")
+        if not prompt.strip():
+            raise BadInput(f"{source}: prompt {number} is empty")
     return prompts
 
 
