@@ -11,7 +11,7 @@ from .adapter.dtypes import COMPUTE_DTYPES
 from .engine.driver import Engine
 from .engine.sizing import check_parallel_fit, engine_config
 from .environment import environment
-from .errors import BadInput
+from .errors import BadInput, out_of_memory_is_environment
 from .measure.logit_pass import CHUNK_POSITIONS
 from .measure.phase import PhaseMeasurer, Progress
 from .measure.prompts import load_prompts, load_tokenizer, position_limit, tokenize
@@ -30,6 +30,7 @@ from .result import PhaseResult, Report
 BLOCKING_FINDINGS = frozenset({"nan_inf", "dora", "engine_name_mismatch"})
 
 
+@out_of_memory_is_environment("run the check")
 def check(checkpoint: str | Path, *, plan: str = DEFAULT_PLAN, **options) -> Report:
     """Run `plan` on a real vLLM engine and measure it against HF + PEFT after every phase.
 
@@ -136,13 +137,20 @@ class Checker:
 
         started = time.perf_counter()
         self.say("starting the vLLM engine")
-        config = engine_config(self.checkpoint, limit, token_ids, max_new_tokens, dtype, tensor_parallel_size, kv_cache_gib)
+        # Sized for every adapter the check loads that it knows of now (a custom plan's own folders
+        # are checked against this rank when they are added).
+        also_loaded = [self.previous] if self.previous is not None else []
+        config = engine_config(self.checkpoint, limit, token_ids, max_new_tokens, dtype, tensor_parallel_size, kv_cache_gib, also_loaded)
         self.engine = Engine(self.checkpoint.base_dir, config)
-        self.seconds["engine_start"] = time.perf_counter() - started
-        started = time.perf_counter()
-        self.say("measuring the run's noise: the engine's base against the reference without the LoRA")
-        self.measurer.resolution = self.measurer.measure_noise(self.engine)
-        self.seconds["noise"] = time.perf_counter() - started
+        try:
+            self.seconds["engine_start"] = time.perf_counter() - started
+            started = time.perf_counter()
+            self.say("measuring the run's noise: the engine's base against the reference without the LoRA")
+            self.measurer.resolution = self.measurer.measure_noise(self.engine)
+            self.seconds["noise"] = time.perf_counter() - started
+        except BaseException:
+            self.engine.close()  # the caller never gets a Checker to close
+            raise
 
     def run(self, plan: Plan | str) -> Report:
         """Replay one plan (a `Plan`, or a name `check --plan` takes) and judge every phase it probes."""

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .errors import INTERNAL_ERROR_EXIT_CODE, BadInput, LoraDoctorError, one_line
+from .errors import INTERNAL_ERROR_EXIT_CODE, BadInput, LoraDoctorError, memory_problem, one_line, out_of_memory
 from .output import save_crash
 
 app = typer.Typer(
@@ -257,10 +257,7 @@ def main() -> None:
         # Outside standalone mode the command's exit code is returned instead of exiting.
         code = app(standalone_mode=False)
     except LoraDoctorError as error:
-        log = getattr(error, "engine_log", None)
-        where = f" (engine log: {log})" if log is not None and error.exit_code == 3 else ""
-        stderr.print(f"[bold red]error:[/] {escape(str(error))}{escape(where)}", highlight=False, soft_wrap=True)
-        sys.exit(error.exit_code)
+        _fail(error, getattr(error, "engine_log", None))
     except KeyboardInterrupt:
         stderr.print("interrupted")
         sys.exit(130)
@@ -269,6 +266,8 @@ def main() -> None:
         if hasattr(error, "show") and isinstance(getattr(error, "exit_code", None), int):
             error.show()
             sys.exit(2 if error.exit_code != 0 else 0)
+        if out_of_memory(error):  # wherever it happens, not enough memory is the environment's (exit 3)
+            _fail(memory_problem("run lora-doctor", error), getattr(error, "engine_log", None))
         crash = save_crash(error)
         stderr.print(
             f"[bold red]internal error:[/] {escape(type(error).__name__)}: {escape(one_line(error))} — lora-doctor crashed; "
@@ -278,3 +277,10 @@ def main() -> None:
         )
         sys.exit(INTERNAL_ERROR_EXIT_CODE)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(error: LoraDoctorError, log) -> None:
+    """One line and the error's exit code; an environment problem points to the engine's log."""
+    where = f" (engine log: {log})" if log is not None and error.exit_code == 3 else ""
+    stderr.print(f"[bold red]error:[/] {escape(str(error))}{escape(where)}", highlight=False, soft_wrap=True)
+    sys.exit(error.exit_code)

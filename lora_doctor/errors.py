@@ -4,6 +4,8 @@ Exit codes (shared by every command): 0 healthy, 1 problem found, 2 bad input, 3
 4 internal error (lora-doctor itself crashed: never reported as a finding).
 """
 
+import functools
+
 # Distinct from 1 so that a gate never reads a crash as "problem found", and from 2/3 so that a
 # bug in lora-doctor is not blamed on the user's input or machine.
 INTERNAL_ERROR_EXIT_CODE = 4
@@ -22,7 +24,7 @@ class BadInput(LoraDoctorError):
 
 
 class EnvironmentProblem(LoraDoctorError):
-    """No usable vLLM, or the engine failed to start (exit 3)."""
+    """No usable vLLM, the engine failed to start or failed while running, or out of memory (exit 3)."""
 
     exit_code = 3
 
@@ -57,6 +59,33 @@ def out_of_memory(error: BaseException) -> bool:
 
 def memory_problem(what: str, error: BaseException) -> EnvironmentProblem:
     return EnvironmentProblem(f"not enough memory to {what} ({type(error).__name__}: {str(error).strip() or 'allocation failed'}); free memory or use a machine with more")
+
+
+def engine_problem(what: str, error: BaseException) -> EnvironmentProblem:
+    """The running engine failed to `what` (exit 3): out of memory, or the engine's own failure."""
+    if out_of_memory(error):
+        return memory_problem(f"{what} in the vLLM engine", error)
+    return EnvironmentProblem(f"the vLLM engine failed to {what}: {type(error).__name__}: {one_line(error)}")
+
+
+def out_of_memory_is_environment(what: str):
+    """Decorate a command: out of memory anywhere inside it is an environment problem (exit 3)."""
+
+    def decorate(function):
+        @functools.wraps(function)
+        def command(*args, **kwargs):
+            try:
+                return function(*args, **kwargs)
+            except LoraDoctorError:
+                raise
+            except Exception as error:
+                if out_of_memory(error):
+                    raise memory_problem(what, error) from error
+                raise
+
+        return command
+
+    return decorate
 
 
 def unreadable_safetensors(path, error: BaseException) -> LoraDoctorError:

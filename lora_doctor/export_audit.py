@@ -34,7 +34,7 @@ from .adapter.lora_delta import LoraFactors, load_lora_factors, merge_in_dtype
 from .adapter.modules import layer_index, module_kind
 from .adapter.weight_files import TensorInfo, model_tensors, read_chunks
 from .environment import environment
-from .errors import BadInput
+from .errors import BadInput, out_of_memory_is_environment
 from .measure.bf16_sums import bf16_sums
 from .measure.verdict import (
     DIVERGED,
@@ -211,6 +211,7 @@ class _Pair:
     module: str | None
 
 
+@out_of_memory_is_environment("audit the export")
 def audit(
     export: str | Path,
     adapter: str | Path,

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..errors import BadInput, EnvironmentProblem, LoraDoctorError, memory_problem, one_line, out_of_memory
+from ..errors import BadInput, EnvironmentProblem, LoraDoctorError, engine_problem, memory_problem, one_line, out_of_memory
 from .compat import let_vllm_scan_llvmlite
 
 WORKER_EXTENSION = "lora_doctor.engine.worker.LoraDoctorWorker"
@@ -33,17 +35,77 @@ class EngineConfig:
     seed: int = 0
 
 
-def _prepare_environment(config: EngineConfig) -> None:
+@contextmanager
+def _engine_environment(config: EngineConfig) -> Iterator[None]:
+    """The variables vLLM reads while an engine is built, set for that time only.
+
+    The caller's process is left as found: `os.environ` is restored when the engine is built, and so
+    is vLLM's cache of it (`vllm.envs`, cached for the whole process once an engine has started), so
+    that an engine the caller builds later, in the same process, is built with the caller's settings.
+    Every variable vLLM reads after start-up is read while the engine is built (VLLM_DIST_IDENT by
+    the CPU worker's communicator, the multimodal cache's buffer name) or set by vLLM again.
+    """
     # The engine runs in this process so that weights and LoRA buffers are reachable directly.
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    wanted = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": str(DEFAULT_KV_CACHE_GIB)}
+    # The engine's own start-up chatter (and its workers', under tensor parallelism) would bury the report.
+    wanted["VLLM_LOGGING_LEVEL"] = "ERROR"
+    if config.tensor_parallel_size > 1:
+        wanted["VLLM_CPU_OMP_THREADS_BIND"] = _thread_binding(config.tensor_parallel_size)
+    setting = {name: value for name, value in wanted.items() if name not in os.environ}
     if config.kv_cache_gib is not None:
-        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(config.kv_cache_gib)  # an explicit option wins
-    else:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(DEFAULT_KV_CACHE_GIB))
-    # The engine's own start-up chatter would bury the report; VLLM_LOGGING_LEVEL=INFO brings it back.
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-    if config.tensor_parallel_size > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = _thread_binding(config.tensor_parallel_size)
+        setting["VLLM_CPU_KVCACHE_SPACE"] = str(config.kv_cache_gib)  # an explicit option wins
+    # vLLM sets variables of its own as it builds an engine (VLLM_WORKER_MULTIPROC_METHOD=spawn,
+    # NUMEXPR_MAX_THREADS, TORCHINDUCTOR_*...): every variable is restored, not only lora-doctor's.
+    saved = dict(os.environ)
+    import vllm.envs as vllm_envs
+
+    cached = vllm_envs.__getattr__ if vllm_envs._is_envs_cache_enabled() else None
+    vllm_envs.disable_envs_cache()  # an earlier engine's cache would hide the values set here
+    os.environ.update(setting)
+    try:
+        yield
+    finally:
+        _restore_environment(saved)
+        # The engine caches vllm.envs as it starts: forget that cache, or restore the caller's.
+        vllm_envs.disable_envs_cache()
+        if cached is not None:
+            vllm_envs.__getattr__ = cached
+
+
+def _restore_environment(saved: dict[str, str]) -> None:
+    for name in set(os.environ) - set(saved):
+        del os.environ[name]
+    os.environ.update({name: value for name, value in saved.items() if os.environ.get(name) != value})
+
+
+def _hold_process_state() -> Callable[[], None]:
+    """What an in-process engine changes in the caller's process for as long as it runs, restored by
+    the returned function when it is closed: vLLM's logger, kept at ERROR meanwhile (unless the
+    caller chose a level with VLLM_LOGGING_LEVEL, e.g. `--verbose`); torch's thread count and
+    `torch.set_num_threads`, which vLLM's CPU worker replaces with a function that refuses; and the
+    variables set while it ran (torch's compiled kernels set _TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR)."""
+    import vllm.logger as vllm_logging
+
+    logger = logging.getLogger("vllm")
+    # The engine configures vLLM's logging as it starts (its handler, level and record factory).
+    logging_state = (logger.level, list(logger.handlers), logger.propagate, logging.getLogRecordFactory(), vllm_logging._last_configured_logging_config)
+    if "VLLM_LOGGING_LEVEL" not in os.environ:
+        logger.setLevel(logging.ERROR)
+    set_num_threads, threads = torch.set_num_threads, torch.get_num_threads()
+    environment = dict(os.environ)
+
+    def restore() -> None:
+        _restore_environment(environment)
+        level, handlers, propagate, factory, configured = logging_state
+        logger.setLevel(level)
+        logger.handlers[:] = handlers
+        logger.propagate = propagate
+        logging.setLogRecordFactory(factory)
+        vllm_logging._last_configured_logging_config = configured
+        torch.set_num_threads = set_num_threads
+        torch.set_num_threads(threads)
+
+    return restore
 
 
 def _thread_binding(ranks: int) -> str:
@@ -74,32 +136,36 @@ class Engine:
     """One vLLM engine per check, with LoRA enabled, reused across sync phases."""
 
     def __init__(self, base_dir: Path, config: EngineConfig):
-        _prepare_environment(config)
         vllm = import_vllm()
         self._adapter_ids = 0
         self._request_ids = 0
         self._owned = True
+        self._restore_process = _hold_process_state()
         try:
-            self.llm = vllm.LLM(
-                model=str(base_dir),
-                dtype=config.dtype,
-                enable_lora=True,
-                max_lora_rank=config.max_lora_rank,
-                max_loras=2,
-                max_model_len=config.max_model_len,
-                tensor_parallel_size=config.tensor_parallel_size,
-                enforce_eager=True,
-                # Weights change under the cache at every sync; a hit would replay stale KV.
-                enable_prefix_caching=False,
-                max_logprobs=-1,
-                seed=config.seed,
-                worker_extension_cls=WORKER_EXTENSION,
-            )
-        except Exception as error:
+            with _engine_environment(config):
+                self.llm = vllm.LLM(
+                    model=str(base_dir),
+                    dtype=config.dtype,
+                    enable_lora=True,
+                    max_lora_rank=config.max_lora_rank,
+                    max_loras=2,
+                    max_model_len=config.max_model_len,
+                    tensor_parallel_size=config.tensor_parallel_size,
+                    enforce_eager=True,
+                    # Weights change under the cache at every sync; a hit would replay stale KV.
+                    enable_prefix_caching=False,
+                    max_logprobs=-1,
+                    seed=config.seed,
+                    worker_extension_cls=WORKER_EXTENSION,
+                )
+            self._batch_prompt_logprobs = self._can_batch_prompt_logprobs()
+        except BaseException as error:
+            self.close()
+            if isinstance(error, LoraDoctorError) or not isinstance(error, Exception):
+                raise
             if out_of_memory(error):
                 raise memory_problem("start the vLLM engine", error) from None
             raise EnvironmentProblem(f"the vLLM engine failed to start: {one_line(error)}") from None
-        self._batch_prompt_logprobs = self._can_batch_prompt_logprobs()
 
     @classmethod
     def attach(cls, llm) -> Engine:
@@ -112,6 +178,7 @@ class Engine:
         engine.llm = llm
         engine._adapter_ids = 0
         engine._owned = False
+        engine._restore_process = lambda: None
         engine._request_ids = 0
         max_logprobs = engine.core.model_config.max_logprobs
         if max_logprobs != -1 and max_logprobs < engine.vocab_size:
@@ -156,23 +223,44 @@ class Engine:
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """A full sync: push base-named weights into the engine (also drops its loaded adapters)."""
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(weights)})
+        weights = list(weights)
+        with engine_operation("load weights (a full sync)"):
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
 
     def reload_from_disk(self) -> None:
         """What sleep-mode wake-up does: the engine reloads its base weights from its model folder."""
-        self.llm.collective_rpc("reload_weights")
+        with engine_operation("reload its weights from disk"):
+            self.llm.collective_rpc("reload_weights")
 
     def add_adapter(self, path: Path, int_id: int, load_inplace: bool = False):
         """An adapter sync: register a LoRA adapter folder under `int_id`; returns its request."""
         from vllm.lora.request import LoRARequest
 
         self._adapter_ids = max(self._adapter_ids, int_id)
+        self._check_rank(path)
         request = LoRARequest(f"lora-doctor-{int_id}", int_id, str(path), load_inplace=load_inplace)
         try:
             self.core.add_lora(request)
         except Exception as error:  # vLLM raises ValueError / RuntimeError subclasses of its own
+            if out_of_memory(error):
+                raise memory_problem(f"load the adapter {path}", error) from None
             raise BadInput(f"the engine refused the adapter {path}: {one_line(error)} (see 'lora-doctor inspect')") from None
         return request
+
+    def _check_rank(self, path: Path) -> None:
+        """Refuse, in lora-doctor's words, an adapter above the rank the engine was built for."""
+        from ..adapter.checkpoint import spec_from_config
+        from ..adapter.inventory import read_json
+
+        lora_config = self.core.vllm_config.lora_config
+        if lora_config is None:
+            return  # vLLM's own refusal names the missing enable_lora
+        rank = spec_from_config(read_json(Path(path) / "adapter_config.json"), Path(path)).max_rank
+        if rank > lora_config.max_lora_rank:
+            raise BadInput(
+                f"the adapter {path} has LoRA rank {rank}, above the engine's max_lora_rank {lora_config.max_lora_rank} "
+                "(sized for the checked adapter and --previous): pass it as --previous to size the engine for it"
+            )
 
     def new_adapter_id(self) -> int:
         """An adapter id above every id this engine has seen, so a fresh sync is never served from its cache."""
@@ -227,6 +315,8 @@ class Engine:
         except LoraDoctorError:
             raise
         except Exception as error:  # a worker's failure comes back as whatever the executor wraps it in
+            if out_of_memory(error):
+                raise memory_problem(f"run {method} on the engine's worker", error) from None
             raise EnvironmentProblem(f"the engine's worker failed in {method}: {one_line(error)}") from None
 
     @property
@@ -243,9 +333,10 @@ class Engine:
         from vllm.inputs import TokensPrompt
 
         requests = [TokensPrompt(prompt_token_ids=ids) for ids in prompts]
-        if self.core is self.llm:
-            return self._generate_on_core(requests, params, lora_request)
-        return self.llm.generate(requests, params, lora_request=lora_request, use_tqdm=False)
+        with engine_operation("generate"):
+            if self.core is self.llm:
+                return self._generate_on_core(requests, params, lora_request)
+            return self.llm.generate(requests, params, lora_request=lora_request, use_tqdm=False)
 
     def _generate_on_core(self, requests, params, lora_request):
         """What `vllm.LLM.generate` does, on a bare `LLMEngine`: queue the requests, step until they finish."""
@@ -264,12 +355,28 @@ class Engine:
         return [finished[position] for position in range(len(requests))]
 
     def close(self) -> None:
+        """Shut an engine lora-doctor built down (an attached one keeps running); leave the process as found."""
         engine = getattr(self, "llm", None)
-        if engine is not None and self._owned:
-            shutdown = getattr(self.core, "engine_core", None)
-            if shutdown is not None and hasattr(shutdown, "shutdown"):
-                shutdown.shutdown()
-            del self.llm
+        try:
+            if engine is not None and self._owned:
+                shutdown = getattr(self.core, "engine_core", None)
+                del self.llm
+                if shutdown is not None and hasattr(shutdown, "shutdown"):
+                    shutdown.shutdown()
+        finally:
+            self._restore_process()
+
+
+@contextmanager
+def engine_operation(what: str) -> Iterator[None]:
+    """An operation of the running engine: its failure is the environment's (exit 3), never a crash of
+    lora-doctor (exit 4) nor the user's input (exit 2); out of memory is named as such."""
+    try:
+        yield
+    except LoraDoctorError:
+        raise
+    except Exception as error:
+        raise engine_problem(what, error) from None
 
 
 def _dense_prompt_logprobs(flat, vocab_size: int) -> torch.Tensor:

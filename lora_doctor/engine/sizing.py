@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..adapter.checkpoint import Checkpoint
@@ -11,14 +12,25 @@ from .driver import EngineConfig
 from .serving import vllm_lora_ranks
 
 
-def engine_config(ckpt: Checkpoint, limit: int | None, token_ids, max_new_tokens: int, dtype: str, tensor_parallel_size: int, kv_cache_gib: int | None) -> EngineConfig:
-    """The engine a check needs: the smallest LoRA rank vLLM accepts that holds the adapter, a model
-    length for the longest prompt and its continuation."""
-    # vLLM accepts only some max_lora_rank values: size the engine to the smallest that holds the adapter.
+def engine_config(
+    ckpt: Checkpoint,
+    limit: int | None,
+    token_ids,
+    max_new_tokens: int,
+    dtype: str,
+    tensor_parallel_size: int,
+    kv_cache_gib: int | None,
+    also_loaded: Sequence[Checkpoint] = (),
+) -> EngineConfig:
+    """The engine a check needs: the smallest LoRA rank vLLM accepts that holds every adapter the check
+    will load that it knows of (the checkpoint's, and `also_loaded`: --previous), a model length for
+    the longest prompt and its continuation."""
+    # vLLM accepts only some max_lora_rank values: size the engine to the smallest that holds the adapters.
     allowed, _default = vllm_lora_ranks()
-    lora_rank = next((r for r in allowed if r >= ckpt.spec.max_rank), None)
+    highest = max([ckpt, *also_loaded], key=lambda each: each.spec.max_rank)
+    lora_rank = next((r for r in allowed if r >= highest.spec.max_rank), None)
     if lora_rank is None:
-        raise BadInput(f"LoRA rank {ckpt.spec.max_rank} is above the largest rank vLLM serves ({allowed[-1]})")
+        raise BadInput(f"LoRA rank {highest.spec.max_rank} of {highest.adapter_dir} is above the largest rank vLLM serves ({allowed[-1]})")
     needed = max(len(ids) for ids in token_ids) + max_new_tokens + 1
     limit = limit or needed
     return EngineConfig(

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import BadInput, LoraDoctorError
+from ..errors import BadInput, LoraDoctorError, memory_problem, out_of_memory
 from .sync import Sync
 
 # Merge/unmerge rounds before the drift plan's final merge: a few hundred optimizer steps.
@@ -38,6 +38,8 @@ class Plan:
         except LoraDoctorError:
             raise
         except Exception as error:
+            if out_of_memory(error):  # wherever it happens, the plan's code or lora-doctor's
+                raise memory_problem(f"run plan {self.name}", error) from None
             where = self._user_frame(error)
             if where is None:
                 raise  # lora-doctor's own code failed: a crash, not the user's input
