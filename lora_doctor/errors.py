@@ -54,7 +54,10 @@ def out_of_memory(error: BaseException) -> bool:
     if isinstance(error, OSError) and error.errno == 12:  # ENOMEM
         return True
     text = str(error).lower()
-    return any(sign in text for sign in ("can't allocate memory", "cannot allocate memory", "out of memory", "os error 12"))
+    # "can't start new thread": the new thread's stack could not be mapped (seen under an address-space
+    # limit: the status spinner's thread is the first to be refused).
+    signs = ("can't allocate memory", "cannot allocate memory", "out of memory", "os error 12", "can't start new thread")
+    return any(sign in text for sign in signs)
 
 
 def memory_problem(what: str, error: BaseException) -> EnvironmentProblem:

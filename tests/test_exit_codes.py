@@ -209,3 +209,96 @@ def test_the_gate_refuses_a_stopped_check_and_says_why(nan_checkpoint):
     with pytest.raises(ProblemDetected, match="pre-flight found problems.*nan_inf") as refused:
         gate(nan_checkpoint, base=BASE)
     assert refused.value.exit_code == 1 and refused.value.report.phases == []
+
+
+# After start-up: out of memory and engine failures are the environment's (exit 3), wherever they
+# happen — in a custom plan's sync, in a built-in plan, in the audit — never bad input (2) or a crash (4).
+FAILING_ENGINE_PLANS = ROOT / "tests" / "failing_engine_plans.py"
+
+
+def engine_log_of(line: str) -> Path:
+    """The engine log a one-line environment error points to; it must exist (and is removed here)."""
+    log = Path(re.search(r"\(engine log: (\S+)\)", line).group(1))
+    assert log.is_file()
+    log.unlink()
+    return log
+
+
+def test_out_of_memory_while_the_engine_loads_a_custom_plans_adapter_is_an_environment_problem(tmp_path):
+    run = run_cli("check", CHECKPOINT, "--plan", f"{FAILING_ENGINE_PLANS}:out_of_memory_adding_the_adapter", "--json", tmp_path / "r.json")
+    line = assert_one_line_error(run, 3, "not enough memory to load the adapter", unwritten=tmp_path / "r.json")
+    engine_log_of(line)
+
+
+def test_out_of_memory_while_a_custom_plan_merges_is_an_environment_problem(tmp_path):
+    run = run_cli("check", CHECKPOINT, "--plan", f"{FAILING_ENGINE_PLANS}:out_of_memory_merging", "--json", tmp_path / "r.json")
+    line = assert_one_line_error(run, 3, "not enough memory", unwritten=tmp_path / "r.json")
+    engine_log_of(line)
+
+
+def test_an_engine_failure_mid_check_is_an_environment_problem_with_the_engine_log(tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(BASE, base)
+    run = run_cli("check", CHECKPOINT, "--base", base, "--plan", f"{FAILING_ENGINE_PLANS}:base_removed_before_the_engine_reloads_it", "--json", tmp_path / "r.json")
+    line = assert_one_line_error(run, 3, "the vLLM engine failed to reload its weights from disk", unwritten=tmp_path / "r.json")
+    engine_log_of(line)
+
+
+def builtin_plan_script(wrapped: str, body: str, argv: list[str]) -> str:
+    """A CLI process in which `Sync.<wrapped>` first runs `body` (which arranges a real failure)."""
+    return (
+        "import sys\n"
+        f"sys.path.insert(0, {str(ROOT / 'tests')!r})\n"
+        "from failing_engine_plans import no_memory_left\n"
+        "from lora_doctor.plans.sync import Sync\n"
+        f"original = Sync.{wrapped}\n"
+        "def arranged(self, *args, **kwargs):\n"
+        f"{body}"
+        f"Sync.{wrapped} = arranged\n"
+        "from lora_doctor.cli import main\n"
+        f"sys.argv = ['lora-doctor', 'check', *{argv!r}]\n"
+        "main()\n"
+    )
+
+
+def test_out_of_memory_in_a_builtin_plan_is_an_environment_problem(tmp_path):
+    # The first probe of the built-in merged plan runs with no address space left to map. Where the
+    # engine's oneDNN kernels are the first to be refused, they say "could not create a primitive",
+    # which does not name memory: an engine failure, exit 3 all the same.
+    body = "    with no_memory_left():\n        return original(self, *args, **kwargs)\n"
+    script = builtin_plan_script("probe", body, [str(CHECKPOINT), "--plan", "merged", "--json", str(tmp_path / "r.json")])
+    line = run_cli_script(script, 3, "error: ", unwritten=tmp_path / "r.json")
+    assert "not enough memory" in line or "the vLLM engine failed to generate" in line, line
+    engine_log_of(line)
+
+
+def test_out_of_memory_loading_the_adapter_in_a_builtin_plan_is_an_environment_problem(tmp_path):
+    body = "    with no_memory_left():\n        return original(self, *args, **kwargs)\n"
+    script = builtin_plan_script("add_adapter", body, [str(CHECKPOINT), "--plan", "verl-adapter", "--json", str(tmp_path / "r.json")])
+    line = run_cli_script(script, 3, "not enough memory to load the adapter", unwritten=tmp_path / "r.json")
+    engine_log_of(line)
+
+
+def test_an_engine_failure_in_a_builtin_plan_is_an_environment_problem_with_the_engine_log(tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(BASE, base)
+    body = f"    [p.unlink() for p in __import__('pathlib').Path({str(base)!r}).glob('*.safetensors')]\n    return original(self, *args, **kwargs)\n"
+    script = builtin_plan_script("reload_from_disk", body, [str(CHECKPOINT), "--base", str(base), "--plan", "verl-adapter", "--json", str(tmp_path / "r.json")])
+    line = run_cli_script(script, 3, "the vLLM engine failed to reload its weights from disk", unwritten=tmp_path / "r.json")
+    engine_log_of(line)
+
+
+def test_an_audit_that_runs_out_of_memory_is_an_environment_problem(tmp_path, large_base):
+    # The export is the large base itself (a correct "merge" is not needed to run out of memory):
+    # after the imports (safetensors' library too: dlopen under the limit fails before the audit
+    # does), the address space has room for 24 MiB more: the status spinner's thread (an 8 MiB stack),
+    # not one 32 MiB read.
+    script = (
+        "import resource, sys\n"
+        "import torch, safetensors.torch, lora_doctor.export_audit, lora_doctor.cli\n"
+        "size = int(next(l for l in open('/proc/self/status') if l.startswith('VmSize')).split()[1]) * 1024\n"
+        f"resource.setrlimit(resource.RLIMIT_AS, (size + {24 << 20}, resource.RLIM_INFINITY))\n"
+        f"sys.argv = ['lora-doctor', 'audit', {str(large_base)!r}, '--adapter', {str(CHECKPOINT)!r}, '--base', {str(large_base)!r}, '--json', {str(tmp_path / 'r.json')!r}]\n"
+        "lora_doctor.cli.main()\n"
+    )
+    run_cli_script(script, 3, "not enough memory to audit the export", unwritten=tmp_path / "r.json")
