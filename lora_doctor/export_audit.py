@@ -264,6 +264,7 @@ def audit(
         greedy_match=None,
         layers=layers,
         seconds={"read_and_compare": streaming},
+        measured=EXPORT_PHASE,
     )
     summary = ckpt.summary()
     summary["export"] = {

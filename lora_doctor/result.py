@@ -76,6 +76,9 @@ class PhaseResult:
     modules_not_read: list[dict] = field(default_factory=list)
     # What the engine did not allow measuring (e.g. "layers"), and why.
     not_measured: dict[str, str] = field(default_factory=dict)
+    # What the phase measured: "engine" (a sync replayed or probed) or "export" (a merged export on
+    # disk, `audit`); it chooses the causes a report names, whatever the phase is called.
+    measured: str = "engine"
 
     @property
     def ok(self) -> bool:
@@ -119,6 +122,8 @@ class Report:
         phases = []
         for phase in data["phases"]:
             phase = dict(phase)
+            if "measured" not in phase and data.get("plan", {}).get("name") == "audit":
+                phase["measured"] = "export"  # an audit's report saved before the key existed
             phase["layers"] = [ModuleResult(**layer) for layer in phase.get("layers", [])]
             phase["samples"] = [Sample(**sample) for sample in phase.get("samples", [])]
             phases.append(PhaseResult(**phase))

@@ -255,8 +255,26 @@ def test_an_export_names_an_export_cause_not_an_engine_one():
     from lora_doctor.measure.verdict import CAUSES, EXPORT_CAUSES, cause_for
     from lora_doctor.result import PhaseResult
 
-    def phase(name: str) -> PhaseResult:
-        return PhaseResult(0, name, False, "missing", "", 0.0, None, None, None, None, None)
+    def phase(name: str, measured: str = "engine") -> PhaseResult:
+        return PhaseResult(0, name, False, "missing", "", 0.0, None, None, None, None, None, measured=measured)
 
-    assert cause_for(phase("export")) == EXPORT_CAUSES["missing"] and "merge" in EXPORT_CAUSES["missing"]
+    assert cause_for(phase("export", measured="export")) == EXPORT_CAUSES["missing"] and "merge" in EXPORT_CAUSES["missing"]
     assert cause_for(phase("after-wake-up")) == CAUSES["missing"]
+    # A custom plan may name a phase "export": it measured an engine, and gets the engine's causes.
+    assert cause_for(phase("export")) == CAUSES["missing"]
+
+
+def test_an_audit_report_saved_before_phases_said_what_they_measured_still_names_export_causes():
+    from lora_doctor.measure.verdict import EXPORT_CAUSES, cause_for
+    from lora_doctor.result import SCHEMA_VERSION, Report
+
+    saved = {
+        "schema_version": SCHEMA_VERSION, "tool": {}, "environment": {}, "checkpoint": {}, "thresholds": {},
+        "plan": {"name": "audit", "phases": ["export"]}, "verdict": "fail", "exit_code": 1,
+        "phases": [{"index": 0, "name": "export", "with_adapter": False, "verdict": "missing", "explanation": "",
+                    "effective_scale": 0.0, "kl_at_scale": None, "kl_mean": None, "kl_max": None,
+                    "top1_agreement": None, "greedy_match": None}],
+    }
+    assert cause_for(Report.from_dict(saved).phases[0]) == EXPORT_CAUSES["missing"]
+    saved["plan"]["name"] = "merged"
+    assert cause_for(Report.from_dict(saved).phases[0]) != EXPORT_CAUSES["missing"]

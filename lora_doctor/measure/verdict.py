@@ -71,7 +71,7 @@ EXPORT_CAUSES = {
 
 def cause_for(phase) -> str | None:
     """The usual cause of an unhealthy phase's verdict and its fix (an export's own, for an audit)."""
-    causes = EXPORT_CAUSES if phase.name == EXPORT_PHASE else CAUSES
+    causes = EXPORT_CAUSES if phase.measured == EXPORT_PHASE else CAUSES
     return causes.get(phase.verdict)
 
 
