@@ -165,7 +165,7 @@ class Checker:
         verdict = overall_verdict([p.verdict for p in sync.phases])
         return Report(
             tool={"name": "lora-doctor", "version": __version__},
-            environment=dict(environment(), kv_cache_gib=self.engine.kv_cache_gib),
+            environment=dict(environment(), kv_cache_gib=self.engine.kv_cache_gib, tensor_parallel_size=self.engine.tensor_parallel_size),
             checkpoint=dict(
                 self.checkpoint.summary(),
                 previous=str(self.previous.adapter_dir) if self.previous is not None else None,

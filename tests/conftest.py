@@ -9,6 +9,8 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +28,35 @@ LLAMA_RSLORA = FIXTURES / "checkpoint-llama-rslora"
 
 # The engine runs in-process, with a small KV cache (the CPU default reserves most of the memory).
 ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+# The environment the session started with: a subprocess gets it, never what an in-process engine
+# (vLLM sets variables of its own as it builds one) or a test left in os.environ.
+SESSION_ENV = dict(os.environ)
+
+
+def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a CLI or script run: the session's, the engine's, then the test's own."""
+    return {**SESSION_ENV, **ENGINE_ENV, **(extra or {})}
+
+
+@contextmanager
+def engine_environment() -> Iterator[None]:
+    """ENGINE_ENV while a test builds its own engine, the session's variables again afterwards."""
+    saved = dict(os.environ)
+    os.environ.update(ENGINE_ENV)
+    try:
+        yield
+    finally:
+        for name in set(os.environ) - set(saved):
+            del os.environ[name]
+        os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
+def no_vllm_variables_left_behind():
+    """No test leaves a VLLM_* variable behind for the tests after it (and their CLI runs)."""
+    yield
+    left = {k: v for k, v in os.environ.items() if k.startswith("VLLM_") and SESSION_ENV.get(k) != v}
+    assert not left, f"VLLM_* variables left in os.environ: {left}"
 
 
 @dataclass
@@ -44,7 +75,7 @@ def run_cli(*args: str | Path, timeout: float = 600, env: dict[str, str] | None 
         [sys.executable, "-m", "lora_doctor", *map(str, args)],
         capture_output=True,
         text=True,
-        env={**os.environ, **ENGINE_ENV, **(env or {})},
+        env=subprocess_env(env),
         cwd=ROOT,
         timeout=timeout,
     )
@@ -69,22 +100,22 @@ def user_engine(model: Path, dtype: str):
     engine tears down vLLM's process-wide parallel state under the engines still in use."""
     import gc
 
-    os.environ.update(ENGINE_ENV)
     from vllm import LLM
 
     # An engine dropped earlier is finalized now, before this one sets the parallel state up.
     gc.collect()
-    return LLM(
-        model=str(model),
-        dtype=dtype,
-        enable_lora=True,
-        max_lora_rank=8,
-        max_model_len=256,
-        enforce_eager=True,
-        enable_prefix_caching=False,
-        max_logprobs=-1,
-        worker_extension_cls="lora_doctor.engine.worker.LoraDoctorWorker",
-    )
+    with engine_environment():
+        return LLM(
+            model=str(model),
+            dtype=dtype,
+            enable_lora=True,
+            max_lora_rank=8,
+            max_model_len=256,
+            enforce_eager=True,
+            enable_prefix_caching=False,
+            max_logprobs=-1,
+            worker_extension_cls="lora_doctor.engine.worker.LoraDoctorWorker",
+        )
 
 
 @pytest.fixture(scope="session")
@@ -102,6 +133,6 @@ def checker():
     """One in-process engine on the fixture for every library-level test (engines are slow to start)."""
     from lora_doctor import Checker
 
-    os.environ.update(ENGINE_ENV)
+    # lora-doctor sets what its engine needs while it builds it, and leaves os.environ as it was.
     with Checker(CHECKPOINT, previous=PREVIOUS, prompts=PROMPTS) as shared:
         yield shared

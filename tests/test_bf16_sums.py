@@ -80,11 +80,10 @@ def test_rejects_other_dtypes():
 def test_a_vllm_engine_starts_in_a_process_that_ran_the_compiled_pass():
     """vLLM scans every loaded module at start-up and tripped over numba's llvmlite (lora_doctor.engine.compat):
     an audit, then a check, in one fresh process."""
-    import os
     import subprocess
     import sys
 
-    from conftest import BASE, ENGINE_ENV, ROOT
+    from conftest import BASE, ROOT, subprocess_env
 
     script = (
         "import torch\n"
@@ -95,7 +94,7 @@ def test_a_vllm_engine_starts_in_a_process_that_ran_the_compiled_pass():
         f"engine = Engine({str(BASE)!r}, EngineConfig(max_model_len=64))\n"
         "print('vocab', engine.vocab_size)\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**os.environ, **ENGINE_ENV}, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "vocab" in done.stdout
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BASE, CHECKPOINT, ENGINE_ENV, ROOT, CliRun, assert_one_line_error, run_cli
+from conftest import BASE, CHECKPOINT, ROOT, CliRun, assert_one_line_error, run_cli, subprocess_env
 from safetensors.torch import load_file, save_file
 
 from lora_doctor.errors import EnvironmentProblem
@@ -32,7 +31,7 @@ def plan_line(function_name: str, text: str) -> int:
 
 def run_cli_script(script: str, exit_code: int, needle: str, unwritten: Path) -> str:
     """Run a script that prepares the process (a broken function, a memory limit), then the CLI's `main`."""
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, **ENGINE_ENV), timeout=300)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env=subprocess_env(), timeout=300)
     return assert_one_line_error(CliRun(done.returncode, done.stdout, done.stderr), exit_code, needle, unwritten)
 
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import BASE, CHECKPOINT, ENGINE_ENV, PROMPTS, ROOT, user_engine
+from conftest import BASE, CHECKPOINT, PROMPTS, ROOT, subprocess_env, user_engine
 
 from lora_doctor import probe
 from lora_doctor.callback import LoraDoctorCallback
@@ -145,7 +144,7 @@ def test_callback_logs_the_figures_and_stops_a_wrongly_synced_run(llm, tmp_path)
 
 @pytest.mark.parametrize(("plan", "exit_code", "needle"), [("swift-colocate-lora", 1, "refusing to resume"), ("swift-fixed", 0, "resuming from")])
 def test_gate_at_the_top_of_a_training_script(plan, exit_code, needle):
-    env = dict(os.environ, **ENGINE_ENV)
+    env = subprocess_env()
     done = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "gate_before_resume.py"), str(CHECKPOINT), plan],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ENGINE_ENV, FIXTURES, ROOT, run_cli
+from conftest import FIXTURES, ROOT, run_cli, subprocess_env
 
 from lora_doctor.adapter.checkpoint import load_checkpoint
 from lora_doctor.adapter.lora_delta import load_lora_factors
@@ -166,7 +166,7 @@ def measured(tmp_path_factory):
         text=True,
         cwd=ROOT,
         # This checkout's lora_doctor first, as for the CLI runs (the script's own folder is tests/).
-        env={**os.environ, **ENGINE_ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))},
+        env={**subprocess_env(), "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))},
         timeout=900,
     )
     assert done.returncode == 0, done.stderr[-3000:]

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ENGINE_ENV, ROOT
+from conftest import ROOT, subprocess_env
 
 # The effective scale of a healthy sync is 1 and of a double count 2; bf16 engines (vLLM-CPU runs
 # these float32 fixtures in bf16 under TRL's dtype="auto") measured within 0.01 of both.
@@ -41,7 +41,7 @@ def report(framework: str, results: list[dict], syncs: list[str]) -> None:
 
 
 def run(command: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
-    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, **ENGINE_ENV, **(env or {})), timeout=RUN_TIMEOUT)
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=subprocess_env(env), timeout=RUN_TIMEOUT)
     return done
 
 

@@ -326,6 +326,11 @@ class Engine:
         return size / (1 << 30) if size else None
 
     @property
+    def tensor_parallel_size(self) -> int:
+        """The ranks the engine splits the model across, as it was built (not as it was asked)."""
+        return self.core.vllm_config.parallel_config.tensor_parallel_size
+
+    @property
     def vocab_size(self) -> int:
         return self.core.model_config.get_vocab_size()
 
