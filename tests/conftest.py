@@ -94,6 +94,19 @@ def assert_one_line_error(run: CliRun, exit_code: int, needle: str, unwritten: P
     return lines[0]
 
 
+def adapter_modules(adapter: Path) -> set[str]:
+    """The adapter's LoRA modules, named as reports name them: a per-module list must cover them all
+    (an `all(...)` over an empty list would pass)."""
+    from lora_doctor.adapter.lora_delta import load_lora_factors
+
+    return set(load_lora_factors(adapter))
+
+
+def layer_modules(layers) -> set[str]:
+    """Module names of a phase's per-module results (objects or JSON dicts)."""
+    return {layer["module"] if isinstance(layer, dict) else layer.module for layer in layers}
+
+
 def user_engine(model: Path, dtype: str):
     """An engine as a user builds it for lora-doctor: in-process, LoRA enabled, full-vocabulary
     log-probs, lora-doctor's worker extension. Keep it for the whole session: a finalized in-process

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BASE, CHECKPOINT, LLAMA_RSLORA, ROOT, run_cli
+from conftest import BASE, CHECKPOINT, LLAMA_RSLORA, ROOT, adapter_modules, layer_modules, run_cli
 
 sys.path.insert(0, str(ROOT / "fixtures"))
 import build_fixtures  # noqa: E402
@@ -66,6 +66,7 @@ def test_export_merged_twice_is_double_counted(exports, tmp_path):
     code, report = audit(exports["merged-twice"], CHECKPOINT, tmp_path)
     phase = only_phase(report)
     assert (code, phase["verdict"]) == (1, "double_counted")
+    assert layer_modules(phase["layers"]) == adapter_modules(CHECKPOINT)
     assert all(layer["effective_scale"] == pytest.approx(2.0, abs=1e-4) for layer in phase["layers"])
     # Exactly a multiple of ΔW: the sums must not cancel into a residual that would read as `diverged`.
     assert max(layer["residual"] for layer in phase["layers"]) < 1e-5
@@ -75,6 +76,7 @@ def test_export_identical_to_the_base_is_missing(exports, tmp_path):
     code, report = audit(exports["not-merged"], CHECKPOINT, tmp_path)
     phase = only_phase(report)
     assert (code, phase["verdict"]) == (1, "missing")
+    assert layer_modules(phase["layers"]) == adapter_modules(CHECKPOINT)
     assert all(layer["effective_scale"] == 0.0 for layer in phase["layers"])
 
 
@@ -118,6 +120,7 @@ def test_bf16_export_merged_twice_is_double_counted(exports, tmp_path):
     code, report = audit(exports["bf16-merged-twice"], exports["real-size-adapter"], tmp_path)
     phase = only_phase(report)
     assert (code, phase["verdict"]) == (1, "double_counted")
+    assert layer_modules(phase["layers"]) == adapter_modules(exports["real-size-adapter"])
     assert all(layer["effective_scale"] == pytest.approx(2.0, abs=0.01) for layer in phase["layers"])
 
 
@@ -131,6 +134,7 @@ def test_bf16_export_of_a_float32_merge_is_judged_against_that_merge(exports, tm
     phase = only_phase(report)
     assert (found, phase["verdict"]) == (code, verdict)
     assert phase["effective_scale"] == pytest.approx(scale, abs=0.01)
+    assert layer_modules(phase["layers"]) == adapter_modules(exports["small-adapter"])
     assert all(layer["effective_scale"] == pytest.approx(scale, abs=0.05) for layer in phase["layers"])
     assert report["checkpoint"]["export"]["merged"] == {"in float32, saved in bf16": 14}
 

@@ -3,11 +3,12 @@ found, and only those modules are named."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import replace
 
 import pytest
-from conftest import CHECKPOINT
+from conftest import CHECKPOINT, FIXTURES, LLAMA_RSLORA, adapter_modules, layer_modules
 from rich.console import Console
 
 from lora_doctor.plans.builtin import Plan
@@ -72,6 +73,7 @@ def test_adapter_synced_onto_the_disk_base_holds_exactly_w0_plus_delta(checker):
 
     (phase,) = checker.run(Plan("test-base-adapter", "disk base + adapter", base_then_adapter)).phases
     assert phase.verdict == "ok"
+    assert layer_modules(phase.layers) == adapter_modules(CHECKPOINT)
     for layer in phase.layers:
         assert layer.effective_scale == pytest.approx(1.0, abs=SCALE_TOLERANCE)
         assert layer.divergence < 1e-3
@@ -103,3 +105,35 @@ def test_targeted_modules_without_figures_are_listed_with_the_reason(checker, tm
     healthy = [replace(layer, verdict="ok") for layer in layers]
     phase = PhaseResult(0, "p", False, "ok", "", 1.0, 0.0, 0.0, 0.0, 1.0, 1.0, layers=healthy, modules_not_read=not_read)
     assert modules_line(phase).startswith("13 of 15 targeted LoRA modules hold W0 + ΔW")
+
+
+def test_a_module_vllm_serves_but_the_read_cannot_read_says_so(tmp_path):
+    """An LM-head LoRA on a Llama base: vLLM wraps the head (LogitsProcessorWithLoRA) and serves it;
+    the per-module read reads linear layers only. The reason must not say vLLM ignores it."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from lora_doctor import Checker
+    from lora_doctor.measure.phase import NOT_READ_ABSENT, NOT_READ_UNREADABLE
+
+    tensors = load_file(str(LLAMA_RSLORA / "adapter_model.safetensors"))
+    a = next(t for k, t in tensors.items() if k.endswith("lora_A.weight"))
+    config = json.loads((FIXTURES / "tiny-llama" / "config.json").read_text())
+    torch.manual_seed(0)
+    tensors["base_model.model.lm_head.lora_A.weight"] = torch.randn(a.shape[0], config["hidden_size"]) * 0.01
+    tensors["base_model.model.lm_head.lora_B.weight"] = torch.randn(config["vocab_size"], a.shape[0]) * 0.01
+    # And a module no engine layer holds: vLLM does not apply it.
+    prefix = "base_model.model.model.layers.0.mlp."
+    tensors[prefix + "extra_proj.lora_A.weight"] = tensors[prefix + "up_proj.lora_A.weight"].clone()
+    tensors[prefix + "extra_proj.lora_B.weight"] = tensors[prefix + "up_proj.lora_B.weight"].clone()
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    shutil.copy(LLAMA_RSLORA / "adapter_config.json", tmp_path / "adapter_config.json")
+
+    with Checker(LLAMA_RSLORA, prompts=["The capital of France is"], max_new_tokens=1) as llama:
+        assert llama.engine.rpc("lora_doctor_modules")[0]["modules"]["lm_head"] == "LogitsProcessorWithLoRA"
+        layers, not_read = llama.measurer.layer_results(llama.engine, None, tmp_path)
+    assert layer_modules(layers) == adapter_modules(LLAMA_RSLORA)
+    assert not_read == [
+        {"module": "lm_head", "reason": NOT_READ_UNREADABLE.format(layer="LogitsProcessorWithLoRA")},
+        {"module": "model.layers.0.mlp.extra_proj", "reason": NOT_READ_ABSENT},
+    ]

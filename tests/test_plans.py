@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import LLAMA_RSLORA, ROOT, run_cli
+from conftest import CHECKPOINT, LLAMA_RSLORA, ROOT, adapter_modules, layer_modules, run_cli
 
 from lora_doctor.errors import BadInput
 from lora_doctor.plans.builtin import PLANS, get_plan
@@ -38,6 +38,7 @@ def test_sleep_mode_reload_loses_the_lora(checker):
     assert merged.verdict == "ok"
     assert woken.verdict == "missing"
     assert woken.effective_scale == pytest.approx(0.0, abs=SCALE_TOLERANCE)
+    assert layer_modules(woken.layers) == adapter_modules(CHECKPOINT)
     assert all(layer.verdict == "missing" for layer in woken.layers)
 
 
@@ -46,6 +47,7 @@ def test_reused_adapter_id_serves_the_stale_adapter(checker):
     assert phase.verdict == "stale", phase.explanation
     assert phase.kl_previous is not None and phase.kl_previous < 1e-4
     assert phase.kl_mean > 1e-3
+    assert layer_modules(phase.layers) == adapter_modules(CHECKPOINT)
     assert all(layer.verdict == "stale" for layer in phase.layers)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 
 import pytest
-from conftest import ROOT, user_engine
+from conftest import ROOT, adapter_modules, layer_modules, user_engine
 
 sys.path.insert(0, str(ROOT / "bench"))
 import verdict_matrix as matrix  # noqa: E402
@@ -117,6 +117,7 @@ def test_probe_judges_a_float32_policy_on_a_bf16_engine_by_the_engines_precision
     doubled = probe(bf16_llm, policy, lora_request=request, prompts=matrix.PROMPTS, base_dir=base_dir)
     assert doubled.verdict == "double_counted", doubled.explanation
     assert doubled.decided_by == "modules" and "cannot resolve this LoRA" in doubled.explanation
+    assert layer_modules(doubled.layers) == adapter_modules(adapter)
     assert all(layer.base_part == pytest.approx(1, abs=PART_TOLERANCE) and layer.slot_part == pytest.approx(1, abs=PART_TOLERANCE)
                for layer in doubled.layers)
     # Without the per-module read nothing can decide: unresolved, never ok.
@@ -165,4 +166,5 @@ def test_a_merge_rounded_in_another_order_is_still_a_merge(tmp_path):
     assert (merged["verdict"], doubled["verdict"]) == ("ok", "double_counted"), (merged["explanation"], doubled["explanation"])
     # Not PEFT's bf16 merge element for element, but within an ulp of it everywhere.
     assert max(abs(1 - layer["base_part"]) for layer in merged["layers"]) > PART_TOLERANCE
+    assert layer_modules(merged["layers"]) == adapter_modules(matrix.FIXTURES / "checkpoint-500-2e-3")
     assert all(0 < layer["base_residual"] < layer["rounding"] for layer in merged["layers"])

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..adapter.lora_delta import load_lora_factors
+from ..adapter.names import name_map
 from ..engine.driver import Engine
 from ..result import ModuleResult, PhaseResult, Sample
 from .layer_figures import combine_layer_stats
@@ -37,6 +38,9 @@ MODULE_FIGURES = (
 )
 NOT_READ_ZERO = "ΔW is zero (B = 0: an untrained adapter): there is nothing to compare"
 NOT_READ_ABSENT = "the engine has no LoRA layer for it: vLLM does not apply this adapter's weights there"
+# vLLM serves LoRA there (the engine wrapped the module: an LM head, an embedding, fused MoE experts)
+# but the per-module read reads linear LoRA layers only; the logit figures include it.
+NOT_READ_UNREADABLE = "vLLM applies this adapter's weights there ({layer}), but the per-module read cannot read that layer yet: the logit figures include it"
 SAMPLES_PER_PHASE = 3
 
 Progress = Callable[[str], None]
@@ -176,10 +180,10 @@ class PhaseMeasurer:
             layer.verdict = module_verdict(layer, self.thresholds)
             results.append(layer)
         read = {layer.module for layer in results}
-        not_read = [
-            {"module": module, "reason": NOT_READ_ZERO if module in zero else NOT_READ_ABSENT}
-            for module in sorted(set(load_lora_factors(adapter)) - read)
-        ]
+        unread = sorted(set(load_lora_factors(adapter)) - read)
+        served = engine.rpc("lora_doctor_modules")[0]["modules"] if unread else {}
+        names = name_map(ckpt.base_dir) if unread else None
+        not_read = [{"module": module, "reason": NOT_READ_ZERO if module in zero else _not_read_reason(module, served, names)} for module in unread]
         order = self.reference.module_order
         return sorted(results, key=lambda layer: order.get(layer.module, len(order))), not_read
 
@@ -190,6 +194,14 @@ class PhaseMeasurer:
             Sample(prompt=self.texts[i], reference=decode(self.reference_greedy[i]), engine=decode(engine_greedy[i]))
             for i in sorted(order[:SAMPLES_PER_PHASE])
         ]
+
+
+def _not_read_reason(module: str, served: dict[str, str], names) -> str:
+    """Why an adapter module has no per-module figures: the engine wrapped it with a LoRA layer the read
+    cannot read (the module itself, or fused experts holding it), or it wrapped nothing there at all."""
+    engine_name = names.engine_name(module)
+    layer = served.get(engine_name) or next((cls for name, cls in served.items() if engine_name.startswith(f"{name}.")), None)
+    return NOT_READ_ABSENT if layer is None else NOT_READ_UNREADABLE.format(layer=layer)
 
 
 def median(values: list[float]) -> float:
