@@ -32,3 +32,12 @@ def float32_master_merge(sync):
     sync.probe("full-merged-fp32-master")
     sync.add_adapter()
     sync.probe("adapter-on-top")
+
+
+def adapter_from_the_environment(sync):
+    """An adapter sync of the folder in LORA_DOCTOR_TEST_ADAPTER (a trainer pushing its own folder)."""
+    import os
+
+    sync.reload_from_disk()
+    sync.add_adapter(weights=os.environ["LORA_DOCTOR_TEST_ADAPTER"])
+    sync.probe("adapter")

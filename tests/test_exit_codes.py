@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BASE, CHECKPOINT, ROOT, CliRun, assert_one_line_error, run_cli, subprocess_env
+from conftest import BASE, CHECKPOINT, ROOT, CliRun, adapter_modules, assert_one_line_error, run_cli, subprocess_env
 from safetensors.torch import load_file, save_file
 
 from lora_doctor.errors import EnvironmentProblem
@@ -301,3 +301,45 @@ def test_an_audit_that_runs_out_of_memory_is_an_environment_problem(tmp_path, la
         "lora_doctor.cli.main()\n"
     )
     run_cli_script(script, 3, "not enough memory to audit the export", unwritten=tmp_path / "r.json")
+
+
+@pytest.fixture(scope="module")
+def rank_32_adapter(tmp_path_factory) -> Path:
+    """A real PEFT adapter of rank 32 on the fixture's base (the checkpoint's rank is 8), trained a little:
+    B drawn at random so that its ΔW is not zero."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(BASE), LoraConfig(r=32, lora_alpha=64, target_modules=["q_proj", "v_proj"]))
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.01)
+    path = tmp_path_factory.mktemp("rank32") / "checkpoint-rank32"
+    model.save_pretrained(path)
+    config = json.loads((path / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(BASE)
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_a_custom_plans_adapter_above_the_engines_rank_is_named(tmp_path, rank_32_adapter):
+    env = {"LORA_DOCTOR_TEST_ADAPTER": str(rank_32_adapter)}
+    run = run_cli("check", CHECKPOINT, "--plan", f"{ROOT / 'tests' / 'custom_plans.py'}:adapter_from_the_environment", "--json", tmp_path / "r.json", env=env)
+    line = assert_one_line_error(run, 2, "has LoRA rank 32, above the engine's max_lora_rank 8", unwritten=tmp_path / "r.json")
+    assert str(rank_32_adapter) in line and "--previous" in line
+
+
+def test_the_engine_is_sized_for_a_previous_adapter_of_a_higher_rank(tmp_path, rank_32_adapter):
+    # The stale-adapter plan loads --previous (rank 32, on q_proj and v_proj only) then the checkpoint
+    # (rank 8, every projection) under one id: the engine keeps serving the previous adapter, which
+    # holds the previous ΔW on q/v and nothing on the other modules. Refused (exit 2) on an engine
+    # sized for rank 8.
+    run = run_cli("check", CHECKPOINT, "--previous", rank_32_adapter, "--plan", "adapter-reused-id", "--json", tmp_path / "r.json")
+    assert run.exit_code == 1, run.stderr
+    (phase,) = json.loads((tmp_path / "r.json").read_text())["phases"]
+    assert phase["verdict"] == "partial", phase["explanation"]
+    verdicts = {layer["module"]: layer["verdict"] for layer in phase["layers"]}
+    assert set(verdicts) == adapter_modules(CHECKPOINT)
+    assert {module for module, verdict in verdicts.items() if verdict == "stale"} == {m for m in verdicts if m.endswith(("q_proj", "v_proj"))}
+    assert {verdict for module, verdict in verdicts.items() if not module.endswith(("q_proj", "v_proj"))} == {"missing"}
