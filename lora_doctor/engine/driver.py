@@ -42,8 +42,9 @@ def _engine_environment(config: EngineConfig) -> Iterator[None]:
     The caller's process is left as found: `os.environ` is restored when the engine is built, and so
     is vLLM's cache of it (`vllm.envs`, cached for the whole process once an engine has started), so
     that an engine the caller builds later, in the same process, is built with the caller's settings.
-    Every variable vLLM reads after start-up is read while the engine is built (VLLM_DIST_IDENT by
-    the CPU worker's communicator, the multimodal cache's buffer name) or set by vLLM again.
+    The variables vLLM sets for itself and reads again were read while the engine is built in the
+    cases checked (VLLM_DIST_IDENT by the CPU worker's communicator) or are set again when read (the
+    multimodal cache's buffer name, `envs.get_env_or_set_default`).
     """
     # The engine runs in this process so that weights and LoRA buffers are reachable directly.
     wanted = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": str(DEFAULT_KV_CACHE_GIB)}
