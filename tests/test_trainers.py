@@ -56,11 +56,17 @@ def trl_run(tmp_path: Path, script: str) -> tuple[subprocess.CompletedProcess, d
 
 
 def test_trl_grpo_colocate_peft_is_ok_at_every_sync(tmp_path):
-    done, data = trl_run(tmp_path, "examples/trl_grpo_probe.py")
+    # The recipe, recording the policy's own log-probs after each step.
+    done, data = trl_run(tmp_path, "tests/trl_moving_policy.py")
     results = data["results"]
     report("trl 1.16", results, ["merged sync"] * len(results))
     assert done.returncode == 0, done.stderr[-3000:]
     assert [r["name"] for r in results] == ["step-1", "step-2"]
+    # The policy moved between the syncs by more than the probe's KL limit: an engine still holding
+    # step 1's weights at step 2 would not read ok, so ok means the engine followed the policy.
+    (moved,) = data["policy_kl"]
+    print(f"trl 1.16 policy KL(step-2 ‖ step-1) = {moved:.2e}, probe KL limit {results[1]['kl_limit']}")
+    assert results[1]["kl_limit"] is not None and moved > results[1]["kl_limit"]
     for result in results:
         assert result["verdict"] == "ok", result["explanation"]
         assert result["effective_scale"] == pytest.approx(1.0, abs=SCALE_TOLERANCE)
