@@ -38,3 +38,36 @@ def test_an_engine_built_after_the_gate_has_the_callers_settings():
     assert seen["trainer_engine_client"] == "SyncMPClient"
     # and vLLM's logging at the caller's level (INFO: no VLLM_LOGGING_LEVEL), where lora-doctor's is ERROR.
     assert seen["trainer_log_level"] == logging.INFO
+
+
+def test_a_check_that_fails_while_measuring_the_noise_still_closes_its_engine(tmp_path):
+    # The noise measurement runs out of memory for real (no address space left to map); the engine,
+    # started just before, must be closed: the caller gets its logging and torch's threads back.
+    script = (
+        "import json, logging, sys, torch\n"
+        f"sys.path.insert(0, {str(ROOT / 'tests')!r})\n"
+        "import vllm\n"
+        "from failing_engine_plans import no_memory_left\n"
+        "from lora_doctor import EnvironmentProblem, check\n"
+        "from lora_doctor.measure.phase import PhaseMeasurer\n"
+        "original = PhaseMeasurer.measure_noise\n"
+        "def arranged(self, engine):\n"
+        "    with no_memory_left():\n"
+        "        return original(self, engine)\n"
+        "PhaseMeasurer.measure_noise = arranged\n"
+        "logger = logging.getLogger('vllm')\n"
+        "before = (logger.level, list(logger.handlers), torch.set_num_threads)\n"
+        "try:\n"
+        f"    check({str(CHECKPOINT)!r}, plan='merged')\n"
+        "    raised = None\n"
+        "except EnvironmentProblem as error:\n"
+        "    raised = str(error)\n"
+        "after = (logger.level, list(logger.handlers), torch.set_num_threads)\n"
+        "print('caller-process: ' + json.dumps({'raised': raised, 'closed': after == before}), flush=True)\n"
+    )
+    env = {name: value for name, value in os.environ.items() if not name.startswith("VLLM_")}
+    env.update(PYTHONPATH=str(ROOT), OMP_WAIT_POLICY="PASSIVE")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(next(line for line in done.stdout.splitlines() if line.startswith(MARK)).removeprefix(MARK))
+    assert seen["raised"] is not None and seen["closed"] is True, seen
