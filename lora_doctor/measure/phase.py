@@ -22,6 +22,7 @@ from .verdict import (
     STALE,
     decided_by,
     describe_modules,
+    finite,
     logit_verdict,
     merge_warning,
     module_verdict,
@@ -124,7 +125,8 @@ class PhaseMeasurer:
             with_adapter=lora_request is not None,
             verdict=verdict,
             explanation=explanation,
-            effective_scale=fit.scale,
+            # No scale explains NaN log-probs: the fit's minimum over NaN is no figure.
+            effective_scale=fit.scale if finite(logits.kl_mean, fit.kl) else None,
             kl_at_scale=fit.kl,
             kl_mean=logits.kl_mean,
             kl_max=logits.kl_max,
