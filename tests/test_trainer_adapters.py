@@ -70,6 +70,13 @@ def audit(tmp_path: Path, export: Path, adapter: Path) -> tuple[int, dict]:
     return run.exit_code, json.loads(report.read_text())
 
 
+def merged_phases(report: dict) -> list[dict]:
+    """The `merged` plan's phases: merge, push every weight, unmerge, twice."""
+    phases = report["phases"]
+    assert [p["name"] for p in phases] == ["full-merged", "full-merged"]
+    return phases
+
+
 def codes(report: dict, severity: str | None = None) -> set[str]:
     return {f["code"] for f in report["preflight"] if severity is None or f["severity"] == severity}
 
@@ -91,11 +98,11 @@ def test_lm_head_lora_merged_sync_carries_the_head_into_the_tied_weight(adapters
     merged plan replays that merge, and the engine then holds a policy PEFT's forward does not compute
     (the embedding moved too): a measured problem, with the pre-flight's warning saying why."""
     code, report, _ = check(tmp_path, adapters["head"], "merged")
-    (phase,) = report["phases"]
-    assert code == 1 and phase["verdict"] == "diverged", phase["explanation"]
+    for phase in merged_phases(report):
+        assert code == 1 and phase["verdict"] == "diverged", phase["explanation"]
+        # The q/v modules' ΔW is in the engine exactly: the gap is the tied weight's, not theirs.
+        assert len(phase["layers"]) == 4 and all(layer["verdict"] == "ok" for layer in phase["layers"])
     assert "tied_weight_merge" in codes(report, "warning")
-    # The q/v modules' ΔW is in the engine exactly: the gap is the tied weight's, not theirs.
-    assert len(phase["layers"]) == 4 and all(layer["verdict"] == "ok" for layer in phase["layers"])
 
 
 # --------------------------------------------------------------------------- non-finite weights
@@ -110,7 +117,8 @@ def test_pushed_nan_adapter_is_a_measured_problem_naming_its_modules(adapters, t
     assert len(phase["layers"]) == 14
     # NaN figures are written as null (JSON has no NaN) and no scale is named for NaN log-probs.
     assert phase["kl_mean"] is None and phase["effective_scale"] is None
-    assert "non finite in 2/14 modules" in stdout
+    assert "non finite in 2/14 modules" in phase["explanation"]
+    assert "non_finite" in stdout
 
 
 def test_nan_adapter_check_stops_at_the_preflight(adapters, tmp_path):
@@ -162,9 +170,9 @@ def test_embedding_only_merged_sync_is_ok(adapters, tmp_path, adapter):
     """Only the embedding is trained (its LoRA, or trainable tokens' rows; untied base): a merged sync that
     writes it is ok, decided by the logits (no LoRA-wrapped layer of the engine holds it)."""
     code, report, _ = check(tmp_path, adapters[adapter], "merged")
-    (phase,) = report["phases"]
-    assert code == 0 and phase["verdict"] == "ok", phase["explanation"]
-    assert phase["decided_by"].startswith("logits")
+    for phase in merged_phases(report):
+        assert code == 0 and phase["verdict"] == "ok", phase["explanation"]
+        assert phase["decided_by"].startswith("logits")
 
 
 @pytest.mark.parametrize("adapter", ["embedding-untied", "tokens-untied"])
@@ -182,8 +190,8 @@ def test_embedding_lora_on_the_tied_base_merged_sync(adapters, tmp_path):
     head keeps the values it was packed from at start-up (the CPU backend's lm_head GEMM handle), so the
     engine computes exactly PEFT's unmerged policy (the same KL as the untied base) and reads ok."""
     code, report, _ = check(tmp_path, adapters["embedding"], "merged")
-    (phase,) = report["phases"]
-    assert code == 0 and phase["verdict"] == "ok", phase["explanation"]
+    for phase in merged_phases(report):
+        assert code == 0 and phase["verdict"] == "ok", phase["explanation"]
     assert "tied_weight_merge" in codes(report, "warning")
 
 
@@ -218,3 +226,13 @@ def test_merge_factors_are_what_peft_merges(adapters, adapter):
         expected = merged[key] - w0
         held = factors[key].delta() if key in factors else torch.zeros_like(w0)
         assert torch.allclose(held, expected, atol=1e-5), key
+
+
+def test_modules_to_save_merged_sync_pushes_the_trained_copies(adapters, tmp_path):
+    """checkpoint-500's LoRA with trained copies of every norm (modules_to_save): a merged sync writes the
+    copies in place of the base's norms, as PEFT's merge does, and reads ok."""
+    adapter, _ = build_fixtures.export_with_modules_to_save(tmp_path / "adapter", tmp_path / "export")
+    code, report, _ = check(tmp_path, adapter, "merged")
+    for phase in merged_phases(report):
+        assert code == 0 and phase["verdict"] == "ok", phase["explanation"]
+    assert "modules_to_save" in codes(report, "problem")
