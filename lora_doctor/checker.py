@@ -45,7 +45,10 @@ def check(checkpoint: str | Path, *, plan: str = DEFAULT_PLAN, **options) -> Rep
     if untrained:
         # Nothing to measure is no measured problem (1) and no healthy sync either (0): the input
         # cannot be checked, like any checkpoint that cannot be used (2).
-        raise BadInput(f"nothing to measure: {untrained[0].message.split(': ΔW')[0]}: ΔW = 0; {untrained[0].fix}")
+        raise BadInput(
+            f"nothing to measure in {checkpoint}: every lora_B is zero (an untrained adapter: step 0, or a run that "
+            f"never trained), so ΔW = 0 and every sync path serves the base alike; {untrained[0].fix}"
+        )
     blockers = measurement_blockers(preflight, chosen)
     if blockers:
         # Measuring an adapter the engine cannot hold meaningfully would only report garbage.

@@ -116,11 +116,12 @@ def token_indices(setting, module: str) -> list[int]:
 
 
 def base_rows(base: BaseInventory, key: str, indices: list[int]) -> torch.Tensor:
-    """Some rows of one base weight, in float32."""
+    """Some rows of one base weight, in float32 (read row by row: an embedding can be gigabytes)."""
     from safetensors import safe_open
 
     with safe_open(str(base.tensors[key].path), framework="pt") as handle:
-        return handle.get_slice(key)[:][indices].float()
+        weight = handle.get_slice(key)
+        return torch.cat([weight[i : i + 1] for i in indices]).float()
 
 
 def _concatenate(parts: list[LoraFactors]) -> LoraFactors:
