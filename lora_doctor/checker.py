@@ -19,7 +19,7 @@ from .measure.reference import Reference
 from .measure.verdict import FAIL, Thresholds, overall_verdict
 from .plans.builtin import DEFAULT_PLAN, Plan, get_plan
 from .plans.sync import Sync
-from .preflight import PreflightReport, inspect_checkpoint
+from .preflight import ADAPTER_REFUSED, PreflightReport, inspect_checkpoint
 from .result import PhaseResult, Report
 
 # Pre-flight problems after which engine-vs-reference figures mean nothing, so the check stops
@@ -42,7 +42,15 @@ def check(checkpoint: str | Path, *, plan: str = DEFAULT_PLAN, **options) -> Rep
     # Before the reference and the engine are loaded: the plan cannot run without it.
     _require_previous(chosen, options.get("previous"))
     preflight = inspect_checkpoint(checkpoint, base=options.get("base"))
-    blockers = measurement_blockers(preflight)
+    untrained = preflight.by_code("untrained_adapter")
+    if untrained:
+        # Nothing to measure is no measured problem (1) and no healthy sync either (0): the input
+        # cannot be checked, like any checkpoint that cannot be used (2).
+        raise BadInput(
+            f"nothing to measure in {checkpoint}: every lora_B is zero (an untrained adapter: step 0, or a run that "
+            f"never trained), so ΔW = 0 and every sync path serves the base alike; {untrained[0].fix}"
+        )
+    blockers = measurement_blockers(preflight, chosen)
     if blockers:
         # Measuring an adapter the engine cannot hold meaningfully would only report garbage.
         return stopped_report(load_checkpoint(checkpoint, options.get("base")), chosen, preflight, blockers, options.get("thresholds"), options.get("dtype", "float32"))
@@ -65,9 +73,11 @@ def validate_options(dtype: str = "float32", max_new_tokens: int = 32, tensor_pa
         raise BadInput(f"--kv-cache-gib must be at least 1 (GiB of CPU KV cache), got {kv_cache_gib}")
 
 
-def measurement_blockers(preflight: PreflightReport) -> list:
-    """Pre-flight problems that make the engine-vs-reference figures meaningless."""
-    return [finding for finding in preflight.problems if finding.code in BLOCKING_FINDINGS]
+def measurement_blockers(preflight: PreflightReport, plan: Plan | None = None) -> list:
+    """Pre-flight problems that make the engine-vs-reference figures meaningless; for a plan that
+    syncs the adapter, also those for which vLLM refuses to load it."""
+    blocking = BLOCKING_FINDINGS | (ADAPTER_REFUSED if plan is not None and plan.adapter_sync else frozenset())
+    return [finding for finding in preflight.problems if finding.code in blocking]
 
 
 def stopped_report(ckpt: Checkpoint, plan: Plan, preflight: PreflightReport, blockers: list, thresholds: Thresholds | None, dtype: str) -> Report:
@@ -83,7 +93,8 @@ def stopped_report(ckpt: Checkpoint, plan: Plan, preflight: PreflightReport, blo
         verdict=FAIL,
         exit_code=1,
         preflight=[finding.to_dict() for finding in preflight.findings],
-        stopped=f"the pre-flight found problems that make the measurement meaningless ({codes}); nothing was loaded",
+        stopped=f"the pre-flight found problems that make the measurement meaningless ({codes}); nothing was loaded"
+        + (f" (plan {plan.name} syncs the adapter, which vLLM refuses)" if any(f.code in ADAPTER_REFUSED for f in blockers) else ""),
     )
 
 

@@ -30,7 +30,7 @@ import torch
 from . import __version__
 from .adapter.checkpoint import load_checkpoint
 from .adapter.inventory import ties_embeddings
-from .adapter.lora_delta import LoraFactors, load_lora_factors, merge_in_dtype
+from .adapter.lora_delta import LoraFactors, load_merge_factors, merge_in_dtype
 from .adapter.modules import layer_index, module_kind
 from .adapter.weight_files import TensorInfo, model_tensors, read_chunks
 from .environment import environment
@@ -42,6 +42,7 @@ from .measure.verdict import (
     EXPORT_PHASE,
     FAIL,
     MISSING,
+    NON_FINITE,
     OK,
     PARTIAL,
     SCALED,
@@ -79,6 +80,7 @@ EXPLANATIONS = {
     SCALED: "the export holds the LoRA at the wrong scale (W0 + c·ΔW): the merge computed the LoRA scaling differently from PEFT",
     PARTIAL: "only some LoRA modules are merged right in the export (a merge that skipped or misnamed modules)",
     DIVERGED: "the export's weights are W0 + c·ΔW at no scale c: another base or adapter, or corrupted tensors",
+    NON_FINITE: "NaN or Inf values in the adapter's ΔW or in the export's weights: no figure can be measured there",
 }
 
 Progress = Callable[[str], None]
@@ -230,7 +232,9 @@ def audit(
     ckpt = load_checkpoint(adapter, base)
     export_dir = Path(export)
     exported = model_tensors(export_dir)
-    factors = load_lora_factors(ckpt.adapter_dir)
+    # Every ΔW the merge writes, by the base's module name: the linear LoRA's, and the embedding's
+    # (its LoRA, trainable tokens, the LoRA of a head tied to it).
+    factors = {key.removesuffix(".weight"): lora for key, lora in load_merge_factors(ckpt.adapter_dir, ckpt.base()).items()}
     expected = dict(model_tensors(ckpt.base_dir), **ckpt.adapter().trained_copies())
     pairs, absent = _pair(exported, expected, factors, export_dir, ckpt.base_dir)
     limits, margin = _thresholds(pairs, thresholds or {})

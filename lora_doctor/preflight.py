@@ -35,6 +35,12 @@ from .errors import BadInput
 
 SCHEMA_VERSION = 1
 SEVERITIES = ("problem", "warning", "info")
+# Problems that make vLLM refuse to load the adapter (its own ValueError after the engine started):
+# an adapter sync of it cannot run, a merged sync can.
+ADAPTER_REFUSED = frozenset({
+    "modules_to_save", "lora_on_lm_head", "lora_on_embed_tokens", "trainable_tokens", "dora", "lora_bias",
+    "init_modifies_base", "unsupported_feature", "bias", "rank_above_max", "unrecognized_tensor",
+})
 
 
 @dataclass(frozen=True)
@@ -129,7 +135,9 @@ def inspect_checkpoint(
         _check_fit,
         _check_engine_names,
         _check_unrecognized,
+        _check_trainable_tokens,
         _check_nan_inf,
+        _check_untrained,
         _check_dtype,
         _check_rslora,
         _check_fan_in_fan_out,
@@ -238,6 +246,8 @@ def _check_embedding_loras(ctx: _Context) -> list[Finding]:
             continue
         tensors = tuple(t.name for m in modules for t in ctx.adapter.lora_modules[m].values())
         short = sorted({m.rsplit(".", 1)[-1] for m in modules})
+        if ctx.base.ties_embeddings:
+            findings.append(_tied_merge(role, modules))
         if any(s in served for s in short):
             findings.append(
                 Finding(
@@ -264,6 +274,57 @@ def _check_embedding_loras(ctx: _Context) -> list[Finding]:
             )
         )
     return findings
+
+
+def _tied_merge(role: str, modules: list[str]) -> Finding:
+    other = "the input embedding" if role == "the LM head" else "the output head"
+    return Finding(
+        "tied_weight_merge",
+        "warning",
+        f"LoRA on {role} ({', '.join(modules)}) of a base that ties its output head to its input embedding: "
+        f"PEFT's forward applies it to {role} only, but a merge (merge_and_unload, the merged syncs of TRL and "
+        f"ms-swift) writes its ΔW into the one shared weight, so {other} moves too. Merged syncs then serve "
+        "another policy than the one trained (lora-doctor's merged plans replay that merge and measure the gap)",
+        "untie the head before training (tie_word_embeddings=False with its own copy), or train without "
+        "LoRA on embed_tokens / lm_head",
+        tuple(modules),
+    )
+
+
+def _check_trainable_tokens(ctx: _Context) -> list[Finding]:
+    tokens = ctx.adapter.trainable_tokens
+    if not tokens:
+        return []
+    setting = ctx.config.get("trainable_token_indices")
+    count = sum(t.shape[0] for t in tokens.values())
+    return [
+        Finding(
+            "trainable_tokens",
+            "problem",
+            f"trainable tokens (trainable_token_indices={setting!r}: {count} trained rows of "
+            f"{', '.join(sorted(tokens))}): vLLM 0.32 refuses the adapter ('... is unsupported LoRA weight', "
+            "lora/utils.py:220); an adapter sync fails, a merged sync must write the trained rows into the embedding"
+            + (" (and the output head tied to it)" if ctx.base.ties_embeddings else ""),
+            "sync merged weights (the rows written into the embedding), or train without trainable_token_indices",
+            tuple(sorted(tokens)) + tuple(t.name for t in tokens.values()),
+        )
+    ]
+
+
+def _check_untrained(ctx: _Context) -> list[Finding]:
+    if not ctx.adapter.untrained():
+        return []
+    return [
+        Finding(
+            "untrained_adapter",
+            "info",
+            f"every lora_B of the adapter's {len(ctx.adapter.lora_modules)} modules is zero (PEFT's initialization: "
+            "step 0, or a run that never trained): ΔW = 0, so the policy is the base model and every sync path "
+            "serves it alike; there is nothing to measure",
+            "check a checkpoint saved after at least one optimizer step",
+            tuple(sorted(ctx.adapter.lora_modules)),
+        )
+    ]
 
 
 def _check_dora(ctx: _Context) -> list[Finding]:
@@ -568,28 +629,28 @@ def _check_unrecognized(ctx: _Context) -> list[Finding]:
 
 
 def _check_nan_inf(ctx: _Context) -> list[Finding]:
-    import torch
-
-    bad: list[str] = []
-    nan = inf = 0
-    floating = [t for t in ctx.adapter.tensors if t.dtype.is_floating_point]
-    for key, values in ctx.adapter.read(floating).items():
-        n_nan = int(torch.isnan(values).sum())
-        n_inf = int(torch.isinf(values).sum())
-        if n_nan or n_inf:
-            nan, inf = nan + n_nan, inf + n_inf
-            bad.append(f"{key.removeprefix(PEFT_PREFIX)} ({n_nan} NaN, {n_inf} Inf)")
-    if not bad:
+    found = ctx.adapter.nonfinite()
+    if not found:
         return []
+    nan, inf = sum(n for n, _ in found.values()), sum(i for _, i in found.values())
+    bad = [f"{key} ({n} NaN, {i} Inf)" for key, (n, i) in found.items()]
+    modules = sorted({_module_of(key) for key in found})
     return [
         Finding(
             "nan_inf",
             "problem",
-            f"{nan} NaN and {inf} Inf values in {len(bad)} adapter tensors: {_abbreviate(bad, 3)}",
+            f"{nan} NaN and {inf} Inf values in {len(bad)} adapter tensors of {len(modules)} modules "
+            f"({_abbreviate(_compress(modules), 4)}): {_abbreviate(bad, 3)}; a policy whose training diverged: "
+            "the engine and the trainer would both compute NaN there, so nothing can be measured",
             "do not sync this checkpoint: resume from an earlier one and look for the diverging step (lr, loss scale)",
-            tuple(b.split(" (")[0] for b in bad),
+            tuple(found),
         )
     ]
+
+
+def _module_of(key: str) -> str:
+    """"model.layers.1.self_attn.q_proj.lora_B.weight" → "model.layers.1.self_attn.q_proj"."""
+    return re.split(r"\.(lora_|token_adapter\.|base_layer\.|modules_to_save\.)", key)[0]
 
 
 def _check_dtype(ctx: _Context) -> list[Finding]:

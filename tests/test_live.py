@@ -151,3 +151,19 @@ def test_gate_at_the_top_of_a_training_script(plan, exit_code, needle):
     )
     assert done.returncode == exit_code, done.stderr[-2000:]
     assert needle in done.stdout + done.stderr
+
+
+def test_probe_on_a_policy_whose_loss_diverged_is_non_finite(llm):
+    """One lora_B of the trainer's policy went NaN (the engine still holds the last finite adapter). On
+    CPU, torch's attention turns the NaN queries into finite but meaningless log-probs, so the logits
+    alone would fit some α; the per-module read finds ΔW NaN. The probe names it (`non_finite`, the
+    module listed) rather than crashing on round(NaN) or naming a scale."""
+    model = policy()
+    module = "model.layers.1.self_attn.q_proj"
+    model.get_submodule(f"base_model.model.{module}").lora_B["default"].weight.data.fill_(float("nan"))
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(base_weights().items())})
+    result = probe(llm, model, lora_request=lora_request(CHECKPOINT, 13), prompts=PROMPTS)
+    assert result.verdict == "non_finite", result.explanation
+    assert result.effective_scale is None
+    assert len(result.layers) == 14
+    assert [layer.module for layer in result.layers if layer.verdict == "non_finite"] == [module]

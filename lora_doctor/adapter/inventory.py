@@ -25,6 +25,8 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 LINEAR_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B"}
 EMBEDDING_SUFFIXES = {".lora_embedding_A": "A", ".lora_embedding_B": "B"}
+# PEFT's trainable tokens (`trainable_token_indices`): the new values of some embedding rows.
+TRAINABLE_TOKENS_SUFFIX = ".token_adapter.trainable_tokens_delta"
 # Module names of a causal LM's input embedding and output head, as transformers' model classes name them.
 EMBEDDING_NAMES = ("embed_tokens", "wte", "word_embeddings", "embed_in")
 OUTPUT_NAMES = ("lm_head", "embed_out")
@@ -41,6 +43,7 @@ class AdapterInventory:
     saved_base_layers: list[TensorInfo] = field(default_factory=list)  # `*.base_layer.weight` (save_embedding_layers)
     base_layer_bias: list[TensorInfo] = field(default_factory=list)  # bias="all"/"lora_only"
     full_modules: dict[str, list[TensorInfo]] = field(default_factory=dict)  # trained full copies (modules_to_save)
+    trainable_tokens: dict[str, TensorInfo] = field(default_factory=dict)  # module → rows' new values
     other: list[TensorInfo] = field(default_factory=list)
 
     @property
@@ -51,12 +54,36 @@ class AdapterInventory:
     def tensors(self) -> list[TensorInfo]:
         pairs = [t for factors in self.lora_modules.values() for t in factors.values()]
         full = [t for group in self.full_modules.values() for t in group]
-        return pairs + self.magnitude + self.saved_base_layers + self.base_layer_bias + full + self.other
+        tokens = list(self.trainable_tokens.values())
+        return pairs + self.magnitude + self.saved_base_layers + self.base_layer_bias + full + tokens + self.other
 
     def trained_copies(self) -> dict[str, TensorInfo]:
         """Whole tensors the file holds beside the LoRA factors (`modules_to_save`), by base weight name:
         a merge writes them in place of the base's."""
-        return {t.name.removeprefix(PEFT_PREFIX): t for t in self.tensors if ".lora_" not in t.name}
+        copies = {}
+        for group in self.full_modules.values():
+            for t in group:
+                name = t.name.removeprefix(PEFT_PREFIX)
+                copies[name.replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")] = t
+        return copies
+
+    def nonfinite(self) -> dict[str, tuple[int, int]]:
+        """Tensors holding NaN or Inf values (key without PEFT's prefix → (NaN count, Inf count))."""
+        floating = [t for t in self.tensors if t.dtype.is_floating_point]
+        found = {}
+        for key, values in self.read(floating).items():
+            nan, inf = int(torch.isnan(values).sum()), int(torch.isinf(values).sum())
+            if nan or inf:
+                found[key.removeprefix(PEFT_PREFIX)] = (nan, inf)
+        return found
+
+    def untrained(self) -> bool:
+        """Every LoRA B is zero (PEFT's initialization: step 0, or a run that never trained): ΔW = 0 on
+        every module, and the file holds nothing else a merge would write."""
+        if self.trainable_tokens or self.full_modules:
+            return False
+        b = [factors["B"] for factors in self.lora_modules.values() if "B" in factors]
+        return bool(b) and all(not bool(values.any()) for values in self.read(b).values())
 
     def read(self, tensors: list[TensorInfo]) -> dict[str, torch.Tensor]:
         """The values of some of this file's tensors, by key."""
@@ -93,6 +120,8 @@ def _classify(inventory: AdapterInventory, tensor: TensorInfo) -> None:
                 return
     if re.search(r"\.lora_magnitude_vector(\.weight)?$", name):
         inventory.magnitude.append(tensor)
+    elif name.endswith(TRAINABLE_TOKENS_SUFFIX):
+        inventory.trainable_tokens[name.removesuffix(TRAINABLE_TOKENS_SUFFIX)] = tensor
     elif name.endswith(".base_layer.weight"):
         inventory.saved_base_layers.append(tensor)
     elif name.endswith(".base_layer.bias"):
@@ -148,6 +177,21 @@ class BaseInventory:
             suffixes = tuple(f"{name}.weight" for name in EMBEDDING_NAMES)
             return next((t for k, t in self.tensors.items() if k.endswith(suffixes)), None)
         return weight
+
+    def tied_head(self, module: str) -> bool:
+        """`module` is an output head this base ties to its input embedding (no weight of its own)."""
+        return module.rsplit(".", 1)[-1] in OUTPUT_NAMES and self.ties_embeddings and not any(
+            key.endswith(f"{module.rsplit('.', 1)[-1]}.weight") for key in self.tensors
+        )
+
+    def embedding_key(self, module: str) -> str | None:
+        """The base weight key of an embedding module (`model.embed_tokens`), or of the embedding a tied
+        head is; None when the base has none."""
+        if self.tied_head(module):
+            suffixes = tuple(f"{name}.weight" for name in EMBEDDING_NAMES)
+            return next((k for k in self.tensors if k.endswith(suffixes)), None)
+        key = f"{module}.weight"
+        return key if key in self.tensors else next((k for k in self.tensors if k.endswith(f".{key}")), None)
 
     def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every weight's value, file by file."""

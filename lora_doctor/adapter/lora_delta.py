@@ -9,7 +9,7 @@ import torch
 
 from ..errors import BadInput
 from .checkpoint import spec_from_config
-from .inventory import ADAPTER_CONFIG, read_adapter, read_json
+from .inventory import ADAPTER_CONFIG, BaseInventory, read_adapter, read_json
 
 
 @dataclass(frozen=True)
@@ -58,3 +58,82 @@ def load_lora_factors(adapter_dir: str | Path) -> dict[str, LoraFactors]:
         )
         for module, factors in inventory.linear.items()
     }
+
+
+def load_merge_factors(adapter_dir: str | Path, base: BaseInventory) -> dict[str, LoraFactors]:
+    """Every ΔW a merge of the adapter writes into the base (PEFT's `merge_and_unload`), by the base's
+    weight key: the linear LoRA modules', the input embedding's LoRA, the trainable tokens' rows, and the
+    LoRA of an output head the base ties to its embedding (PEFT merges it into the one shared weight,
+    so the embedding moves with it). Several of them on one weight are added, as successive merges do.
+
+    An embedding's ΔW is `scaling·(B·A)ᵀ` (vocab × hidden: PEFT's `get_delta_weight` of an Embedding),
+    the `fan_in_fan_out` layout; trainable tokens replace rows, a ΔW of rank k = the rows' number:
+    one-hot rows of the vocabulary times (new rows − the base's)."""
+    from .names import NameMap, engine_naming
+
+    adapter_dir = Path(adapter_dir)
+    config = read_json(adapter_dir / ADAPTER_CONFIG)
+    spec = spec_from_config(config, adapter_dir)
+    inventory = read_adapter(adapter_dir)
+    names = NameMap(base.tensors, engine_naming(base.architecture))
+    merged: dict[str, list[LoraFactors]] = {}
+    for module, lora in load_lora_factors(adapter_dir).items():
+        if base.tied_head(module):
+            key = base.embedding_key(module)
+            lora = LoraFactors(A=lora.B.T, B=lora.A.T, scaling=lora.scaling, fan_in_fan_out=not lora.fan_in_fan_out)
+        else:
+            key = names.base_key(module) or f"{module}.weight"
+        merged.setdefault(key, []).append(lora)
+    values = inventory.read([t for factors in inventory.embedding.values() for t in factors.values()])
+    for module, factors in inventory.embedding.items():
+        lora = LoraFactors(A=values[factors["A"].name], B=values[factors["B"].name], scaling=spec.scaling_for(module), fan_in_fan_out=True)
+        merged.setdefault(base.embedding_key(module) or f"{module}.weight", []).append(lora)
+    tokens = inventory.read(list(inventory.trainable_tokens.values()))
+    for module, info in inventory.trainable_tokens.items():
+        key = base.embedding_key(module)
+        if key is None:
+            raise BadInput(f"{adapter_dir}: trainable tokens on {module}, which has no weight in base {base.folder}")
+        indices = token_indices(config.get("trainable_token_indices"), module)
+        rows = tokens[info.name].float()
+        if len(indices) != rows.shape[0]:
+            raise BadInput(f"{adapter_dir}: {rows.shape[0]} trainable token rows on {module} but {len(indices)} trainable_token_indices")
+        embedding = base_rows(base, key, indices)
+        one_hot = torch.zeros(len(indices), base.tensors[key].shape[0])
+        one_hot[torch.arange(len(indices)), torch.tensor(indices)] = 1.0
+        merged.setdefault(key, []).append(LoraFactors(A=one_hot, B=(rows - embedding).T, scaling=1.0, fan_in_fan_out=True))
+    return {key: _concatenate(parts) for key, parts in merged.items()}
+
+
+def token_indices(setting, module: str) -> list[int]:
+    """The token ids PEFT's `trainable_token_indices` trains on `module`: a list (on the input
+    embedding) or {module name or suffix: list}."""
+    if isinstance(setting, dict):
+        for name, indices in setting.items():
+            if module == name or module.endswith(f".{name}"):
+                return [int(i) for i in indices]
+        return []
+    return [int(i) for i in setting or []]
+
+
+def base_rows(base: BaseInventory, key: str, indices: list[int]) -> torch.Tensor:
+    """Some rows of one base weight, in float32 (read row by row: an embedding can be gigabytes)."""
+    from safetensors import safe_open
+
+    with safe_open(str(base.tensors[key].path), framework="pt") as handle:
+        weight = handle.get_slice(key)
+        return torch.cat([weight[i : i + 1] for i in indices]).float()
+
+
+def _concatenate(parts: list[LoraFactors]) -> LoraFactors:
+    """One factorization of the sum of several ΔW on the same weight (ranks stacked, scalings folded in)."""
+    if len(parts) == 1:
+        return parts[0]
+    layout = parts[0].fan_in_fan_out
+    # Bring every part to the first one's layout: (B·A)ᵀ = Aᵀ·Bᵀ swaps the roles of the factors.
+    same = [p if p.fan_in_fan_out == layout else LoraFactors(A=p.B.T, B=p.A.T, scaling=p.scaling, fan_in_fan_out=layout) for p in parts]
+    return LoraFactors(
+        A=torch.cat([p.A.float() for p in same]),
+        B=torch.cat([p.B.float() * p.scaling for p in same], dim=1),
+        scaling=1.0,
+        fan_in_fan_out=layout,
+    )

@@ -17,12 +17,14 @@ from .noise import measure_resolution
 from .reference import Reference
 from .verdict import (
     EXPLANATIONS,
+    NON_FINITE,
     OK,
     PARTIAL,
     SCALED,
     STALE,
     decided_by,
     describe_modules,
+    finite,
     logit_verdict,
     merge_warning,
     module_verdict,
@@ -128,7 +130,8 @@ class PhaseMeasurer:
             with_adapter=lora_request is not None,
             verdict=verdict,
             explanation=explanation,
-            effective_scale=fit.scale,
+            # No scale explains NaN log-probs or NaN weights: the fit's minimum is then no figure.
+            effective_scale=None if verdict == NON_FINITE or not finite(logits.kl_mean, fit.kl) else fit.scale,
             kl_at_scale=fit.kl,
             kl_mean=logits.kl_mean,
             kl_max=logits.kl_max,

@@ -57,6 +57,10 @@ class Reference:
         self.device = next(self.model.parameters()).device
         self._lora_layers = [m for m in self.model.modules() if _is_lora_layer(m)]
         self._scaling = self._own_scaling(self.adapter)
+        # Trainable tokens (PEFT's TrainableTokensLayer: trained rows written over the embedding's) carry
+        # no scaling: the reference at scale s writes original + s·(trained − original) instead.
+        self._token_layers = [m for m in self.model.modules() if _is_token_layer(m)]
+        self._trained_rows = self._own_rows(self.adapter)
         # Base module name → position in the architecture (q, k, v, o, gate, up, down per layer).
         self.module_order = {
             name.removeprefix(PEFT_PREFIX): position
@@ -71,6 +75,7 @@ class Reference:
         except (OSError, ValueError, RuntimeError, KeyError) as error:
             raise BadInput(f"cannot load previous adapter {previous.adapter_dir}: {error}") from None
         self._scaling.update(self._own_scaling(PREVIOUS_ADAPTER))
+        self._trained_rows.update(self._own_rows(PREVIOUS_ADAPTER))
         self.model.set_adapter(self.adapter)
 
     def set_scale(self, scale: float, adapter: str | None = None) -> None:
@@ -79,6 +84,11 @@ class Reference:
         for module in self._lora_layers:
             if adapter in module.scaling:
                 module.scaling[adapter] = self._scaling[(id(module), adapter)] * scale
+        for module in self._token_layers:
+            trained = self._trained_rows.get((id(module), adapter))
+            if trained is not None:
+                original = module.trainable_tokens_original[adapter]
+                module.trainable_tokens_delta[adapter].data.copy_(original + scale * (trained - original))
 
     @torch.inference_mode()
     def prompt_logprobs(self, prompts: list[list[int]], scale: float = 1.0, adapter: str | None = None) -> list[torch.Tensor]:
@@ -95,6 +105,13 @@ class Reference:
         finally:
             self.set_scale(1.0, adapter)
             self.model.set_adapter(self.adapter)
+
+    def _own_rows(self, adapter: str) -> dict[tuple[int, str], torch.Tensor]:
+        return {
+            (id(m), adapter): m.trainable_tokens_delta[adapter].detach().clone()
+            for m in self._token_layers
+            if adapter in m.trainable_tokens_delta
+        }
 
     def _own_scaling(self, adapter: str) -> dict[tuple[int, str], float]:
         return {(id(m), adapter): m.scaling[adapter] for m in self._lora_layers if adapter in m.scaling}
@@ -139,3 +156,10 @@ def _is_lora_layer(module: torch.nn.Module) -> bool:
     from peft.tuners.lora import LoraLayer
 
     return isinstance(module, LoraLayer) and hasattr(module, "lora_A")
+
+
+def _is_token_layer(module: torch.nn.Module) -> bool:
+    """A PEFT trainable-tokens layer that holds its own rows (a tied one shares its source's)."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    return isinstance(module, TrainableTokensLayer) and not module.tied_adapter

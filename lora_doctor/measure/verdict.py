@@ -15,7 +15,8 @@ SCALED = "scaled"
 DIVERGED = "diverged"
 PARTIAL = "partial"
 UNRESOLVED = "unresolved"
-PHASE_VERDICTS = (OK, DOUBLE_COUNTED, MISSING, STALE, SCALED, PARTIAL, DIVERGED, UNRESOLVED)
+NON_FINITE = "non_finite"
+PHASE_VERDICTS = (OK, DOUBLE_COUNTED, MISSING, STALE, SCALED, PARTIAL, DIVERGED, UNRESOLVED, NON_FINITE)
 
 PASS = "pass"
 FAIL = "fail"
@@ -29,6 +30,7 @@ EXPLANATIONS = {
     SCALED: "the engine applies the LoRA at the wrong scale (W0 + c·ΔW)",
     DIVERGED: "the engine's outputs are not explained by the checkpoint at any LoRA scale",
     PARTIAL: "only some LoRA modules are wrong in the engine (a sync that skipped or misnamed modules)",
+    NON_FINITE: "NaN or Inf values: in what the engine holds or computes, or in the policy it is compared with",
     UNRESOLVED: "at this precision the LoRA moves the logits less than the run's own noise, and no per-module "
     "figure decides: lora-doctor cannot tell a healthy sync from a broken one here",
 }
@@ -51,6 +53,9 @@ CAUSES = {
     "worker_extension_cls='lora_doctor.engine.worker.LoraDoctorWorker'), or check in float32",
     DIVERGED: "weights differ from W0 + ΔW in a way no LoRA scale explains: a different base, precision drift from "
     "repeated merge/unmerge in bf16, or corrupted tensors; fix: sync from a float32 master copy, check the base",
+    NON_FINITE: "the policy diverged (a NaN/Inf loss or gradient, an overflow in half precision) and its weights were "
+    "synced, or the engine overflowed; fix: never sync a non-finite policy (check the adapter for NaN/Inf before "
+    "each sync), lower the learning rate or the loss scale, resume from the last finite checkpoint",
 }
 
 # The phase an audit of a merged export records: its failures have causes of their own.
@@ -66,6 +71,8 @@ EXPORT_CAUSES = {
     "the merge writes with the adapter's",
     DIVERGED: "weights differ from W0 + ΔW in a way no LoRA scale explains, or a tensor the LoRA does not touch "
     "changed: another base, a corrupted or re-quantized export; fix: merge again from the exact base",
+    NON_FINITE: "the adapter or the export holds NaN/Inf values: a policy whose training diverged was merged, or the "
+    "merge overflowed the export's dtype; fix: merge from the last finite checkpoint",
 }
 
 
@@ -145,6 +152,8 @@ class Thresholds:
 def logit_verdict(kl_mean: float, fit, resolution, thresholds: Thresholds) -> str:
     """Name what the engine computes in one phase from its logits alone, or UNRESOLVED when this
     run's noise hides the LoRA. `fit` is a `metrics.ScaleFit`, `resolution` a `noise.Resolution`."""
+    if not finite(kl_mean, fit.scale, fit.kl):
+        return NON_FINITE
     if not resolution.resolves:
         return UNRESOLVED
     limit = resolution.kl_limit
@@ -186,6 +195,8 @@ def layer_verdict(effective_scale: float | None, residual: float | None, diverge
     per-module read uses `module_verdict`."""
     if effective_scale is None or divergence is None:
         return OK
+    if not finite(effective_scale, residual, divergence):
+        return NON_FINITE
     if abs(effective_scale - 1.0) <= thresholds.layer_scale_tolerance and divergence <= thresholds.layer_divergence:
         return OK
     if residual is not None and residual > thresholds.layer_divergence:
@@ -200,6 +211,8 @@ def module_verdict(figures, thresholds: Thresholds) -> str:
     base, slot = figures.base_part, figures.slot_part
     if base is None or slot is None:
         return OK  # ΔW = 0: nothing to hold
+    if not finite(base, slot, figures.base_residual, figures.slot_residual, figures.merge_kept):
+        return NON_FINITE  # round() of a NaN fails; a NaN read as a scale would name a wrong one
     if figures.slot_residual > thresholds.layer_divergence:
         return DIVERGED  # the slot holds something other than a multiple of ΔW
     if figures.base_residual > thresholds.layer_divergence + thresholds.rounding_margin * (figures.rounding or 0.0):
@@ -237,6 +250,8 @@ def refine_with_layers(logit_verdict: str, layer_verdicts: list[str], complete: 
     """
     if not layer_verdicts:
         return logit_verdict
+    if NON_FINITE in layer_verdicts or logit_verdict == NON_FINITE:
+        return NON_FINITE  # whatever else holds, these modules hold no number to judge
     known = [v for v in layer_verdicts if v != UNRESOLVED]
     wrong = {v for v in known if v != OK}
     if OK in known and wrong or len(wrong) > 1:
@@ -246,6 +261,11 @@ def refine_with_layers(logit_verdict: str, layer_verdicts: list[str], complete: 
     if len(known) < len(layer_verdicts) or not complete:
         return logit_verdict  # modules the read could not decide: only the logits can
     return DIVERGED if logit_verdict == DIVERGED else OK
+
+
+def finite(*values: float | None) -> bool:
+    """No NaN or ±Inf among the figures given (None: not measured)."""
+    return all(v is None or math.isfinite(v) for v in values)
 
 
 def describe_modules(modules: list[tuple[str, str]]) -> str:

@@ -28,6 +28,8 @@ class Plan:
     summary: str
     function: Callable[[Sync], None]
     needs_previous: bool = False
+    # The plan loads the checkpoint's adapter into the engine (an adapter sync); None: unknown (a custom plan).
+    adapter_sync: bool | None = None
     # The file a custom plan was loaded from: its errors are the user's, reported at their line.
     source: str | None = None
 
@@ -132,14 +134,14 @@ def rslora_ignored(sync: Sync) -> None:
 PLANS: dict[str, Plan] = {
     plan.name: plan
     for plan in (
-        Plan("swift-colocate-lora", "ms-swift 3.10.0–4.0.1 colocate LoRA after resume: merged base, then adapter on top (#8233)", swift_colocate_lora),
-        Plan("swift-fixed", "ms-swift >= 4.0.2: unmerged base + adapter, then adapter syncs (PR #8275)", swift_fixed),
-        Plan("merged", "merge, push all weights, unmerge at every step (TRL; ms-swift without vllm_enable_lora)", merged),
-        Plan("trl-sleep-reload", "TRL sleep mode: merged weights pushed, then wake-up reloads the base from disk (#5312)", trl_sleep_reload),
-        Plan("verl-adapter", "verl LoRA rollouts: disk base + the adapter under a fresh id at every sync", verl_adapter),
-        Plan("adapter-reused-id", "new adapter weights re-added under a cached id without load_inplace (needs --previous)", adapter_reused_id, needs_previous=True),
-        Plan("merged-bf16-drift", f"merge/unmerge in bf16 for {DRIFT_CYCLES} steps, then push (precision drift, trl #6688)", merged_bf16_drift),
-        Plan("rslora-ignored", "an rsLoRA adapter merged with plain alpha/r scaling (needs an rsLoRA adapter)", rslora_ignored),
+        Plan("swift-colocate-lora", "ms-swift 3.10.0–4.0.1 colocate LoRA after resume: merged base, then adapter on top (#8233)", swift_colocate_lora, adapter_sync=True),
+        Plan("swift-fixed", "ms-swift >= 4.0.2: unmerged base + adapter, then adapter syncs (PR #8275)", swift_fixed, adapter_sync=True),
+        Plan("merged", "merge, push all weights, unmerge at every step (TRL; ms-swift without vllm_enable_lora)", merged, adapter_sync=False),
+        Plan("trl-sleep-reload", "TRL sleep mode: merged weights pushed, then wake-up reloads the base from disk (#5312)", trl_sleep_reload, adapter_sync=False),
+        Plan("verl-adapter", "verl LoRA rollouts: disk base + the adapter under a fresh id at every sync", verl_adapter, adapter_sync=True),
+        Plan("adapter-reused-id", "new adapter weights re-added under a cached id without load_inplace (needs --previous)", adapter_reused_id, needs_previous=True, adapter_sync=True),
+        Plan("merged-bf16-drift", f"merge/unmerge in bf16 for {DRIFT_CYCLES} steps, then push (precision drift, trl #6688)", merged_bf16_drift, adapter_sync=False),
+        Plan("rslora-ignored", "an rsLoRA adapter merged with plain alpha/r scaling (needs an rsLoRA adapter)", rslora_ignored, adapter_sync=False),
     )
 }
 DEFAULT_PLAN = "swift-colocate-lora"

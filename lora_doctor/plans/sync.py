@@ -23,9 +23,8 @@ import torch
 
 from ..adapter.checkpoint import Checkpoint
 from ..adapter.dtypes import COMPUTE_DTYPES
-from ..adapter.lora_delta import load_lora_factors, merge_in_dtype
+from ..adapter.lora_delta import load_merge_factors, merge_in_dtype
 from ..adapter.modules import layer_index
-from ..adapter.names import name_map
 from ..engine.driver import Engine
 from ..errors import BadInput
 from ..measure.reference import Reference
@@ -75,9 +74,12 @@ class Sync:
         delta = self._deltas()
         precision = COMPUTE_DTYPES[dtype] if dtype is not None else self.engine.llm.llm_engine.model_config.dtype
 
+        copies = self._trained_copies()
+
         def merged() -> Iterator[tuple[str, torch.Tensor]]:
             for name, weight in self._base_weights():
-                held = weight.to(precision)
+                # A `modules_to_save` module: the merge writes the trained copy in place of the base's.
+                held = copies.get(name, weight).to(precision)
                 if name in delta and _in_layers(name, decoder_layers):
                     step = scale * delta[name]
                     rounded = step.to(precision)
@@ -125,12 +127,18 @@ class Sync:
 
     def _deltas(self) -> dict[str, torch.Tensor]:
         if self._delta is None:
-            factors = load_lora_factors(self.checkpoint.adapter_dir)
             # Keyed by the base's weight names: an adapter may name a module otherwise (a multimodal
-            # base saved as `model.layers.*` whose adapter says `model.language_model.layers.*`).
-            names = name_map(self.checkpoint.base_dir)
-            self._delta = {names.base_key(module) or f"{module}.weight": lora.delta() for module, lora in factors.items()}
+            # base saved as `model.layers.*` whose adapter says `model.language_model.layers.*`); the
+            # embedding's LoRA, trainable tokens and a tied head's LoRA land on the embedding weight.
+            factors = load_merge_factors(self.checkpoint.adapter_dir, self.checkpoint.base())
+            self._delta = {key: lora.delta() for key, lora in factors.items()}
         return self._delta
+
+    def _trained_copies(self) -> dict[str, torch.Tensor]:
+        adapter = self.checkpoint.adapter()
+        copies = adapter.trained_copies()
+        values = adapter.read(list(copies.values()))
+        return {name: values[info.name] for name, info in copies.items()}
 
 
 def _in_layers(name: str, decoder_layers: set[int] | None) -> bool:
