@@ -1,0 +1,84 @@
+"""The decode path: what the rollouts see. The engine generates from each prompt as a trainer's
+rollouts do (on the phase's route, reading the prefix cache as the plan left it) and returns every
+generated token's log-probs over the full vocabulary; the reference teacher-forces prompt + those
+tokens. Prompt log-probs never read the prefix cache (vLLM skips it for them), so only this path
+sees KV blocks computed by an earlier policy.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .metrics import kl_per_token
+
+
+@dataclass
+class DecodeFigures:
+    """KL(reference ‖ engine) and |log-prob difference| of the generated tokens, over every prompt."""
+
+    kl_mean: float
+    kl_max: float
+    logprob_diff_mean: float
+    logprob_diff_max: float
+    positions: int
+    # The generated tokens of each prompt (the engine's greedy rollouts).
+    continuations: list[list[int]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def decode_chunks(count: int, max_new_tokens: int, chunk_positions: int) -> list[range]:
+    """Consecutive prompt indices whose generated positions (at most `max_new_tokens` each) fit in
+    `chunk_positions`: an engine table of (positions × vocab) log-probs lives one chunk at a time."""
+    per_chunk = max(1, chunk_positions // max(max_new_tokens, 1))
+    return [range(start, min(start + per_chunk, count)) for start in range(0, count, per_chunk)]
+
+
+def measure_decode(reference, engine, token_ids: list[list[int]], max_new_tokens: int, lora_request, *, chunk_positions: int, skip_cache: bool = False) -> DecodeFigures:
+    """Generate as the rollouts do and compare each generated token's log-probs with the reference's."""
+    started = time.perf_counter()
+    kl_sum = kl_max = diff_sum = diff_max = 0.0
+    positions = 0
+    continuations: list[list[int]] = []
+    for chunk in decode_chunks(len(token_ids), max_new_tokens, chunk_positions):
+        prompts = [token_ids[i] for i in chunk]
+        generated = engine.decode(prompts, max_new_tokens, lora_request, skip_cache=skip_cache)
+        forced = reference.prompt_logprobs([ids + tokens for ids, (tokens, _) in zip(prompts, generated, strict=True)])
+        for ids, (tokens, engine_table), table in zip(prompts, generated, forced, strict=True):
+            continuations.append(tokens)
+            if not tokens:
+                continue
+            # Row j of a teacher-forced table predicts token j + 1: the generated ones start at the prompt's last row.
+            own = table[len(ids) - 1 : len(ids) - 1 + len(tokens)]
+            kl = kl_per_token(own, engine_table)
+            picked = torch.tensor(tokens, dtype=torch.long)
+            rows = torch.arange(len(tokens))
+            diff = (own[rows, picked].double() - engine_table[rows, picked].double()).abs()
+            kl_sum, kl_max = kl_sum + float(kl.sum()), max(kl_max, float(kl.max()))
+            diff_sum, diff_max = diff_sum + float(diff.sum()), max(diff_max, float(diff.max()))
+            positions += len(tokens)
+        del generated, forced
+    count = max(positions, 1)
+    return DecodeFigures(
+        kl_mean=kl_sum / count,
+        kl_max=kl_max,
+        logprob_diff_mean=diff_sum / count,
+        logprob_diff_max=diff_max,
+        positions=positions,
+        continuations=continuations,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def base_route_kl(reference, engine, token_ids: list[list[int]]) -> float:
+    """Mean KL(W0 ‖ engine) over the prompts requested without any adapter: once an adapter is
+    loaded, a request that does not name it must still get the engine's base."""
+    total, count = 0.0, 0
+    for ids in token_ids:
+        engine_table = engine.prompt_logprobs([ids], None)[0]
+        own = reference.prompt_logprobs([ids], 0.0)[0]
+        kl = kl_per_token(own, engine_table)
+        total, count = total + float(kl.sum()), count + len(kl)
+    return total / max(count, 1)
