@@ -167,3 +167,31 @@ def test_a_bad_engine_option_is_bad_input(tmp_path, option, needle):
     out = tmp_path / "r.json"
     run = run_cli("check", CHECKPOINT, "--engine-option", option, "--json", out)
     assert_one_line_error(run, 2, needle, unwritten=out)
+
+
+def test_every_renderer_shows_the_decode_path_and_the_engine_options(cached):
+    import io
+    import json
+
+    from rich.console import Console
+
+    from lora_doctor.report import render_html, render_json, render_markdown, render_terminal
+    from lora_doctor.result import Report
+
+    report = cached.run("vllm-inplace-same-path")
+    (phase,) = report.phases
+    decode_kl = f"{phase.decode_kl_mean:.2e}"
+    no_cache = f"{phase.decode_kl_no_cache:.2e}"
+    console = Console(file=io.StringIO(), width=250)
+    render_terminal(report, console)
+    views = {"terminal": console.file.getvalue(), "markdown": render_markdown(report), "html": render_html(report)}
+    for name, text in views.items():
+        assert "decode" in text.lower() and decode_kl in text and no_cache in text, name
+        assert "enable_prefix_caching" in text and "exercised" in text, name
+        assert "stale_cache" in text, name
+    data = json.loads(render_json(report))
+    assert data["schema_version"] == 1
+    assert data["phases"][0]["decode_kl_no_cache"] == pytest.approx(phase.decode_kl_no_cache)
+    assert data["engine"]["options"]["enable_prefix_caching"] is True
+    # A saved report reads back with the decode figures and the engine's options.
+    assert Report.from_dict(data).engine == report.engine

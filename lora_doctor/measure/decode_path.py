@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .logit_pass import FIT_CHECK_POSITIONS
 from .metrics import kl_per_token
 
 
@@ -72,11 +73,15 @@ def measure_decode(reference, engine, token_ids: list[list[int]], max_new_tokens
     )
 
 
-def base_route_kl(reference, engine, token_ids: list[list[int]]) -> float:
-    """Mean KL(W0 ‖ engine) over the prompts requested without any adapter: once an adapter is
-    loaded, a request that does not name it must still get the engine's base."""
+def base_route_kl(reference, engine, token_ids: list[list[int]], positions: int = FIT_CHECK_POSITIONS) -> float:
+    """Mean KL(W0 ‖ engine) over the first prompts (at least `positions` positions, whole prompts)
+    requested without any adapter: once an adapter is loaded, a request that does not name it must
+    still get the engine's base. A route either serves the base or not, so the first prompts tell
+    it at a fraction of a phase's cost."""
     total, count = 0.0, 0
     for ids in token_ids:
+        if count >= positions:
+            break
         engine_table = engine.prompt_logprobs([ids], None)[0]
         own = reference.prompt_logprobs([ids], 0.0)[0]
         kl = kl_per_token(own, engine_table)
