@@ -30,11 +30,20 @@ class DecodeFigures:
     seconds: float = 0.0
 
 
-def decode_chunks(count: int, max_new_tokens: int, chunk_positions: int) -> list[range]:
-    """Consecutive prompt indices whose generated positions (at most `max_new_tokens` each) fit in
-    `chunk_positions`: an engine table of (positions × vocab) log-probs lives one chunk at a time."""
-    per_chunk = max(1, chunk_positions // max(max_new_tokens, 1))
-    return [range(start, min(start + per_chunk, count)) for start in range(0, count, per_chunk)]
+def decode_chunks(token_ids: list[list[int]], max_new_tokens: int, chunk_positions: int) -> list[list[int]]:
+    """Consecutive prompt indices whose teacher-forced positions (prompt + at most `max_new_tokens`)
+    fit in `chunk_positions` (a longer prompt is a chunk of its own): the reference's (positions ×
+    vocab) tables live one chunk at a time, within the logit pass's own bound (docs/memory.md)."""
+    chunks: list[list[int]] = []
+    positions = chunk_positions
+    for index, ids in enumerate(token_ids):
+        forced = len(ids) + max_new_tokens
+        if positions + forced > chunk_positions:
+            chunks.append([])
+            positions = 0
+        chunks[-1].append(index)
+        positions += forced
+    return chunks
 
 
 def measure_decode(reference, engine, token_ids: list[list[int]], max_new_tokens: int, lora_request, *, chunk_positions: int, skip_cache: bool = False) -> DecodeFigures:
@@ -43,16 +52,14 @@ def measure_decode(reference, engine, token_ids: list[list[int]], max_new_tokens
     kl_sum = kl_max = diff_sum = diff_max = 0.0
     positions = 0
     continuations: list[list[int]] = []
-    for chunk in decode_chunks(len(token_ids), max_new_tokens, chunk_positions):
+    for chunk in decode_chunks(token_ids, max_new_tokens, chunk_positions):
         prompts = [token_ids[i] for i in chunk]
         generated = engine.decode(prompts, max_new_tokens, lora_request, skip_cache=skip_cache)
-        forced = reference.prompt_logprobs([ids + tokens for ids, (tokens, _) in zip(prompts, generated, strict=True)])
-        for ids, (tokens, engine_table), table in zip(prompts, generated, forced, strict=True):
+        forced = reference.continuation_logprobs(prompts, [tokens for tokens, _ in generated])
+        for (tokens, engine_table), own in zip(generated, forced, strict=True):
             continuations.append(tokens)
             if not tokens:
                 continue
-            # Row j of a teacher-forced table predicts token j + 1: the generated ones start at the prompt's last row.
-            own = table[len(ids) - 1 : len(ids) - 1 + len(tokens)]
             kl = kl_per_token(own, engine_table)
             picked = torch.tensor(tokens, dtype=torch.long)
             rows = torch.arange(len(tokens))
