@@ -195,3 +195,16 @@ def test_every_renderer_shows_the_decode_path_and_the_engine_options(cached):
     assert data["engine"]["options"]["enable_prefix_caching"] is True
     # A saved report reads back with the decode figures and the engine's options.
     assert Report.from_dict(data).engine == report.engine
+
+
+def test_the_cli_takes_the_trainers_engine_options_and_reports_them(tmp_path):
+    out = tmp_path / "r.json"
+    run = run_cli(
+        "check", CHECKPOINT, "--previous", PREVIOUS, "--plan", "vllm-inplace-same-path",
+        "--engine-option", "enable_prefix_caching=false", "--engine-option", "max_num_seqs=8", "--json", out,
+    )
+    assert run.exit_code == 0, run.stderr[-3000:]  # without the cache, the in-place reload is fresh
+    engine = run.report(out)["engine"]
+    assert engine["given"] == {"enable_prefix_caching": False, "max_num_seqs": 8}
+    assert engine["options"]["enable_prefix_caching"] is False and engine["options"]["max_num_seqs"] == 8
+    assert "enable_prefix_caching=no (given)" in run.stdout
