@@ -6,7 +6,9 @@ lm_head) grown to Qwen2's 151,936 rows; the bundled adapter unchanged. Then runs
 ~8k prompt positions (prompts of ~200 tokens) and prints per run: positions, peak RSS, wall, the
 verdicts and the breakdown (reference, engine start, engine requests, fit, per-module read).
 Targets (printed, not asserted): right verdicts and ≤ 6 GB peak RSS at ~4k positions; from 4k to 8k
-positions peak RSS grows ≤ 10% and wall at most linearly; the fit ≤ 20% of a phase's time.
+positions peak RSS grows ≤ 10% and wall at most linearly; the fit ≤ 20% of a phase's time; the decode
+path (rollouts generated through the prefix cache, their full-vocabulary log-probs, the reference
+teacher-forced on them, and the A/B without the cache when it disagreed) ≤ 15% of a phase's time.
 
     python bench/check_scale.py [--prompts 10,20,40] [--tokens 200] [--plan NAME] [--paths]
 
@@ -150,8 +152,12 @@ def _print_run(count, positions, code, wall, rss, report) -> None:
     print(f"\n{count} prompts, {positions} positions, vocab {QWEN2_VOCAB:,}: exit {code}, {verdicts} ({'as expected' if right else 'WRONG'})")
     print(f"  peak RSS {rss:.2f} GB (target at ~4k positions: <= 6 GB)   wall {wall:.1f} s")
     print(f"  reference load + greedy {report['seconds']['reference']:.1f} s   engine start {report['seconds']['engine_start']:.1f} s")
-    print(f"  engine requests {step('engine') + step('greedy'):.1f} s   reference log-probs {step('reference'):.1f} s   "
+    decode = step("decode") + step("decode_no_cache")
+    generated = sum(p.get("decode_positions", 0) for p in phases)
+    print(f"  engine requests {step('engine'):.1f} s   reference log-probs {step('reference'):.1f} s   "
           f"fit {step('scale_fit'):.1f} s ({step('scale_fit') / phase_total:.0%} of the phases, target <= 20%)   per-module read {step('layers'):.1f} s")
+    print(f"  decode path {decode:.1f} s over {generated} generated tokens ({decode / phase_total:.0%} of the phases, target <= 15%)   "
+          f"base route {step('base_route'):.1f} s")
 
 
 def _print_scaling(rows) -> None:

@@ -21,11 +21,20 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from lora_doctor.measure.prompts import CHAT_SUFFIX, SYSTEM_PREFIX  # noqa: E402
+
 FIXTURES = ROOT / "fixtures"
 SIZES = ("1e-2", "2e-3")
 DTYPES = ("float32", "bfloat16")
-# Two short prompts: the verdicts must hold on little text, and every phase costs a full-vocabulary pass.
-PROMPTS = ["Question: what is 2 plus 5?\nAnswer:", "Question: what is 6 times 3?\nAnswer:"]
+# Two short prompts: the verdicts must hold on little text, and every phase costs a full-vocabulary
+# pass; a third behind the built-in system prompt and chat template fills a 128-token KV block, so
+# the engine's prefix cache (on, vLLM's default) is read by every phase's rollouts.
+PROMPTS = [
+    "Question: what is 2 plus 5?\nAnswer:",
+    "Question: what is 6 times 3?\nAnswer:",
+    f"{SYSTEM_PREFIX}Question: what is 8 plus 13?{CHAT_SUFFIX}",
+]
 MAX_NEW_TOKENS = 8
 
 # The truth per plan: the verdict of each phase (per dtype where it differs).
@@ -100,6 +109,7 @@ def rows(results: dict[tuple[str, str], dict[str, dict]]) -> list[dict]:
                 "parts": tuple(_part_ranges(p) for p in phases),
                 "merge_kept": tuple(p["merge_kept"] for p in phases),
                 "warned": tuple(bool(p["warnings"]) for p in phases),
+                "decode_kl": tuple(p.get("decode_kl_mean") for p in phases),
             })
     return table
 
@@ -117,8 +127,8 @@ def _alpha(value: float, decided_by: str) -> str:
 
 def markdown(table: list[dict]) -> str:
     lines = [
-        "| plan | dtype | ‖ΔW‖/‖W0‖ | verdict per phase | truth | logit α | S/N | base part | slot part | decided by |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| plan | dtype | ‖ΔW‖/‖W0‖ | verdict per phase | truth | logit α | S/N | base part | slot part | decided by | decode KL |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in table:
         mark = "✓" if row["verdicts"] == row["truth"] else "✗"
@@ -127,7 +137,7 @@ def markdown(table: list[dict]) -> str:
             f"| {row['plan']} | {row['dtype']} | {row['size']} | {mark} {', '.join(row['verdicts'])} | {', '.join(row['truth'])} "
             f"| {', '.join(_alpha(a, by) for a, by in zip(row['alpha'], row['decided_by']))} | {row['signal_to_noise']:.3g} "
             f"| {', '.join(f'{p[0]:.3f}–{p[1]:.3f}' for p in parts)} | {', '.join(f'{p[2]:.3f}–{p[3]:.3f}' for p in parts)} "
-            f"| {', '.join(sorted(set(row['decided_by'])))} |"
+            f"| {', '.join(sorted(set(row['decided_by'])))} | {', '.join(f'{k:.1e}' for k in row['decode_kl'])} |"
         )
     return "\n".join(lines)
 

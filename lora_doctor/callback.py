@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 from transformers import Trainer, TrainerCallback
 
 from .live import probe
@@ -20,7 +22,10 @@ class LoraDoctorCallback(TrainerCallback):
 
     `llm` and `lora_request` may be callables, read at every probe: trainers build their engine
     lazily and make a new LoRA request at every sync. `lora_doctor.integrations` has ready-made
-    ones for TRL and ms-swift.
+    ones for TRL and ms-swift. `route`, a callable returning a `live.RouteRecorder` installed on the
+    trainer's engine (called once, at the first step), records the `lora_request` the trainer's own
+    rollouts pass: once it has seen one, the probe uses it instead of `lora_request`, so a route the
+    trainer got wrong is measured rather than assumed (`routes` keeps what each probe used).
     """
 
     def __init__(
@@ -36,6 +41,7 @@ class LoraDoctorCallback(TrainerCallback):
         stop_on_failure: bool = True,
         max_new_tokens: int = 16,
         module_read: bool = True,
+        route=None,
     ):
         self.trainer = trainer
         self.llm = llm
@@ -48,17 +54,41 @@ class LoraDoctorCallback(TrainerCallback):
         self.max_new_tokens = max_new_tokens
         self.module_read = module_read
         self.results: list[PhaseResult] = []
+        self.route = route
+        self._recorder = None
+        # Per probe, where its lora_request came from: "the trainer's rollouts" or "given".
+        self.routes: list[str] = []
         self._unlogged: dict[str, float] | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.route is not None and self._recorder is None:
+            self._recorder = self.route()  # before this step's rollouts
+        return control
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         step = state.global_step + 1  # the step this optimizer update completes
         # Step 1, 1 + n, 1 + 2n, ...: the steps whose rollouts follow a sync when a trainer syncs every n steps.
         if model is None or (step - 1) % self.every_n_steps:
             return control
-        result = probe(
+        recorder = self._recorder
+        if recorder is not None and recorder.seen:
+            lora_request, source = recorder.lora_request, "the trainer's rollouts"
+        else:
+            lora_request, source = _read(self.lora_request), "given"
+        self.routes.append(source)
+        with recorder.own_requests() if recorder is not None else nullcontext():
+            result = self._probe(model, lora_request, step)
+        self.results.append(result)
+        self._unlogged = figures(result)
+        if self.stop_on_failure and not result.ok:
+            control.should_training_stop = True
+        return control
+
+    def _probe(self, model, lora_request, step: int) -> PhaseResult:
+        return probe(
             _read(self.llm),
             model,
-            lora_request=_read(self.lora_request),
+            lora_request=lora_request,
             prompts=self.prompts,
             tokenizer=self.tokenizer,
             base_dir=self.base_dir,
@@ -66,11 +96,6 @@ class LoraDoctorCallback(TrainerCallback):
             module_read=self.module_read,
             name=f"step-{step}",
         )
-        self.results.append(result)
-        self._unlogged = figures(result)
-        if self.stop_on_failure and not result.ok:
-            control.should_training_stop = True
-        return control
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._unlogged is not None:
@@ -92,6 +117,9 @@ def figures(result: PhaseResult) -> dict[str, float]:
         "lora_doctor/top1_agreement": result.top1_agreement,
         "lora_doctor/greedy_match": result.greedy_match,
         "lora_doctor/layers_measured": float("layers" not in result.not_measured),
+        # The decode path: what the rollouts see through the engine's prefix cache.
+        "lora_doctor/decode_kl_mean": result.decode_kl_mean,
+        "lora_doctor/decode_logprob_diff_max": result.decode_logprob_diff_max,
     }
 
 

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
 from . import __version__
 from .adapter.checkpoint import Checkpoint, load_checkpoint
 from .adapter.dtypes import COMPUTE_DTYPES
-from .engine.driver import Engine
+from .engine.driver import Engine, check_engine_options
 from .engine.sizing import check_parallel_fit, engine_config
 from .environment import environment
 from .errors import BadInput, out_of_memory_is_environment
 from .measure.logit_pass import CHUNK_POSITIONS
 from .measure.phase import PhaseMeasurer, Progress
-from .measure.prompts import load_prompts, load_tokenizer, position_limit, tokenize
+from .measure.prompts import cached_blocks, load_prompts, load_tokenizer, position_limit, tokenize
 from .measure.reference import Reference
 from .measure.verdict import FAIL, Thresholds, overall_verdict
 from .plans.builtin import DEFAULT_PLAN, Plan, get_plan
@@ -117,11 +118,15 @@ class Checker:
         chunk_positions: int = CHUNK_POSITIONS,
         progress: Progress | None = None,
         preflight: PreflightReport | None = None,
+        engine_options: dict | None = None,
     ):
         self.say = progress or (lambda _message: None)
         validate_options(dtype=dtype, max_new_tokens=max_new_tokens, tensor_parallel_size=tensor_parallel_size, kv_cache_gib=kv_cache_gib)
         if chunk_positions < 1:
             raise BadInput("chunk_positions must be at least 1")
+        self.engine_options = dict(engine_options or {})
+        if self.engine_options:
+            check_engine_options(self.engine_options)
         self.preflight = preflight or inspect_checkpoint(checkpoint, base=base)
         self.checkpoint = load_checkpoint(checkpoint, base)
         check_parallel_fit(self.checkpoint.base_dir, tensor_parallel_size)
@@ -152,6 +157,8 @@ class Checker:
         # are checked against this rank when they are added).
         also_loaded = [self.previous] if self.previous is not None else []
         config = engine_config(self.checkpoint, limit, token_ids, max_new_tokens, dtype, tensor_parallel_size, kv_cache_gib, also_loaded)
+        config = dataclasses.replace(config, options=self.engine_options)
+        self.token_ids, self.max_new_tokens = token_ids, max_new_tokens
         self.engine = Engine(self.checkpoint.base_dir, config)
         try:
             self.seconds["engine_start"] = time.perf_counter() - started
@@ -168,7 +175,7 @@ class Checker:
         if isinstance(plan, str):
             plan = get_plan(plan)
         _require_previous(plan, self.previous)
-        sync = Sync(self.engine, self.checkpoint, self.reference, self._measure, self.previous)
+        sync = Sync(self.engine, self.checkpoint, self.reference, self._measure, self.previous, self.token_ids, self.max_new_tokens)
         self._sync = sync
         started = time.perf_counter()
         plan.run(sync)
@@ -189,10 +196,11 @@ class Checker:
             seconds=seconds,
             preflight=[finding.to_dict() for finding in self.preflight.findings],
             resolution=self.measurer.resolution.as_dict(),
+            engine=engine_summary(self.engine, self.engine_options, self.token_ids),
         )
 
-    def _measure(self, name: str, lora_request) -> PhaseResult:
-        return self.measurer(self.engine, len(self._sync.phases), name, lora_request, self.say)
+    def _measure(self, name: str, lora_request, adapters_loaded: bool | None = None) -> PhaseResult:
+        return self.measurer(self.engine, len(self._sync.phases), name, lora_request, self.say, adapters_loaded)
 
     def close(self) -> None:
         self.engine.close()
@@ -202,6 +210,13 @@ class Checker:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def engine_summary(engine: Engine, given: dict, token_ids: list[list[int]]) -> dict:
+    """The engine's settings, the trainer's own (--engine-option), and whether the prompts reached its prefix cache."""
+    options = engine.options
+    blocks = cached_blocks(token_ids, options["block_size"]) if options["enable_prefix_caching"] else 0
+    return {"options": options, "given": dict(given), "cache_blocks": blocks, "cache_exercised": blocks > 0}
 
 
 def _require_previous(plan: Plan, previous) -> None:

@@ -47,6 +47,9 @@ def check(
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", "-tp", help="vLLM tensor-parallel ranks."),
     kv_cache_gib: Optional[int] = typer.Option(None, "--kv-cache-gib", help="CPU KV cache of the engine, in GiB (at least 1). Default: VLLM_CPU_KVCACHE_SPACE if set, else 1; the option wins over the variable."),
     threshold: list[str] = THRESHOLD_OPTION,
+    engine_option: list[str] = typer.Option(
+        [], "--engine-option", help="The trainer's vLLM engine setting, KEY=VALUE (repeatable), e.g. enable_prefix_caching=false. Unset keys take vLLM's defaults (prefix caching on)."
+    ),
     json_path: Optional[Path] = JSON_OPTION,
     report_dir: Optional[Path] = REPORT_OPTION,
     exit_zero: bool = EXIT_ZERO_OPTION,
@@ -69,6 +72,7 @@ def check(
         limits = limits.override(_parse_thresholds(threshold))
     except ValueError as error:
         raise BadInput(f"--threshold: {error}") from None
+    options = _parse_engine_options(engine_option)
     if verbose:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO")
     with engine_output_to_log(enabled=not verbose) as captured, Console(file=captured.stderr).status("checking", spinner="dots") as status:
@@ -85,6 +89,7 @@ def check(
             kv_cache_gib=kv_cache_gib,
             module_read=not no_module_read,
             progress=lambda message: status.update(message),
+            engine_options=options,
         )
     _emit(report, quiet=quiet, all_modules=all_modules, json_path=json_path, report_dir=report_dir)
     raise typer.Exit(0 if exit_zero else report.exit_code)
@@ -244,6 +249,28 @@ def _parse_thresholds(items: list[str]) -> dict[str, float]:
         if not sep:
             raise ValueError(f"expected NAME=VALUE, got {item!r}")
     return values
+
+
+def _parse_engine_options(items: list[str]) -> dict:
+    """KEY=VALUE → {key: value}; a value reads as a bool (true/false), an int, a float, else text."""
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise BadInput(f"--engine-option: expected KEY=VALUE, got {item!r}")
+        options[key.strip()] = _option_value(value.strip())
+    return options
+
+
+def _option_value(text: str):
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def main() -> None:

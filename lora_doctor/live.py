@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -77,6 +78,38 @@ def probe(
             return result
     finally:
         model.train(was_training)
+
+
+class RouteRecorder:
+    """The `lora_request` the trainer's own rollouts pass, recorded where they enter the engine.
+
+    Wraps `target.method` (TRL: `vllm.LLM.generate`; ms-swift: `LLMEngine.add_request`) on that one
+    object; every call made outside `own_requests()` records its `lora_request` keyword (None: the
+    rollouts named no adapter). A probe then measures the route the trainer really took.
+    """
+
+    def __init__(self, target, method: str):
+        self.seen = False
+        self.lora_request = None
+        self._own = 0
+        original = getattr(target, method)
+
+        def recording(*args, **kwargs):
+            if not self._own:
+                self.seen = True
+                self.lora_request = kwargs.get("lora_request")
+            return original(*args, **kwargs)
+
+        setattr(target, method, recording)
+
+    @contextmanager
+    def own_requests(self):
+        """lora-doctor's own requests (a probe's), which say nothing of the trainer's route."""
+        self._own += 1
+        try:
+            yield
+        finally:
+            self._own -= 1
 
 
 def _scale(value: float | None) -> str:

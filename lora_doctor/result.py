@@ -79,6 +79,19 @@ class PhaseResult:
     # What the phase measured: "engine" (a sync replayed or probed) or "export" (a merged export on
     # disk, `audit`); it chooses the causes a report names, whatever the phase is called.
     measured: str = "engine"
+    # The decode path (what the rollouts see): the engine's log-probs of the tokens it generated,
+    # reading the prefix cache as the plan left it, against the reference teacher-forced on them.
+    # Mean and max KL(reference ‖ engine) and |log-prob difference| of the generated tokens.
+    decode_kl_mean: float | None = None
+    decode_kl_max: float | None = None
+    decode_logprob_diff_mean: float | None = None
+    decode_logprob_diff_max: float | None = None
+    decode_positions: int = 0
+    # The decode KL of the same requests made without reading the prefix cache (measured only when
+    # the decode path disagreed): the A/B that tells stale KV blocks apart.
+    decode_kl_no_cache: float | None = None
+    # With an adapter loaded: mean KL(W0 ‖ engine) of requests that do not name it (the base route).
+    base_route_kl: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -103,6 +116,10 @@ class Report:
     resolution: dict = field(default_factory=dict)
     # Why the check stopped before measuring anything (then `phases` is empty), or None.
     stopped: str | None = None
+    # The engine's settings ("options", e.g. enable_prefix_caching, block_size), the ones the trainer
+    # gave ("given", --engine-option) and whether the prompts reached the prefix cache
+    # ("cache_blocks": full KV blocks their requests can read; "cache_exercised").
+    engine: dict = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     @property

@@ -75,6 +75,9 @@ def test_trl_grpo_colocate_peft_is_ok_at_every_sync(tmp_path):
     # The figures went through the trainer's logging (log history, hence every configured logger).
     assert [entry["step"] for entry in data["logged"]] == [1, 2]
     assert all(entry["lora_doctor/ok"] == 1.0 for entry in data["logged"])
+    # TRL builds its engine with vLLM's default prefix caching (on): the rollouts' decode path agrees.
+    for result in results:
+        assert result["decode_positions"] > 0 and result["decode_kl_mean"] <= result["kl_limit"]
 
 
 def test_trl_broken_sync_is_named_and_stops_the_run(tmp_path):
@@ -88,6 +91,20 @@ def test_trl_broken_sync_is_named_and_stops_the_run(tmp_path):
     # against the policy, the engine lacks one ΔW.
     assert result["verdict"] == "missing", result["explanation"]
     assert result["effective_scale"] == pytest.approx(0.0, abs=SCALE_TOLERANCE)
+    assert data["logged"][0]["lora_doctor/ok"] == 0.0
+
+
+def test_trl_push_without_prefix_cache_reset_reads_stale_cache(tmp_path):
+    done, data = trl_run(tmp_path, "tests/trl_no_cache_reset.py")
+    results = data["results"]
+    report("trl 1.16 (no reset_prefix_cache)", results, ["merged sync"] * len(results))
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert data["global_step"] == 1  # stopped after the first probe
+    (result,) = results
+    # Every weight and every prompt log-prob is right; the rollouts read the starting policy's blocks.
+    assert result["verdict"] == "stale_cache", result["explanation"]
+    assert result["kl_mean"] <= result["kl_limit"] < result["decode_kl_mean"]
+    assert result["decode_kl_no_cache"] <= result["kl_limit"]
     assert data["logged"][0]["lora_doctor/ok"] == 0.0
 
 
@@ -150,4 +167,6 @@ def test_swift_fixed_version_is_ok_at_every_sync(tmp_path):
         assert result["verdict"] == "ok", result["explanation"]
         assert result["effective_scale"] == pytest.approx(1.0, abs=SCALE_TOLERANCE)
         assert result["layers"] and all(layer["verdict"] == "ok" for layer in result["layers"])
+        # ms-swift leaves prefix caching at vLLM's default (on) and resets it after every push.
+        assert result["decode_positions"] > 0 and result["decode_kl_mean"] <= result["kl_limit"]
     assert [entry["lora_doctor/ok"] for entry in logged] == [1.0, 1.0, 1.0]

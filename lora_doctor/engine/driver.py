@@ -6,7 +6,7 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,45 @@ class EngineConfig:
     # environment's VLLM_CPU_KVCACHE_SPACE if set, else DEFAULT_KV_CACHE_GIB; a value wins over it.
     kv_cache_gib: int | None = None
     seed: int = 0
+    # The trainer's own engine settings (`--engine-option KEY=VALUE`): vLLM's keyword arguments.
+    # What they leave out takes vLLM's default, as in the trainer (prefix caching on).
+    options: dict = field(default_factory=dict)
+
+
+# What lora-doctor sets itself, for the measurement to be possible; the trainer's value would not
+# change what its rollouts compute (dtype and tensor_parallel_size have options of their own).
+RESERVED_OPTIONS = frozenset(
+    {"model", "dtype", "enable_lora", "max_lora_rank", "max_logprobs", "worker_extension_cls", "tensor_parallel_size", "seed", "enforce_eager"}
+)
+
+
+def engine_defaults(config: EngineConfig) -> dict:
+    """The keyword arguments of the engine lora-doctor builds, before the trainer's options."""
+    return {
+        "dtype": config.dtype,
+        "enable_lora": True,
+        "max_lora_rank": config.max_lora_rank,
+        "max_loras": 2,
+        "max_model_len": config.max_model_len,
+        "tensor_parallel_size": config.tensor_parallel_size,
+        "enforce_eager": True,
+        "max_logprobs": -1,
+        "seed": config.seed,
+        "worker_extension_cls": WORKER_EXTENSION,
+    }
+
+
+def check_engine_options(options: dict) -> None:
+    """Refuse an option vLLM does not know or one lora-doctor must set itself (exit 2)."""
+    import dataclasses
+
+    vllm = import_vllm()
+    known = {f.name for f in dataclasses.fields(vllm.EngineArgs)}
+    for key in options:
+        if key in RESERVED_OPTIONS:
+            raise BadInput(f"--engine-option {key}: lora-doctor sets {key} itself (see --dtype, --tensor-parallel-size)")
+        if key not in known:
+            raise BadInput(f"--engine-option {key}: not an option of vLLM's engine (vllm.EngineArgs)")
 
 
 @contextmanager
@@ -144,21 +183,7 @@ class Engine:
         self._restore_process = _hold_process_state()
         try:
             with _engine_environment(config):
-                self.llm = vllm.LLM(
-                    model=str(base_dir),
-                    dtype=config.dtype,
-                    enable_lora=True,
-                    max_lora_rank=config.max_lora_rank,
-                    max_loras=2,
-                    max_model_len=config.max_model_len,
-                    tensor_parallel_size=config.tensor_parallel_size,
-                    enforce_eager=True,
-                    # Weights change under the cache at every sync; a hit would replay stale KV.
-                    enable_prefix_caching=False,
-                    max_logprobs=-1,
-                    seed=config.seed,
-                    worker_extension_cls=WORKER_EXTENSION,
-                )
+                self.llm = vllm.LLM(model=str(base_dir), **{**engine_defaults(config), **config.options})
             self._batch_prompt_logprobs = self._can_batch_prompt_logprobs()
         except BaseException as error:
             self.close()
@@ -262,6 +287,72 @@ class Engine:
                 f"the adapter {path} has LoRA rank {rank}, above the engine's max_lora_rank {lora_config.max_lora_rank} "
                 "(sized for the checked adapter and --previous): pass it as --previous to size the engine for it"
             )
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached KV block (what a trainer calls after each weight or adapter sync)."""
+        self.core.reset_prefix_cache()
+
+    def loaded_adapters(self) -> set[int]:
+        """The ids of the adapters the engine holds now."""
+        return set(self.core.list_loras())
+
+    @property
+    def options(self) -> dict:
+        """The settings the engine runs with that decide what its rollouts read and batch."""
+        config = self.core.vllm_config
+        lora = config.lora_config
+        return {
+            "enable_prefix_caching": bool(config.cache_config.enable_prefix_caching),
+            "block_size": config.cache_config.block_size,
+            "enable_chunked_prefill": bool(config.scheduler_config.enable_chunked_prefill),
+            "max_num_seqs": config.scheduler_config.max_num_seqs,
+            "max_num_batched_tokens": config.scheduler_config.max_num_batched_tokens,
+            "max_loras": lora.max_loras if lora is not None else None,
+            "max_model_len": config.model_config.max_model_len,
+            "dtype": str(config.model_config.dtype).removeprefix("torch."),
+        }
+
+    def decode(self, prompts: list[list[int]], max_new_tokens: int, lora_request=None, skip_cache: bool = False) -> list[tuple[list[int], torch.Tensor]]:
+        """Greedy rollouts of each prompt, as a trainer generates them, reading the prefix cache as it
+        stands (unless `skip_cache`): per prompt, the generated tokens and their `(tokens, vocab)` float32
+        log-probs over the full vocabulary (vLLM's raw log-probs, before any sampling transform)."""
+        from vllm import SamplingParams
+
+        if self.has_worker_extension:
+            # One request per prompt: each decode step's captured row is then that prompt's.
+            captured = [self._captured_decode(ids, max_new_tokens, lora_request, skip_cache) for ids in prompts]
+            if all(c is not None for c in captured):
+                return captured
+        params = SamplingParams(
+            max_tokens=max_new_tokens, temperature=0.0, logprobs=-1, flat_logprobs=True, detokenize=False, skip_reading_prefix_cache=skip_cache
+        )
+        outputs = self._generate(prompts, params, lora_request)
+        return [(list(o.outputs[0].token_ids), _dense_logprobs(o.outputs[0].logprobs, self.vocab_size)) for o in outputs]
+
+    def _captured_decode(self, ids: list[int], max_new_tokens: int, lora_request, skip_cache: bool) -> tuple[list[int], torch.Tensor] | None:
+        """One prompt's rollout with its log-prob rows read on the worker (see `capture.py`): the
+        request asks only for each generated token's own log-prob, which must match its captured row."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0, logprobs=0, detokenize=False, skip_reading_prefix_cache=skip_cache)
+        if not all(self.rpc("lora_doctor_capture_start")):
+            return None
+        try:
+            (output,) = self._generate([ids], params, lora_request)
+        finally:
+            captured = self.rpc("lora_doctor_capture_stop")[0]
+        completion = output.outputs[0]
+        tokens = list(completion.token_ids)
+        if captured is None or len(captured) != len(tokens) or completion.logprobs is None:
+            return None
+        rows = []
+        for (targets, table), token, entry in zip(captured, tokens, completion.logprobs, strict=True):
+            if targets.numel() != 1 or int(targets.reshape(-1)[0]) != token or table.shape[0] != 1:
+                return None
+            if table[0, token].item() != entry[token].logprob:
+                return None
+            rows.append(table[0, : self.vocab_size])
+        return tokens, torch.stack(rows) if rows else torch.empty(0, self.vocab_size)
 
     def new_adapter_id(self) -> int:
         """An adapter id above every id this engine has seen, so a fresh sync is never served from its cache."""
@@ -383,6 +474,20 @@ def engine_operation(what: str) -> Iterator[None]:
         raise
     except Exception as error:
         raise engine_problem(what, error) from None
+
+
+def _dense_logprobs(flat, vocab_size: int) -> torch.Tensor:
+    """vLLM's flat log-probs of the generated tokens → a dense `(tokens, vocab)` tensor."""
+    positions = len(flat.start_indices)
+    dense = torch.full((positions, vocab_size), float("-inf"), dtype=torch.float32)
+    if positions == 0:
+        return dense
+    counts = np.asarray(flat.end_indices) - np.asarray(flat.start_indices)
+    rows = torch.from_numpy(np.repeat(np.arange(positions), counts))
+    first, last = flat.start_indices[0], flat.end_indices[-1]
+    token_ids = torch.from_numpy(np.asarray(flat.token_ids[first:last], dtype=np.int64))
+    dense[rows, token_ids] = torch.from_numpy(np.asarray(flat.logprobs[first:last], dtype=np.float32))
+    return dense
 
 
 def _dense_prompt_logprobs(flat, vocab_size: int) -> torch.Tensor:

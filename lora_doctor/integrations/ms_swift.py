@@ -8,7 +8,9 @@ What ms-swift does, and what the probe therefore uses:
   rollout is generated with a `LoRARequest` for the first id in `engine.list_loras()`, none while no
   adapter is loaded: `loaded_lora_request` rebuilds exactly that request;
 - weights are synced when a generation batch is made: every `steps_per_generation × num_iterations`
-  optimizer steps, starting with the first.
+  optimizer steps, starting with the first; `_move_model_to_vllm` then calls `reset_prefix_cache()`;
+- the probe uses the `lora_request` ms-swift's own rollouts passed to the engine's `add_request`
+  (recorded there); `loaded_lora_request` stands in until a rollout has been seen.
 
 Switch the probe on from the command line with one option (printed by
 `python -m lora_doctor.integrations.ms_swift`): ms-swift imports the files named by
@@ -24,6 +26,7 @@ from pathlib import Path
 
 from ..callback import LoraDoctorCallback
 from ..errors import BadInput
+from ..live import RouteRecorder
 
 CALLBACK_NAME = "lora_doctor"
 PLUGIN = Path(__file__).resolve().parent / "swift_plugin" / "lora_doctor_swift.py"
@@ -62,6 +65,7 @@ class SwiftProbe(LoraDoctorCallback):
             lambda: trainer.engine.engine,
             lora_request=lambda: loaded_lora_request(trainer.engine.engine),
             every_n_steps=every,
+            route=lambda: RouteRecorder(trainer.engine.engine, "add_request"),
             prompts=os.environ.get(PROMPTS_ENV) or None,
         )
         self.results_path = os.environ.get(RESULTS_ENV)

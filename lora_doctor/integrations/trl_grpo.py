@@ -7,7 +7,9 @@ What TRL does, and what the probe therefore uses:
 - a PEFT policy is synced by merge → push every base-named weight → unmerge; the engine has no LoRA
   enabled and generation passes no LoRA request;
 - weights are synced when a generation batch is made: every `steps_per_generation × num_iterations`
-  optimizer steps, starting with the first.
+  optimizer steps, starting with the first; `sync_weights` then calls `reset_prefix_cache()`, and
+  the engine keeps vLLM's default prefix caching (on): the probe's rollouts read the cache as TRL's do;
+- the probe uses the `lora_request` TRL's own `llm.generate` calls passed (recorded on the engine).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from contextlib import contextmanager
 from ..callback import LoraDoctorCallback
 from ..engine.driver import WORKER_EXTENSION
 from ..errors import BadInput
+from ..live import RouteRecorder
 
 
 @contextmanager
@@ -58,6 +61,13 @@ def add_probe(trainer, *, every_n_steps: int | None = None, **options) -> LoraDo
     every = every_n_steps or sync_every
     if every % sync_every:
         raise BadInput(f"every_n_steps={every} is not a multiple of TRL's sync cadence (steps_per_generation × num_iterations = {sync_every})")
-    callback = LoraDoctorCallback(trainer, lambda: trainer.vllm_generation.llm, lora_request=None, every_n_steps=every, **options)
+    callback = LoraDoctorCallback(
+        trainer,
+        lambda: trainer.vllm_generation.llm,
+        lora_request=None,
+        every_n_steps=every,
+        route=lambda: RouteRecorder(trainer.vllm_generation.llm, "generate"),
+        **options,
+    )
     trainer.add_callback(callback)
     return callback

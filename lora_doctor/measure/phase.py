@@ -10,18 +10,23 @@ from ..adapter.lora_delta import load_lora_factors
 from ..adapter.names import name_map
 from ..engine.driver import Engine
 from ..result import ModuleResult, PhaseResult, Sample
+from .decode_path import base_route_kl, measure_decode
 from .layer_figures import combine_layer_stats
 from .logit_pass import CHUNK_POSITIONS, measure_logits, scale_range
 from .metrics import greedy_match
 from .noise import measure_resolution
 from .reference import Reference
 from .verdict import (
+    ADAPTER_NOT_REQUESTED,
+    DECODE_DIVERGED,
     EXPLANATIONS,
+    MISSING,
     NON_FINITE,
     OK,
     PARTIAL,
     SCALED,
     STALE,
+    STALE_CACHE,
     decided_by,
     describe_modules,
     finite,
@@ -77,8 +82,14 @@ class PhaseMeasurer:
         base = measure_logits(self.reference, engine, self.token_ids, None, scale_range=self.scale_range, chunk_positions=self.chunk_positions)
         return measure_resolution(base.reference_kl, self.thresholds, noise_kl=base.kl_at[0.0])
 
-    def __call__(self, engine: Engine, index: int, name: str, lora_request, say: Progress) -> PhaseResult:
+    def __call__(self, engine: Engine, index: int, name: str, lora_request, say: Progress, adapters_loaded: bool | None = None) -> PhaseResult:
+        """`adapters_loaded`: whether the plan left an adapter in the engine (None: ask the engine)."""
         clock = Stopwatch()
+        # First, before any request of the measurement writes to the prefix cache: the rollouts' view.
+        say(f"phase {index + 1} '{name}': the decode path (generating as the rollouts do)")
+        decode = measure_decode(self.reference, engine, self.token_ids, self.max_new_tokens, lora_request, chunk_positions=self.chunk_positions)
+        engine_greedy = decode.continuations
+        clock.lap("decode")
         say(f"phase {index + 1} '{name}': engine and reference log-probs, effective LoRA scale")
         phase_logits = measure_logits(
             self.reference,
@@ -91,9 +102,6 @@ class PhaseMeasurer:
         )
         clock.record(phase_logits.seconds)
         logits, fit = phase_logits.comparison, phase_logits.fit
-        say(f"phase {index + 1} '{name}': greedy continuations")
-        engine_greedy = engine.greedy(self.token_ids, self.max_new_tokens, lora_request)
-        clock.lap("greedy")
         if self.resolution is None:
             self.resolution = measure_resolution(phase_logits.reference_kl, self.thresholds)
         resolution = self.resolution
@@ -110,6 +118,25 @@ class PhaseMeasurer:
             if verdict != OK and self.matches_previous(engine, lora_request, kl_previous, layers):
                 verdict = STALE
             clock.lap("previous")
+        decode_no_cache = None
+        if verdict == OK and resolution.resolves and decode.kl_mean > resolution.kl_limit:
+            # Weights and prompt path agree, the rollouts do not: the same requests without the cache.
+            say(f"phase {index + 1} '{name}': the decode path again, without reading the prefix cache")
+            decode_no_cache = measure_decode(
+                self.reference, engine, self.token_ids, self.max_new_tokens, lora_request, chunk_positions=self.chunk_positions, skip_cache=True
+            ).kl_mean
+            verdict = STALE_CACHE if decode_no_cache <= resolution.kl_limit else DECODE_DIVERGED
+            clock.lap("decode_no_cache")
+        if verdict == MISSING and lora_request is None:
+            if adapters_loaded is None:
+                adapters_loaded = bool(engine.lora_enabled and engine.loaded_adapters())
+            if adapters_loaded:
+                verdict = ADAPTER_NOT_REQUESTED
+        route_kl = None
+        if lora_request is not None:
+            say(f"phase {index + 1} '{name}': the base route (a request without the adapter)")
+            route_kl = base_route_kl(self.reference, engine, self.token_ids)
+            clock.lap("base_route")
         explanation = EXPLANATIONS[verdict]
         if verdict == SCALED:
             spec = self.reference.checkpoint.spec
@@ -123,7 +150,10 @@ class PhaseMeasurer:
         if note:
             explanation = f"{explanation} ({note})"
         kept = [layer.merge_kept for layer in layers if layer.merge_kept is not None]
-        warning = merge_warning(layers, self.thresholds)
+        warnings = [merge_warning(layers, self.thresholds)]
+        if resolution.resolves:
+            warnings.append(path_warning(verdict, decode.kl_mean, route_kl, resolution.kl_limit))
+        warnings = [warning for warning in warnings if warning]
         return PhaseResult(
             index=index,
             name=name,
@@ -145,8 +175,15 @@ class PhaseMeasurer:
             kl_limit=resolution.kl_limit if resolution.resolves else None,
             decided_by=decided_by(resolution, bool(layers)),
             merge_kept=sum(kept) / len(kept) if kept else None,
-            warnings=[warning] if warning else [],
+            warnings=warnings,
             modules_not_read=not_read,
+            decode_kl_mean=decode.kl_mean,
+            decode_kl_max=decode.kl_max,
+            decode_logprob_diff_mean=decode.logprob_diff_mean,
+            decode_logprob_diff_max=decode.logprob_diff_max,
+            decode_positions=decode.positions,
+            decode_kl_no_cache=decode_no_cache,
+            base_route_kl=route_kl,
         )
 
     def matches_previous(self, engine: Engine, lora_request, kl_previous: float, layers: list[ModuleResult]) -> bool:
@@ -205,6 +242,24 @@ def _not_read_reason(module: str, served: dict[str, str], names) -> str:
     engine_name = names.engine_name(module)
     layer = served.get(engine_name) or next((cls for name, cls in served.items() if engine_name.startswith(f"{name}.")), None)
     return NOT_READ_ABSENT if layer is None else NOT_READ_UNREADABLE.format(layer=layer)
+
+
+def path_warning(verdict: str, decode_kl: float, route_kl: float | None, kl_limit: float) -> str | None:
+    """What the rollouts' paths show beside the verdict: a decode path that agrees where the prompt
+    path does not (vLLM #51594: an lm_head LoRA dropped from prompt log-probs only), and a base
+    route that is not W0 once an adapter is loaded (vLLM #42008, #49063)."""
+    notes = []
+    if verdict not in (OK, STALE_CACHE, DECODE_DIVERGED) and decode_kl <= kl_limit:
+        notes.append(
+            f"the decode path agrees (KL {decode_kl:.2e} ≤ {kl_limit:.2e}): the rollouts generate the checkpoint's "
+            "policy; only the prompt log-probs (the path this verdict rests on) differ"
+        )
+    if route_kl is not None and route_kl > kl_limit:
+        notes.append(
+            f"the base route is not W0 (KL {route_kl:.2e} > {kl_limit:.2e}): a request without the adapter does not "
+            "get the base model once an adapter is loaded"
+        )
+    return "; ".join(notes) or None
 
 
 def median(values: list[float]) -> float:

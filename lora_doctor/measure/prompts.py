@@ -8,13 +8,33 @@ from pathlib import Path
 from ..adapter.checkpoint import Checkpoint
 from ..errors import BadInput
 
-# Short math questions in the "Question: … / Answer:" shape common to GRPO reasoning runs.
+# The system prompt and chat template RL prompts share: long enough that the shared prefix fills a
+# whole KV block on the CPU backend (128 tokens; 16 on GPUs), the only thing vLLM's prefix cache
+# keeps, so rollouts after a sync read the cache exactly where a trainer's do (142 tokens with the
+# bundled tokenizer; a real tokenizer's are shorter, still above 128 with the prompt).
+SYSTEM_PREFIX = (
+    "<|im_start|>system\nYou are a careful math tutor in a reinforcement learning run. Read the question, think "
+    "step by step, and write the reasoning before the answer. Check every sum twice, then answer with a number "
+    "only.<|im_end|>\n<|im_start|>user\n"
+)
+CHAT_SUFFIX = "<|im_end|>\n<|im_start|>assistant\nAnswer:"
+
+# Short math questions in the "Question: … / Answer:" shape common to GRPO reasoning runs, then the
+# same kind behind a shared system prompt and chat template (the prompts that reach the prefix cache).
 DEFAULT_PROMPTS = [
     "Question: what is 12 plus 7?\nAnswer:",
     "Question: what is 9 plus 15?\nAnswer:",
     "Question: what is 14 minus 6?\nAnswer:",
     "Question: what is 7 times 3?\nAnswer:",
+    f"{SYSTEM_PREFIX}Question: what is 8 plus 13?{CHAT_SUFFIX}",
+    f"{SYSTEM_PREFIX}Question: what is 16 minus 9?{CHAT_SUFFIX}",
 ]
+
+
+def cached_blocks(token_ids: list[list[int]], block_size: int) -> int:
+    """How many full KV blocks the prompts' requests can read from the prefix cache: vLLM caches
+    only full blocks, and recomputes at least a prompt's last token."""
+    return sum((len(ids) - 1) // block_size for ids in token_ids)
 
 
 def load_prompts(prompts: str | Path | list[str] | None) -> list[str]:

@@ -113,6 +113,24 @@ class Reference:
             if adapter in m.trainable_tokens_delta
         }
 
+    @torch.inference_mode()
+    def continuation_logprobs(self, prompts: list[list[int]], continuations: list[list[int]]) -> list[torch.Tensor]:
+        """Per prompt, `(len(continuation), vocab)` float32 log-probs of each continuation token,
+        teacher-forced on prompt + continuation at the adapter's own scale. Only those rows are
+        projected onto the vocabulary (`logits_to_keep`): at a real vocabulary the projection, not
+        the decoder, is most of a forward."""
+        self.model.set_adapter(self.adapter)
+        out = []
+        for ids, tokens in zip(prompts, continuations, strict=True):
+            sequence = torch.tensor([ids + tokens], device=self.device)
+            keep = len(tokens) + 1  # the prompt's last position predicts the first generated token
+            try:
+                logits = self.model(input_ids=sequence, logits_to_keep=keep).logits[0, -keep:-1]
+            except TypeError:  # a model class without logits_to_keep: project every position
+                logits = self.model(input_ids=sequence).logits[0, -keep:-1]
+            out.append(torch.log_softmax(logits.float(), dim=-1).cpu())
+        return out
+
     def _own_scaling(self, adapter: str) -> dict[tuple[int, str], float]:
         return {(id(m), adapter): m.scaling[adapter] for m in self._lora_layers if adapter in m.scaling}
 

@@ -16,7 +16,13 @@ DIVERGED = "diverged"
 PARTIAL = "partial"
 UNRESOLVED = "unresolved"
 NON_FINITE = "non_finite"
-PHASE_VERDICTS = (OK, DOUBLE_COUNTED, MISSING, STALE, SCALED, PARTIAL, DIVERGED, UNRESOLVED, NON_FINITE)
+# The decode path's own verdicts (measure/decode_path.py): weights and prompt log-probs agree, the
+# generated tokens' log-probs do not.
+STALE_CACHE = "stale_cache"
+DECODE_DIVERGED = "decode_diverged"
+# The route: an adapter is loaded, the rollouts are requested without it.
+ADAPTER_NOT_REQUESTED = "adapter_not_requested"
+PHASE_VERDICTS = (OK, DOUBLE_COUNTED, MISSING, STALE, SCALED, PARTIAL, DIVERGED, UNRESOLVED, NON_FINITE, STALE_CACHE, DECODE_DIVERGED, ADAPTER_NOT_REQUESTED)
 
 PASS = "pass"
 FAIL = "fail"
@@ -33,6 +39,12 @@ EXPLANATIONS = {
     NON_FINITE: "NaN or Inf values: in what the engine holds or computes, or in the policy it is compared with",
     UNRESOLVED: "at this precision the LoRA moves the logits less than the run's own noise, and no per-module "
     "figure decides: lora-doctor cannot tell a healthy sync from a broken one here",
+    STALE_CACHE: "the weights and the prompt log-probs are right, but the rollouts read KV blocks of an earlier policy "
+    "from the prefix cache: generated the same requests without reading the cache, the engine agrees",
+    DECODE_DIVERGED: "the weights and the prompt log-probs are right, but the generated tokens' log-probs are not, "
+    "with or without the prefix cache: the engine's decode path computes another policy",
+    ADAPTER_NOT_REQUESTED: "an adapter is loaded in the engine but the rollouts are requested without it: the base "
+    "model generates (W0)",
 }
 
 
@@ -56,6 +68,14 @@ CAUSES = {
     NON_FINITE: "the policy diverged (a NaN/Inf loss or gradient, an overflow in half precision) and its weights were "
     "synced, or the engine overflowed; fix: never sync a non-finite policy (check the adapter for NaN/Inf before "
     "each sync), lower the learning rate or the loss scale, resume from the last finite checkpoint",
+    STALE_CACHE: "the prefix cache was not reset after a weight or adapter sync, or an adapter was reloaded in place "
+    "under the same name and folder with prefix caching on (vLLM #42125); fix: call reset_prefix_cache() after "
+    "every sync (as TRL and ms-swift do), or publish each adapter under a new name (TRL's async GRPO)",
+    DECODE_DIVERGED: "the engine's generation path differs from its prompt path (a sampler or logits-processor LoRA "
+    "path, a kernel of the decode step); fix: compare with enable_prefix_caching=False and report it to vLLM with "
+    "the engine options listed",
+    ADAPTER_NOT_REQUESTED: "the generate calls do not pass the LoRA request (ms-swift #9855, miles #2075); fix: pass "
+    "lora_request= to every rollout's generate call",
 }
 
 # The phase an audit of a merged export records: its failures have causes of their own.

@@ -60,64 +60,83 @@ class Plan:
 def swift_colocate_lora(sync: Sync) -> None:
     # ms-swift 3.10.0–4.0.1, colocate + vllm_enable_lora, after resume_from_checkpoint (#8233): the
     # first sync sends merged weights as the engine's base and generates from them without an adapter;
-    # later syncs add the adapter on top of that merged base.
+    # later syncs add the adapter on top of that merged base. `_move_model_to_vllm` resets the prefix
+    # cache after every push, full or adapter.
     sync.load_merged()
+    sync.reset_cache()
     sync.probe("full-merged")
     sync.add_adapter()
+    sync.reset_cache()
     sync.probe("adapter")
 
 
 def swift_fixed(sync: Sync) -> None:
     # ms-swift >= 4.0.2 (PR #8275): the first full sync sends the unmerged base and adds the adapter at
-    # its end; later syncs send the adapter only.
+    # its end; later syncs send the adapter only; `_move_model_to_vllm` resets the prefix cache after each.
     sync.load_base()
     sync.add_adapter()
+    sync.reset_cache()
     sync.probe("full-base")
     sync.add_adapter()
+    sync.reset_cache()
     sync.probe("adapter")
 
 
 def merged(sync: Sync) -> None:
     # Merge → push every weight → unmerge at every step (TRL's vLLM sync; ms-swift with
-    # vllm_enable_lora false); generation never uses an adapter.
+    # vllm_enable_lora false); generation never uses an adapter. Both reset the prefix cache after
+    # every push (TRL's `sync_weights`, ms-swift's `_move_model_to_vllm`).
     sync.load_merged()
+    sync.reset_cache()
     sync.probe("full-merged")
     sync.load_merged()
+    sync.reset_cache()
     sync.probe("full-merged")
 
 
 def trl_sleep_reload(sync: Sync) -> None:
     # TRL colocate with vLLM sleep mode (trl #5312, #2856): the merged weights are pushed, then the
     # engine's wake-up reloads its weights from the model folder on disk, so rollouts run on W0.
+    # `sync_weights` resets the prefix cache after the push; sleep discards the KV cache.
     sync.load_merged()
+    sync.reset_cache()
     sync.probe("full-merged")
     sync.reload_from_disk()
+    sync.reset_cache()
     sync.probe("after-wake-up")
 
 
 def verl_adapter(sync: Sync) -> None:
     # verl with LoRA rollouts (verl #3516, #6782 for its failure modes): the engine keeps the base it
-    # loaded from disk and receives only the adapter, under a fresh id, at every sync.
+    # loaded from disk and receives only the adapter, under a fresh id, at every sync. A fresh id is a
+    # fresh name, whose KV blocks no earlier rollout wrote; verl frees its KV cache between rollouts
+    # (the engine sleeps), so no plan step reads an earlier policy's blocks.
     sync.reload_from_disk()
     sync.add_adapter()
+    sync.reset_cache()
     sync.probe("adapter")
     sync.add_adapter()
+    sync.reset_cache()
     sync.probe("adapter")
 
 
 def adapter_reused_id(sync: Sync) -> None:
     # An adapter sync that re-adds new weights under the id the engine already cached, without
-    # load_inplace=True: vLLM keeps serving the cached (previous) adapter.
+    # load_inplace=True: vLLM keeps serving the cached (previous) adapter. The prefix cache is reset
+    # after each sync, so what is measured is the adapter the engine holds.
     sync.reload_from_disk()
     sync.add_adapter(id=1, weights="previous")
+    sync.reset_cache()
     sync.add_adapter(id=1, weights="current")
+    sync.reset_cache()
     sync.probe("adapter-same-id")
 
 
 def merged_bf16_drift(sync: Sync) -> None:
     # Merge/unmerge in bf16 at every step (trl #6688): rounding error accumulates in the trainer's
-    # copy of W0, so the pushed weights drift from W0 + ΔW.
+    # copy of W0, so the pushed weights drift from W0 + ΔW. TRL resets the prefix cache after the push.
     sync.load_merged(dtype="bfloat16", cycles=DRIFT_CYCLES)
+    sync.reset_cache()
     sync.probe(f"full-merged-bf16x{DRIFT_CYCLES}")
 
 
@@ -128,7 +147,40 @@ def rslora_ignored(sync: Sync) -> None:
     if not spec.use_rslora:
         raise BadInput("plan rslora-ignored needs an rsLoRA adapter (use_rslora: true in adapter_config.json)")
     sync.load_merged(scale=1 / math.sqrt(spec.r))
+    sync.reset_cache()
     sync.probe("full-merged-plain-scaling")
+
+
+def vllm_inplace_same_path(sync: Sync) -> None:
+    # vLLM #42125: rollouts with adapter A, then adapter B written into the same folder and re-added
+    # under the same name and id with load_inplace=True, with prefix caching on and no reset: the
+    # weights are B's, but the rollouts read A's KV blocks (the cache keys on name and folder).
+    sync.reload_from_disk()
+    sync.reset_cache()
+    sync.add_adapter(id=1, weights="previous")
+    sync.rollout()
+    sync.add_adapter(id=1, load_inplace=True, weights="current")
+    sync.probe("adapter-inplace-same-path")
+
+
+def merged_no_cache_reset(sync: Sync) -> None:
+    # A merged sync without reset_prefix_cache(): rollouts of the previous policy (the base, before
+    # the first step) fill the cache, merged weights are pushed, and the rollouts read stale blocks.
+    sync.reload_from_disk()
+    sync.reset_cache()
+    sync.rollout()
+    sync.load_merged()
+    sync.probe("full-merged-no-reset")
+
+
+def rollout_without_adapter(sync: Sync) -> None:
+    # The adapter is synced but the rollouts' generate calls do not name it (ms-swift #9855, miles
+    # #2075): the base model generates while the adapter sits loaded.
+    sync.reload_from_disk()
+    sync.add_adapter()
+    sync.reset_cache()
+    sync.drop_adapter()
+    sync.probe("rollout-without-adapter")
 
 
 PLANS: dict[str, Plan] = {
@@ -142,6 +194,9 @@ PLANS: dict[str, Plan] = {
         Plan("adapter-reused-id", "new adapter weights re-added under a cached id without load_inplace (needs --previous)", adapter_reused_id, needs_previous=True, adapter_sync=True),
         Plan("merged-bf16-drift", f"merge/unmerge in bf16 for {DRIFT_CYCLES} steps, then push (precision drift, trl #6688)", merged_bf16_drift, adapter_sync=False),
         Plan("rslora-ignored", "an rsLoRA adapter merged with plain alpha/r scaling (needs an rsLoRA adapter)", rslora_ignored, adapter_sync=False),
+        Plan("vllm-inplace-same-path", "adapter reloaded in place under the same name and folder, prefix caching on (vLLM #42125; needs --previous)", vllm_inplace_same_path, needs_previous=True, adapter_sync=True),
+        Plan("merged-no-cache-reset", "rollouts, then merged weights pushed without reset_prefix_cache()", merged_no_cache_reset, adapter_sync=False),
+        Plan("rollout-without-adapter", "adapter loaded, rollouts requested without it (ms-swift #9855, miles #2075)", rollout_without_adapter, adapter_sync=True),
     )
 }
 DEFAULT_PLAN = "swift-colocate-lora"

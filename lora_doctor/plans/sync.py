@@ -8,14 +8,23 @@ A plan is a Python function that receives a `Sync` and calls, in the trainer's o
   layers only, optionally after `cycles` merge/unmerge rounds (precision drift);
 - `add_adapter(id=None, load_inplace=False, weights="current")`: adapter sync of the checkpoint's
   adapter ("current"), of `--previous` ("previous"), or of any adapter folder (a path); later probes
-  generate with it;
+  generate with it. Each id gets its own name and folder on the first add; an adapter re-added under
+  an id it already has keeps them (the trainer rewrote its folder), as trainers do;
 - `drop_adapter()`: later probes generate without an adapter;
 - `reload_from_disk()`: the engine reloads its base from its model folder (sleep-mode wake-up);
+- `rollout()`: generate from the check's prompts on the current route, as the trainer does between
+  syncs (it fills the engine's prefix cache);
+- `reset_cache()`: forget the engine's prefix cache (`reset_prefix_cache()`);
 - `probe(name)`: measure the engine now against the checkpoint's `W0 + ΔW` and record a phase.
+
+Each operation does only what it says: no sync resets the prefix cache unless the plan calls
+`reset_cache()`, exactly where the trainer it replays does.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -41,6 +50,8 @@ class Sync:
         reference: Reference,
         measure: Callable[[str, object], PhaseResult],
         previous: Checkpoint | None = None,
+        prompts: list[list[int]] | None = None,
+        max_new_tokens: int = 32,
     ):
         self.engine = engine
         self.checkpoint = checkpoint
@@ -50,6 +61,11 @@ class Sync:
         self._delta: dict[str, torch.Tensor] | None = None
         self.lora_request = None
         self.phases: list[PhaseResult] = []
+        self.prompts = prompts or []
+        self._added: set[int] = set()
+        self.max_new_tokens = max_new_tokens
+        # Per adapter id, the folder the engine was given for it (removed with the handle).
+        self._folders = tempfile.TemporaryDirectory(prefix="lora-doctor-adapters-")
 
     def load_base(self) -> None:
         """Full sync of the unmodified base weights `W0` (the LoRA kept aside)."""
@@ -97,8 +113,18 @@ class Sync:
     def add_adapter(self, id: int | None = None, load_inplace: bool = False, weights: str | Path = "current") -> int:
         """Adapter sync; `weights` is "current", "previous" (needs --previous) or an adapter folder."""
         int_id = self.engine.new_adapter_id() if id is None else id
-        self.lora_request = self.engine.add_adapter(self._adapter_path(weights), int_id, load_inplace)
+        folder = self._publish(self._adapter_path(weights), int_id)
+        self.lora_request = self.engine.add_adapter(folder, int_id, load_inplace)
+        self._added.add(int_id)
         return int_id
+
+    def rollout(self) -> None:
+        """Generate from the check's prompts on the current route, as the trainer does between syncs."""
+        self.engine.greedy(self.prompts, self.max_new_tokens, self.lora_request)
+
+    def reset_cache(self) -> None:
+        """Forget every KV block the engine's prefix cache holds (`reset_prefix_cache()`)."""
+        self.engine.reset_prefix_cache()
 
     def drop_adapter(self) -> None:
         """Generate without an adapter from now on (the engine's weights alone)."""
@@ -106,9 +132,22 @@ class Sync:
 
     def probe(self, name: str) -> PhaseResult:
         """Measure the engine now, as the trainer would generate, and record it as a phase."""
-        result = self._measure(name, self.lora_request)
+        loaded = bool(self._added & self.engine.loaded_adapters()) if self.engine.lora_enabled else False
+        result = self._measure(name, self.lora_request, loaded)
         self.phases.append(result)
         return result
+
+    def _publish(self, source: Path, int_id: int) -> Path:
+        """The folder of adapter id `int_id`, now holding the files of `source` (linked, not copied):
+        the same folder for the same id, as a trainer that rewrites its adapter folder at every sync."""
+        folder = Path(self._folders.name) / f"adapter-{int_id}"
+        folder.mkdir(exist_ok=True)
+        for old in folder.iterdir():
+            old.unlink()
+        for file in source.iterdir():
+            if file.is_file():
+                os.symlink(file.resolve(), folder / file.name)
+        return folder
 
     def _adapter_path(self, weights: str | Path) -> Path:
         if weights == "current":

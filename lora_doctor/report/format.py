@@ -109,6 +109,55 @@ def resolution_line(resolution: dict) -> str | None:
     )
 
 
+# The decode path (what the rollouts see) beside the prompt path, one row per phase.
+DECODE_COLUMNS = ("#", "phase", "decode KL mean", "decode KL max", "|Δ log-prob| mean", "|Δ log-prob| max", "tokens", "KL without cache", "base route KL")
+
+
+def has_decode(report: Report) -> bool:
+    """Whether the report measured the decode path (reports from before it did not)."""
+    return any(getattr(phase, "decode_kl_mean", None) is not None for phase in report.phases)
+
+
+def decode_figures(phase: PhaseResult) -> list[str]:
+    """The decode table's cells: KL and |log-prob difference| of the generated tokens, the A/B
+    without the prefix cache (when measured) and the base route's KL against W0 (with an adapter)."""
+    return [
+        str(phase.index + 1),
+        phase.name,
+        fmt(phase.decode_kl_mean, ".2e"),
+        fmt(phase.decode_kl_max, ".2e"),
+        fmt(phase.decode_logprob_diff_mean, ".2e"),
+        fmt(phase.decode_logprob_diff_max, ".2e"),
+        fmt(phase.decode_positions, "d"),
+        fmt(phase.decode_kl_no_cache, ".2e"),
+        fmt(phase.base_route_kl, ".2e"),
+    ]
+
+
+def engine_items(report: Report) -> list[tuple[str, str]]:
+    """The options the engine ran with, the trainer's marked "(given)", and the prefix cache's reach."""
+    engine = getattr(report, "engine", None) or {}
+    given = engine.get("given", {})
+    items = [(key, f"{fmt(value, '')}{' (given)' if key in given else ''}") for key, value in engine.get("options", {}).items()]
+    items += [(key, f"{fmt(value, '')} (given)") for key, value in given.items() if key not in engine.get("options", {})]
+    if engine:
+        items.append(("prefix cache", cache_line(engine)))
+    return items
+
+
+def cache_line(engine: dict) -> str:
+    """Whether the check's requests could read the prefix cache at all."""
+    options = engine.get("options", {})
+    if not options.get("enable_prefix_caching"):
+        return "off: no request reads cached KV blocks"
+    if engine.get("cache_exercised"):
+        return f"exercised: the prompts' requests can read {engine['cache_blocks']} full {options.get('block_size')}-token blocks"
+    return (
+        f"not exercised: no prompt fills a {options.get('block_size')}-token KV block, so no request read the cache; "
+        "use longer prompts (a system prompt and chat template) to check it"
+    )
+
+
 def thresholds_items(report: Report) -> list[tuple[str, str]]:
     return [(name, fmt(value, "g")) for name, value in report.thresholds.items()]
 

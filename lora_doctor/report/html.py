@@ -18,10 +18,14 @@ from ..measure.verdict import cause_for
 from ..result import ModuleResult, Report
 from .charts import KL_LOG_RANGE, kl_chart_svg, phase_colour, prompt_colour, scale_chart_svg
 from .format import (
+    DECODE_COLUMNS,
     ENVIRONMENT_KEYS,
+    decode_figures,
+    engine_items,
     esc,
     finite_or_none,
     fmt,
+    has_decode,
     has_previous,
     layer_grid,
     modules_line,
@@ -68,6 +72,7 @@ def render_html(report: Report) -> str:
         _preflight(report),
         _context(report),
         _phase_table(report),
+        _decode_table(report),
         _scale_chart_section(report),
         _kl_section(report),
         _layers_section(report),
@@ -162,11 +167,14 @@ def _context(report: Report) -> str:
     env = report.environment or {}
     keys = [k for k in ENVIRONMENT_KEYS if k in env] + [k for k in env if k not in ENVIRONMENT_KEYS]
     env_rows = [(k, f"<code>{esc(env[k])}</code>") for k in keys]
+    engine_rows = [(key, esc(value)) for key, value in engine_items(report)]
+    engine_card = f'<div class="card"><h2>Engine options</h2>{_dl(engine_rows)}</div>' if engine_rows else ""
     return (
         '<section class="cards" id="context">'
         f'<div class="card"><h2>Checkpoint</h2>{_dl(ckpt_rows)}</div>'
         f'<div class="card"><h2>Plan</h2>{_dl(plan_rows)}</div>'
         f'<div class="card"><h2>Environment</h2>{_dl(env_rows)}</div>'
+        f"{engine_card}"
         "</section>"
     )
 
@@ -211,6 +219,26 @@ def _phase_table(report: Report) -> str:
         '<p class="note">Engine (vLLM after each sync step) vs reference (HF + PEFT, W0 + ΔW). '
         "α = effective LoRA scale fitted from the logits: 1 = right, 2 = double counted, 0 = missing. "
         "KL at α = what remains once α is accounted for.</p>"
+        f'<div class="scroll"><table class="phases"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
+        "</section>"
+    )
+
+
+def _decode_table(report: Report) -> str:
+    if not has_decode(report):
+        return ""
+    head = "".join(f'<th{"" if i == 1 else " class=num"}>{esc(c)}</th>' for i, c in enumerate(DECODE_COLUMNS))
+    rows = []
+    for phase in report.phases:
+        cells = decode_figures(phase)
+        out = [f"<td><code>{esc(cell)}</code></td>" if i == 1 else f"<td class=num>{esc(cell)}</td>" for i, cell in enumerate(cells)]
+        rows.append(f'<tr class="{"ok" if phase.ok else "wrong"}" data-phase="{esc(phase.name)}">{"".join(out)}</tr>')
+    return (
+        '<section id="decode"><h2>Decode path</h2>'
+        '<p class="note">What the rollouts see: the engine\'s log-probs of the tokens it generated, reading the prefix '
+        "cache as the plan left it, against the reference teacher-forced on them. KL without cache: the same requests "
+        "made without reading the prefix cache (measured when the decode path disagreed). Base route: a request "
+        "without the adapter against W0.</p>"
         f'<div class="scroll"><table class="phases"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
         "</section>"
     )

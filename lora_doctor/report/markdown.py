@@ -13,9 +13,13 @@ import re
 from ..measure.verdict import cause_for
 from ..result import PhaseResult, Report
 from .format import (
+    DECODE_COLUMNS,
     ENVIRONMENT_KEYS,
+    decode_figures,
+    engine_items,
     esc,
     fmt,
+    has_decode,
     has_previous,
     layer_grid,
     modules_line,
@@ -161,6 +165,9 @@ def _context(report: Report) -> list[str]:
     lines += ["", f"**Plan:** {md_code(plan.get('name', '?'))} — {md_text(plan.get('summary', ''))}"]
     if plan_phases:
         lines[-1] += f" (phases: {plan_phases})"
+    engine = engine_items(report)
+    if engine:
+        lines += ["", "**Engine options:** " + " · ".join(f"{md_code(key)} {md_text(value)}" for key, value in engine)]
     return lines
 
 
@@ -201,6 +208,25 @@ def _phase_section(report: Report) -> list[str]:
         "",
         *_table(phase_columns(report), rows, align),
         *(["", f"*{md_text(resolution)}.*"] if resolution else []),
+        *_decode_section(report),
+    ]
+
+
+def _decode_section(report: Report) -> list[str]:
+    if not has_decode(report):
+        return []
+    rows = []
+    for phase in report.phases:
+        cells = decode_figures(phase)
+        cells[1] = md_code(cells[1], cell=True)
+        rows.append(cells)
+    return [
+        "",
+        "**Decode path** — what the rollouts see: the engine's log-probs of the tokens it generated (reading the prefix "
+        "cache as the plan left it) against the reference teacher-forced on them; KL without cache: the same requests "
+        "made without reading the prefix cache; base route: a request without the adapter against W0:",
+        "",
+        *_table(list(DECODE_COLUMNS), rows, ["r", "l"] + ["r"] * (len(DECODE_COLUMNS) - 2)),
     ]
 
 

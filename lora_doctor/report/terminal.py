@@ -9,7 +9,20 @@ from rich.text import Text
 
 from ..measure.verdict import cause_for
 from ..result import PhaseResult, Report
-from .format import PHASE_COLUMNS, layer_grid, modules_line, not_read_lines, parts_summary, phase_figures, resolution_line, wrong_layers
+from .format import (
+    DECODE_COLUMNS,
+    PHASE_COLUMNS,
+    decode_figures,
+    engine_items,
+    has_decode,
+    layer_grid,
+    modules_line,
+    not_read_lines,
+    parts_summary,
+    phase_figures,
+    resolution_line,
+    wrong_layers,
+)
 
 VERDICT_STYLE = {"ok": "bold green", "pass": "bold green", "fail": "bold red"}
 
@@ -36,9 +49,14 @@ def render_terminal(report: Report, console: Console, all_modules: bool = False)
         console.print(f"[bold red]check stopped:[/] {report.stopped}", highlight=False)
     else:
         console.print(_phase_table(report))
+        if has_decode(report):
+            console.print(_decode_table(report))
     resolution = resolution_line(report.resolution)
     if resolution:
         console.print(resolution, style="dim", highlight=False)
+    engine = engine_items(report)
+    if engine:
+        console.print("engine: " + ", ".join(f"{key}={value}" for key, value in engine), style="dim", highlight=False)
     for phase in report.phases:
         console.print(_layer_summary(phase, full=all_modules))
         for line in not_read_lines(phase):
@@ -74,6 +92,18 @@ def _phase_table(report: Report) -> Table:
         cells = phase_figures(phase)
         cells[3] = Text(phase.verdict, style=_style(phase.verdict))
         table.add_row(*cells)
+    return table
+
+
+def _decode_table(report: Report) -> Table:
+    table = Table(
+        title="the decode path (what the rollouts see): generated tokens' log-probs, engine vs reference teacher-forced on them",
+        title_justify="left",
+    )
+    for column in DECODE_COLUMNS:
+        table.add_column(column, justify="left" if column == "phase" else "right", no_wrap=True)
+    for phase in report.phases:
+        table.add_row(*decode_figures(phase))
     return table
 
 
