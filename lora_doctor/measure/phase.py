@@ -152,7 +152,10 @@ class PhaseMeasurer:
         kept = [layer.merge_kept for layer in layers if layer.merge_kept is not None]
         warnings = [merge_warning(layers, self.thresholds)]
         if resolution.resolves:
-            warnings.append(path_warning(verdict, decode.kl_mean, route_kl, resolution.kl_limit))
+            # The base route is judged against W0 only where the engine's base holds W0: after a merged
+            # sync the base itself differs (the per-module read's base part says so), not the route.
+            merged_base = any(layer.base_part is not None and abs(layer.base_part) > self.thresholds.part_tolerance for layer in layers)
+            warnings.append(path_warning(verdict, decode.kl_mean, None if merged_base else route_kl, resolution.kl_limit))
         warnings = [warning for warning in warnings if warning]
         return PhaseResult(
             index=index,
