@@ -7,10 +7,8 @@ default) and agree with a fresh load after a reset or with caching off.
 
 from __future__ import annotations
 
-import os
-
 import pytest
-from conftest import CHECKPOINT, ENGINE_ENV, PREVIOUS, assert_one_line_error, run_cli
+from conftest import CHECKPOINT, PREVIOUS, assert_one_line_error, run_cli
 
 from lora_doctor.checker import engine_summary
 from lora_doctor.plans.builtin import Plan
@@ -64,7 +62,7 @@ def cached():
     """An engine as the trainer's: vLLM's defaults, so prefix caching on; the built-in prompts."""
     from lora_doctor import Checker
 
-    os.environ.update(ENGINE_ENV)
+    # lora-doctor sets what its engine needs while it builds it, and leaves os.environ as it was.
     with Checker(CHECKPOINT, previous=PREVIOUS) as checker:
         yield checker
 

@@ -7,10 +7,8 @@ under the same name and id with `load_inplace=True`, generating rollouts between
 
 from __future__ import annotations
 
-import os
-
 import pytest
-from conftest import BASE, CHECKPOINT, ENGINE_ENV, PREVIOUS
+from conftest import BASE, CHECKPOINT, PREVIOUS, engine_environment
 
 from lora_doctor import probe
 from lora_doctor.measure.prompts import DEFAULT_PROMPTS
@@ -23,19 +21,19 @@ ROLLOUT_PROMPTS = DEFAULT_PROMPTS
 def llm():
     """The trainer's engine: LoRA, full-vocabulary log-probs, lora-doctor's worker extension, and
     vLLM's defaults for the rest (prefix caching on)."""
-    os.environ.update(ENGINE_ENV)
     from vllm import LLM
 
-    engine = LLM(
-        model=str(BASE),
-        dtype="float32",
-        enable_lora=True,
-        max_lora_rank=8,
-        max_model_len=256,
-        enforce_eager=True,
-        max_logprobs=-1,
-        worker_extension_cls="lora_doctor.engine.worker.LoraDoctorWorker",
-    )
+    with engine_environment():
+        engine = LLM(
+            model=str(BASE),
+            dtype="float32",
+            enable_lora=True,
+            max_lora_rank=8,
+            max_model_len=256,
+            enforce_eager=True,
+            max_logprobs=-1,
+            worker_extension_cls="lora_doctor.engine.worker.LoraDoctorWorker",
+        )
     assert engine.llm_engine.vllm_config.cache_config.enable_prefix_caching
     return engine
 
