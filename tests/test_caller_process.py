@@ -71,3 +71,29 @@ def test_a_check_that_fails_while_measuring_the_noise_still_closes_its_engine(tm
     assert done.returncode == 0, done.stderr[-3000:]
     seen = json.loads(next(line for line in done.stdout.splitlines() if line.startswith(MARK)).removeprefix(MARK))
     assert seen["raised"] is not None and seen["closed"] is True, seen
+
+
+def test_a_check_run_beside_the_trainers_in_process_engine_leaves_it_serving(tmp_path):
+    # The trainer's engine runs in-process (as TRL's colocated one does) when the script calls `check()`:
+    # closing lora-doctor's engine must not take down the parallel state the trainer's engine shares
+    # (vLLM's shutdown destroys it; the trainer's next request would fail).
+    script = (
+        "import json, os\n"
+        "os.environ['VLLM_ENABLE_V1_MULTIPROCESSING'] = '0'\n"
+        "os.environ['VLLM_CPU_KVCACHE_SPACE'] = '1'\n"
+        "from vllm import LLM, SamplingParams\n"
+        "from lora_doctor import check\n"
+        f"trainer = LLM(model={str(BASE)!r}, dtype='float32', max_model_len=256, enforce_eager=True)\n"
+        "params = SamplingParams(max_tokens=8, temperature=0.0)\n"
+        "before = trainer.generate(['The capital of France is'], params, use_tqdm=False)[0].outputs[0].token_ids\n"
+        f"report = check({str(CHECKPOINT)!r}, plan='merged')\n"
+        "after = trainer.generate(['The capital of France is'], params, use_tqdm=False)[0].outputs[0].token_ids\n"
+        "print('caller-process: ' + json.dumps({'verdict': report.verdict, 'before': list(before), 'after': list(after)}), flush=True)\n"
+    )
+    env = {name: value for name, value in os.environ.items() if not name.startswith("VLLM_")}
+    env.update(PYTHONPATH=str(ROOT), OMP_WAIT_POLICY="PASSIVE")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(next(line for line in done.stdout.splitlines() if line.startswith(MARK)).removeprefix(MARK))
+    assert seen["verdict"] == "pass"
+    assert len(seen["before"]) == 8 and seen["after"] == seen["before"]

