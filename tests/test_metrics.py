@@ -7,6 +7,7 @@ import torch
 
 from lora_doctor.measure.metrics import (
     SLOPE_STEP,
+    Node,
     NodeTally,
     compare_logprobs,
     fit_scale,
@@ -158,3 +159,27 @@ def test_kl_per_token_in_float32_blocks_matches_float64():
 
 def test_greedy_match_is_the_fraction_of_identical_continuations():
     assert greedy_match([[1, 2], [3], [4]], [[1, 2], [3, 5], [4]]) == pytest.approx(2 / 3)
+
+
+def test_where_the_outward_step_is_worse_the_fit_takes_the_nodes_own_step():
+    # The nodes measured on the Llama rsLoRA fixture with the built-in prompts, an engine at α = 0.25:
+    # the KL parabola through the nodes still falls past α = 0, which sends the first step outwards,
+    # where the objective has a second, shallower basin (KL 0.86 at α = -0.37). The α = 0 node's own
+    # model points inwards; once the outward point is worse, the fit must take that step.
+    nodes = {
+        0.0: Node(kl=0.46257, slope=-0.86674, curvature=4.16095),
+        1.0: Node(kl=2.77761, slope=1.96243, curvature=1.70132),
+        2.0: Node(kl=6.38198, slope=3.75745, curvature=7.43957),
+    }
+
+    def objective(alpha):  # the true basin at 0.25; another, shallower one at -0.37
+        return min(7.4 * (alpha - 0.25) ** 2, 0.86 + 3.0 * (alpha + 0.37) ** 2)
+
+    def measure(alpha):
+        if 7.4 * (alpha - 0.25) ** 2 <= 0.86 + 3.0 * (alpha + 0.37) ** 2:
+            return Node(kl=objective(alpha), slope=14.8 * (alpha - 0.25), curvature=14.8, step=0.25 - alpha)
+        return Node(kl=objective(alpha), slope=6.0 * (alpha + 0.37), curvature=6.0, step=-0.37 - alpha)
+
+    fit = fit_scale(measure, objective, -1.0, 5.0, nodes)
+    assert fit.scale == pytest.approx(0.25, abs=1e-2)
+    assert not fit.at_edge

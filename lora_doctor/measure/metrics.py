@@ -253,15 +253,23 @@ def fit_scale(
     points = {alpha: node.kl for alpha, node in nodes.items()}
     best = min(points, key=points.__getitem__)
     step = _first_step(nodes, best, tolerance)
+    # Where the first step overrules the node's own model (outwards, past an outer node), that model's
+    # step is the alternative: taken if the outward point is worse (two basins, the node's the right one).
+    own = _newton_step(nodes[best])
+    alternative = own if step * own < 0 and abs(own) > tolerance else None
     for _ in range(steps if abs(step) > tolerance else 0):
         alpha = min(max(best + step, low), high)
         if min(abs(alpha - x) for x in points) < tolerance / 2:
-            break
+            if alternative is None:
+                break
+            step, alternative = alternative, None
+            alpha = min(max(best + step, low), high)
         node = measure(alpha)
         points[alpha] = node.kl
         if node.kl >= points[best]:
-            step = _step_back(best, alpha, node)
+            step, alternative = (alternative, None) if alternative is not None else (_step_back(best, alpha, node), None)
             continue
+        alternative = None
         best, step = alpha, node.step if node.step is not None else _newton_step(node)
         if abs(step) <= tolerance:
             break
