@@ -11,6 +11,7 @@
 # to ms-swift's logs (OUTPUT_DIR/v*/logging.jsonl); with LORA_DOCTOR_RESULTS=FILE the full result of
 # every probe also goes to FILE. A failed probe stops the run.
 #
+# LEARNING_RATE: the optimizer's (default 1e-6).
 # SWIFT_PYTHON: the interpreter ms-swift is installed for (default: python); `-m swift.cli.main` is
 # what the `swift` command runs.
 set -euo pipefail
@@ -28,6 +29,6 @@ export LORA_DOCTOR_PROMPTS=${LORA_DOCTOR_PROMPTS:-$root/fixtures/prompts.jsonl}
     --vllm_engine_kwargs '{"load_format": "auto", "max_logprobs": -1, "worker_extension_cls": "lora_doctor.engine.worker.LoraDoctorWorker"}' \
     --external_plugins "$root/lora_doctor/integrations/swift_plugin/lora_doctor_swift.py" \
     --num_generations 2 --per_device_train_batch_size 2 --steps_per_generation 1 --max_completion_length 16 \
-    --max_steps 503 --learning_rate 1e-6 --logging_steps 1 --save_strategy no --report_to none \
+    --max_steps 503 --learning_rate "${LEARNING_RATE:-1e-6}" --logging_steps 1 --save_strategy no --report_to none \
     --dataloader_num_workers 0 --dataset_num_proc 1 \
     --output_dir "$output_dir"

@@ -33,6 +33,8 @@ SWIFT_SHIMS = ROOT / "tests" / "shims" / "swift"
 # an adapter at the next (#8233); 4.0.2 (PR #8275) syncs the unmerged base and the adapter.
 SWIFT_DOUBLE_COUNTS = "4.0.1"
 SWIFT_FIXED = "4.0.2"
+# What the healthy ms-swift run trains at (through the recipe's LEARNING_RATE).
+SWIFT_MOVING_LEARNING_RATE = "1e-3"
 
 
 def report(framework: str, results: list[dict], syncs: list[str]) -> None:
@@ -117,7 +119,7 @@ def free_port() -> int:
         return probe_socket.getsockname()[1]
 
 
-def swift_rlhf(version: str, output_dir: Path) -> tuple[subprocess.CompletedProcess, list[dict], list[dict]]:
+def swift_rlhf(version: str, output_dir: Path, extra_env: dict | None = None) -> tuple[subprocess.CompletedProcess, list[dict], list[dict]]:
     """examples/swift_grpo_probe.sh with ms-swift `version`: resume from the fixture checkpoint (step 500), 3 GRPO steps."""
     python = SWIFT_ENV / "bin" / "python"
     package = SWIFT_ENV / f"ms-swift-{version}"
@@ -131,6 +133,7 @@ def swift_rlhf(version: str, output_dir: Path) -> tuple[subprocess.CompletedProc
         # ms-swift's colocated engine joins a torch.distributed group: a port of its own per run.
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(free_port()),
+        **(extra_env or {}),
     }
     done = run(["bash", str(ROOT / "examples" / "swift_grpo_probe.sh"), str(output_dir)], env)
     assert results.is_file(), done.stdout[-3000:] + done.stderr[-3000:]
@@ -158,10 +161,21 @@ def test_swift_before_the_fix_double_counts_at_the_adapter_sync(tmp_path):
 
 
 def test_swift_fixed_version_is_ok_at_every_sync(tmp_path):
-    done, results, logged = swift_rlhf(SWIFT_FIXED, tmp_path)
+    # At a learning rate that moves the policy measurably between syncs (the recipe's 1e-6 does not:
+    # an engine still serving the previous adapter would read ok as well); the shims record how far.
+    moves = tmp_path / "policy-kl.json"
+    env = {"LEARNING_RATE": SWIFT_MOVING_LEARNING_RATE, "LORA_DOCTOR_TEST_POLICY_KL": str(moves)}
+    done, results, logged = swift_rlhf(SWIFT_FIXED, tmp_path / "run", env)
     report(f"ms-swift {SWIFT_FIXED}", results, ["full sync + adapter", "adapter sync", "adapter sync"])
     assert done.returncode == 0, done.stderr[-3000:]
     assert [r["name"] for r in results] == ["step-501", "step-502", "step-503"]
+    # The policy moved between consecutive probes by more than the probe's KL limit: ok at steps 502
+    # and 503 means the engine followed the policy.
+    moved = json.loads(moves.read_text())
+    print(f"ms-swift {SWIFT_FIXED} policy KL between probes {moved}, probe KL limits {[r['kl_limit'] for r in results[1:]]}")
+    assert len(moved) == 2
+    for kl, result in zip(moved, results[1:], strict=True):
+        assert result["kl_limit"] is not None and kl > result["kl_limit"]
     for result in results:
         assert result["with_adapter"] is True
         assert result["verdict"] == "ok", result["explanation"]

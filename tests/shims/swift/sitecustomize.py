@@ -84,12 +84,52 @@ def _vllm_lora_from_tensors(module):
     module.LoRAModel.from_lora_tensors = classmethod(load)
 
 
+def _record_policy_moves(module):
+    """Not a shim: test instrumentation, on only when LORA_DOCTOR_TEST_POLICY_KL names a file. At every
+    probe, the policy's own log-probs on the probe's prompts; the file gets, from the second probe on,
+    the mean KL over their tokens between the policy at a probe and at the probe before: what an engine
+    still serving the previous policy would show (tests/test_trainers.py compares it to the KL limit)."""
+    import json
+    import os
+
+    path = os.environ.get("LORA_DOCTOR_TEST_POLICY_KL")
+    if not path:
+        return
+    probe = module.SwiftProbe.on_pre_optimizer_step
+    seen = []
+
+    def recording(self, args, state, control, **kwargs):
+        import torch
+
+        probes = len(self.results)
+        control = probe(self, args, state, control, **kwargs)
+        if len(self.results) == probes:
+            return control
+        model, tokenizer = self.trainer.model, self.trainer.processing_class
+        prompts = [json.loads(line)["prompt"] for line in open(os.environ["LORA_DOCTOR_PROMPTS"]) if line.strip()]
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            seen.append([torch.log_softmax(model(**tokenizer(text, return_tensors="pt")).logits[0].float(), -1) for text in prompts])
+        model.train(was_training)
+        moves = []
+        for older, newer in zip(seen, seen[1:]):
+            kls = [(new.exp() * (new - old)).sum(-1) for new, old in zip(newer, older)]
+            moves.append(float(sum(kl.sum() for kl in kls) / sum(kl.numel() for kl in kls)))
+        with open(path, "w") as file:
+            json.dump(moves, file)
+        return control
+
+    module.SwiftProbe.on_pre_optimizer_step = recording
+
+
 SHIMS = {
     "trl.import_utils": _trl_bool_checks,
     "transformers.training_args": _transformers_training_args,
     "transformers.trainer": _transformers_trainer,
     "swift.rlhf_trainers.rollout_mixin": _swift_weight_push,
     "vllm.lora.lora_model": _vllm_lora_from_tensors,
+    "lora_doctor.integrations.ms_swift": _record_policy_moves,
 }
 
 
