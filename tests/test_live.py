@@ -167,3 +167,32 @@ def test_probe_on_a_policy_whose_loss_diverged_is_non_finite(llm):
     assert result.effective_scale is None
     assert len(result.layers) == 14
     assert [layer.module for layer in result.layers if layer.verdict == "non_finite"] == [module]
+
+
+def fresh_policy():
+    """A policy before its first optimizer step: PEFT's LoRA as created (B = 0), on the fixture's targets."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    return get_peft_model(AutoModelForCausalLM.from_pretrained(BASE), config)
+
+
+def test_probe_of_a_fresh_policy_says_there_is_nothing_to_tell_apart(llm):
+    # B = 0: merged or not, once or twice, every sync serves W0. Not "unresolved, problem found": the
+    # engine computes the policy, and the result says the LoRA is not measurable before the first step.
+    model = fresh_policy()
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": merged_weights(model)})
+    result = probe(llm, model, prompts=PROMPTS)
+    assert result.verdict == "ok" and result.ok, result.explanation
+    assert "B = 0" in result.explanation
+    assert result.effective_scale is None
+    assert result.kl_mean <= result.kl_limit
+
+
+def test_probe_of_a_fresh_policy_on_an_engine_holding_another_policy_is_not_ok(llm):
+    # The engine still serves the checkpoint's trained LoRA, merged: not the fresh policy's W0.
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": merged_weights(policy())})
+    result = probe(llm, fresh_policy(), prompts=PROMPTS)
+    assert result.verdict == "diverged" and not result.ok, result.explanation
+    assert "B = 0" in result.explanation and result.kl_mean > result.kl_limit

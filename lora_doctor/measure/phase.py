@@ -19,6 +19,7 @@ from .reference import Reference
 from .verdict import (
     ADAPTER_NOT_REQUESTED,
     DECODE_DIVERGED,
+    DIVERGED,
     EXPLANATIONS,
     MISSING,
     NON_FINITE,
@@ -106,12 +107,21 @@ class PhaseMeasurer:
             self.resolution = measure_resolution(phase_logits.reference_kl, self.thresholds)
         resolution = self.resolution
         verdict = logit_verdict(logits.kl_mean, fit, resolution, self.thresholds)
+        # The policy's LoRA changes no logit at any scale (B = 0: no optimizer step yet): every sync of
+        # it serves W0 alike. Nothing to tell apart; the engine only has to compute the policy.
+        zero_lora = resolution.signal_kl == 0.0 and finite(logits.kl_mean)
+        kl_limit = resolution.kl_limit if resolution.resolves else None
+        if zero_lora:
+            # The smallest disagreement this run's noise would let the logits resolve.
+            kl_limit = resolution.noise_kl * resolution.min_signal_to_noise
+            verdict = OK if logits.kl_mean <= kl_limit else DIVERGED
         layers: list[ModuleResult] = []
         not_read: list[dict] = []
         if self.module_read:
             say(f"phase {index + 1} '{name}': reading what the engine holds, per module")
             layers, not_read = self.layer_results(engine, lora_request)
-            verdict = refine_with_layers(verdict, [layer.verdict for layer in layers], complete=not not_read)
+            if not zero_lora:
+                verdict = refine_with_layers(verdict, [layer.verdict for layer in layers], complete=not not_read)
             clock.lap("layers")
         kl_previous = phase_logits.kl_previous
         if kl_previous is not None:
@@ -138,6 +148,16 @@ class PhaseMeasurer:
             route_kl = base_route_kl(self.reference, engine, self.token_ids)
             clock.lap("base_route")
         explanation = EXPLANATIONS[verdict]
+        if zero_lora:
+            held = (
+                "the engine computes it"
+                if verdict == OK
+                else "yet the engine's outputs differ from it: the engine holds something other than W0"
+            )
+            explanation = (
+                f"the policy's LoRA is zero (B = 0: no optimizer step yet), so every sync of it serves W0 alike; {held} "
+                f"(KL {logits.kl_mean:.2e}); how the engine applies the LoRA is measurable from the first step on"
+            )
         if verdict == SCALED:
             spec = self.reference.checkpoint.spec
             factor = fit.scale if resolution.resolves or not layers else median([layer.effective_scale for layer in layers])
@@ -146,7 +166,7 @@ class PhaseMeasurer:
         if verdict != OK and any(layer.verdict != OK for layer in layers):
             detail = describe_modules([(layer.module, layer.verdict) for layer in layers])
             explanation = f"{detail} — {explanation}" if verdict == PARTIAL else f"{explanation}; {detail}"
-        note = resolution_note(resolution, fit, bool(layers))
+        note = None if zero_lora else resolution_note(resolution, fit, bool(layers))
         if note:
             explanation = f"{explanation} ({note})"
         kept = [layer.merge_kept for layer in layers if layer.merge_kept is not None]
@@ -164,7 +184,7 @@ class PhaseMeasurer:
             verdict=verdict,
             explanation=explanation,
             # No scale explains NaN log-probs or NaN weights: the fit's minimum is then no figure.
-            effective_scale=None if verdict == NON_FINITE or not finite(logits.kl_mean, fit.kl) else fit.scale,
+            effective_scale=None if zero_lora or verdict == NON_FINITE or not finite(logits.kl_mean, fit.kl) else fit.scale,
             kl_at_scale=fit.kl,
             kl_mean=logits.kl_mean,
             kl_max=logits.kl_max,
@@ -175,8 +195,8 @@ class PhaseMeasurer:
             kl_per_token=logits.kl_per_token,
             kl_previous=kl_previous,
             seconds=clock.laps,
-            kl_limit=resolution.kl_limit if resolution.resolves else None,
-            decided_by=decided_by(resolution, bool(layers)),
+            kl_limit=kl_limit,
+            decided_by="logits" if zero_lora else decided_by(resolution, bool(layers)),
             merge_kept=sum(kept) / len(kept) if kept else None,
             warnings=warnings,
             modules_not_read=not_read,
