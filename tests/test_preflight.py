@@ -241,3 +241,17 @@ def test_bad_input(tmp_path, case):
     with pytest.raises(BadInput) as error:
         inspect_checkpoint(path, base=base)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "CohereForCausalLM", "ExaoneForCausalLM"])
+def test_the_embedding_lora_table_is_the_installed_vllms(arch):
+    # Llama and Qwen3 serve LoRA on the head and the embedding, Qwen2 on neither, Cohere on the
+    # embedding only: as each model class declares it in the installed vLLM.
+    from lora_doctor.engine.driver import import_vllm
+    from lora_doctor.engine.serving import EMBEDDING_LORA_ARCHITECTURES
+
+    import_vllm()
+    from vllm.model_executor.models.registry import ModelRegistry
+
+    declared = frozenset(getattr(ModelRegistry._try_load_model_cls(arch), "embedding_modules", None) or {})
+    assert EMBEDDING_LORA_ARCHITECTURES.get(arch, frozenset()) == declared

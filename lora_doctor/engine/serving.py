@@ -33,32 +33,61 @@ FALLBACK_ALLOWED_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 FALLBACK_DEFAULT_MAX_RANK = 16
 
 # HF architectures whose vLLM 0.32 model class declares `embedding_modules`, i.e. the only ones
-# on which vLLM serves LoRA on the input embedding / the LM head (model_executor/models/*.py,
-# mapped through model_executor/models/registry.py). Every other architecture (Llama, Qwen2,
-# Qwen3, Mistral, Gemma, ...) refuses such an adapter at load time.
+# on which vLLM serves LoRA on the input embedding / the LM head, with the modules it serves. Read
+# from the installed vLLM: `ModelRegistry._try_load_model_cls(arch).embedding_modules` for every
+# architecture of model_executor/models/registry.py's text-generation table. Every other
+# architecture (Qwen2, Gemma, ...) refuses such an adapter at load time.
 EMBEDDING_LORA_ARCHITECTURES: dict[str, frozenset[str]] = {
     **{
         arch: frozenset({"embed_tokens", "lm_head"})
         for arch in (
+            "ApertusForCausalLM",
+            "DeciLMForCausalLM",
+            "Ernie4_5ForCausalLM",
+            "Exaone4ForCausalLM",
+            "ExaoneMoEForCausalLM",
+            "ExaoneMoeForCausalLM",
+            "FalconH1ForCausalLM",
             "GraniteForCausalLM",
-            "GraniteSWAForCausalLM",
             "GraniteMoeForCausalLM",
-            "GraniteMoeSharedForCausalLM",
+            "GraniteMoeHybridForCausalLM",
             "GraniteMoeSWAForCausalLM",
+            "GraniteMoeSharedForCausalLM",
+            "GraniteSWAForCausalLM",
             "HyperCLOVAXForCausalLM",
+            "IQuestCoderForCausalLM",
+            "InternLM3ForCausalLM",
             "JambaForCausalLM",
-            "JambaForSequenceClassification",
             "K2HorizonForCausalLM",
+            "LLaMAForCausalLM",
+            "Lfm2ForCausalLM",
+            "Lfm2MoeForCausalLM",
+            "Llama4ForCausalLM",
+            "LlamaForCausalLM",
+            "MiniCPM3ForCausalLM",
+            "MiniCPMForCausalLM",
             "MixtralForCausalLM",
             "NemotronForCausalLM",
             "NemotronHForCausalLM",
             "NemotronHPuzzleForCausalLM",
+            "Param2MoEForCausalLM",
+            "Phi3ForCausalLM",
             "PhiMoEForCausalLM",
+            "Qwen3ForCausalLM",
+            "Qwen3MoeForCausalLM",
+            "Qwen3_5ForCausalLM",
+            "Qwen3_5MoeForCausalLM",
+            "SolarForCausalLM",
+            "TeleChat2ForCausalLM",
+            "TeleChat3ForCausalLM",
+            "TeleFLMForCausalLM",
         )
     },
-    "ExaoneForCausalLM": frozenset({"wte", "lm_head"}),
-    "CohereForCausalLM": frozenset({"embed_tokens"}),
     "Cohere2ForCausalLM": frozenset({"embed_tokens"}),
+    "CohereForCausalLM": frozenset({"embed_tokens"}),
+    "ExaoneForCausalLM": frozenset({"lm_head", "wte"}),
+    "InklingForCausalLM": frozenset({"lm_head"}),
+    "InklingForConditionalGeneration": frozenset({"lm_head"}),
 }
 # Inits that rewrite the base weights when PEFT loads the adapter (vLLM refuses them).
 BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "loftq")
