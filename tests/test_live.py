@@ -196,3 +196,45 @@ def test_probe_of_a_fresh_policy_on_an_engine_holding_another_policy_is_not_ok(l
     result = probe(llm, fresh_policy(), prompts=PROMPTS)
     assert result.verdict == "diverged" and not result.ok, result.explanation
     assert "B = 0" in result.explanation and result.kl_mean > result.kl_limit
+
+
+@pytest.mark.parametrize(("rollouts_name_the_adapter", "verdict"), [(True, "ok"), (False, "adapter_not_requested")])
+def test_the_callback_probes_the_route_the_trainers_rollouts_took(llm, tmp_path, rollouts_name_the_adapter, verdict):
+    # The trainer syncs its adapter correctly; its rollouts then either name it or not (ms-swift #9855).
+    # The integration's own guess (`lora_request=`) is always the right request: only the recorded
+    # route can tell the second run apart.
+    from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+    from vllm import SamplingParams
+
+    from lora_doctor.live import RouteRecorder
+
+    tokenizer = AutoTokenizer.from_pretrained(BASE)
+    dataset = [dict(input_ids=ids, labels=ids) for ids in (tokenizer(f"{a} plus {a} is {2 * a}").input_ids for a in range(4))]
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(base_weights().items())})
+
+    class SyncThenRollouts(TrainerCallback):
+        request = None
+
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            folder = tmp_path / f"step-{state.global_step + 1}"
+            model.save_pretrained(str(folder))
+            SyncThenRollouts.request = lora_request(folder, 200 + state.global_step + (0 if rollouts_name_the_adapter else 50))
+            llm.llm_engine.add_lora(SyncThenRollouts.request)
+            named = SyncThenRollouts.request if rollouts_name_the_adapter else None
+            llm.generate(["1 plus 1 is"], SamplingParams(max_tokens=4, temperature=0.0), lora_request=named, use_tqdm=False)
+
+    model = policy(trainable=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"), max_steps=1, per_device_train_batch_size=1, learning_rate=1e-6,
+        report_to=[], save_strategy="no", use_cpu=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=dataset)
+    doctor = LoraDoctorCallback(
+        trainer, llm, lora_request=lambda: SyncThenRollouts.request, prompts=PROMPTS, route=lambda: RouteRecorder(llm, "generate")
+    )
+    trainer.add_callback(doctor)  # before the rollouts' callback: the recorder is installed first
+    trainer.add_callback(SyncThenRollouts())
+    trainer.train()
+    assert doctor.routes == ["the trainer's rollouts"]
+    (result,) = doctor.results
+    assert result.verdict == verdict, result.explanation
