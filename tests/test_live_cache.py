@@ -17,10 +17,12 @@ from lora_doctor.measure.prompts import DEFAULT_PROMPTS
 ROLLOUT_PROMPTS = DEFAULT_PROMPTS
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def llm():
     """The trainer's engine: LoRA, full-vocabulary log-probs, lora-doctor's worker extension, and
-    vLLM's defaults for the rest (prefix caching on)."""
+    vLLM's defaults for the rest (prefix caching on). Kept for the session, as `conftest.user_engine`
+    says why: a collected in-process `vllm.LLM` shuts down vLLM's process-wide parallel state under
+    every other in-process engine (the session's checker then fails every request)."""
     from vllm import LLM
 
     with engine_environment():
