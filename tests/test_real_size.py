@@ -48,13 +48,21 @@ def test_every_module_holds_both_parts_the_sync_put_there(results, plan, dtype, 
             assert layer["slot_part"] == pytest.approx(slot, abs=PART_TOLERANCE), (phase["name"], layer)
 
 
-@pytest.mark.parametrize("size", matrix.SIZES)
-def test_bf16_logits_cannot_resolve_a_real_size_lora_and_say_so(results, size):
-    for plan, report in results[("bfloat16", size)].items():
+def test_bf16_logits_cannot_resolve_a_2e_3_lora_and_say_so(results):
+    for plan, report in results[("bfloat16", "2e-3")].items():
         assert report["resolution"]["logits_resolve"] is False
         for phase in report["phases"]:
             assert phase["decided_by"] == "modules", plan
             assert "cannot resolve this LoRA at this precision" in phase["explanation"]
+
+
+def test_bf16_logits_resolve_a_1e_2_lora_on_a_long_prompt(results):
+    # The matrix's third prompt sits behind the built-in 142-token system prompt: it carries most of
+    # the signal (signal/noise 44 measured, against 2.0 on the two short prompts alone).
+    for plan, report in results[("bfloat16", "1e-2")].items():
+        assert report["resolution"]["logits_resolve"] is True, plan
+        for phase in report["phases"]:
+            assert phase["decided_by"] == "logits and modules", plan
 
 
 @pytest.mark.parametrize("size", matrix.SIZES)
