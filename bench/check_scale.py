@@ -132,7 +132,7 @@ def main() -> None:
             compare_paths(model_dir, min(args.tokens, 120))
         rows = []
         for count in (int(c) for c in args.prompts.split(",")):
-            prompts = Path(tmp) / f"prompts-{count}.jsonl"
+            prompts = folder / f"prompts-{count}.jsonl"  # kept with --keep (for bench/rss_trace.py)
             positions = write_prompts(prompts, count, args.tokens)
             report_path = Path(tmp) / f"report-{count}.json"
             code, wall, rss = run_check(model_dir, args.plan, prompts, report_path)
