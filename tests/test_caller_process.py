@@ -17,6 +17,16 @@ SCRIPT = ROOT / "tests" / "caller_process.py"
 GIB = 1 << 30
 
 
+def run_caller_script(script: str) -> dict:
+    """A caller's own Python script, in a fresh process with none of the session's VLLM_* variables;
+    what it printed after the mark."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("VLLM_")}
+    env.update(PYTHONPATH=str(ROOT), OMP_WAIT_POLICY="PASSIVE")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(next(line for line in done.stdout.splitlines() if line.startswith(MARK)).removeprefix(MARK))
+
+
 def test_an_engine_built_after_the_gate_has_the_callers_settings():
     # The caller's process: its own KV cache size, vLLM's defaults for everything else (multiprocessing
     # on, INFO logging), none of the variables the test session sets for its in-process engines.
@@ -65,11 +75,7 @@ def test_a_check_that_fails_while_measuring_the_noise_still_closes_its_engine(tm
         "after = (logger.level, list(logger.handlers), torch.set_num_threads)\n"
         "print('caller-process: ' + json.dumps({'raised': raised, 'closed': after == before}), flush=True)\n"
     )
-    env = {name: value for name, value in os.environ.items() if not name.startswith("VLLM_")}
-    env.update(PYTHONPATH=str(ROOT), OMP_WAIT_POLICY="PASSIVE")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    seen = json.loads(next(line for line in done.stdout.splitlines() if line.startswith(MARK)).removeprefix(MARK))
+    seen = run_caller_script(script)
     assert seen["raised"] is not None and seen["closed"] is True, seen
 
 
@@ -90,10 +96,6 @@ def test_a_check_run_beside_the_trainers_in_process_engine_leaves_it_serving(tmp
         "after = trainer.generate(['The capital of France is'], params, use_tqdm=False)[0].outputs[0].token_ids\n"
         "print('caller-process: ' + json.dumps({'verdict': report.verdict, 'before': list(before), 'after': list(after)}), flush=True)\n"
     )
-    env = {name: value for name, value in os.environ.items() if not name.startswith("VLLM_")}
-    env.update(PYTHONPATH=str(ROOT), OMP_WAIT_POLICY="PASSIVE")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    seen = json.loads(next(line for line in done.stdout.splitlines() if line.startswith(MARK)).removeprefix(MARK))
+    seen = run_caller_script(script)
     assert seen["verdict"] == "pass"
     assert len(seen["before"]) == 8 and seen["after"] == seen["before"]
