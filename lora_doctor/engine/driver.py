@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -465,10 +465,7 @@ class Engine:
                 shutdown = getattr(self.core, "engine_core", None)
                 del self.llm
                 if shutdown is not None and hasattr(shutdown, "shutdown"):
-                    if self._shared_parallel_state:
-                        with keeping_parallel_state():
-                            shutdown.shutdown()
-                    else:
+                    with keeping_parallel_state() if self._shared_parallel_state else nullcontext():
                         shutdown.shutdown()
         finally:
             self._restore_process()

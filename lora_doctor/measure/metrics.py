@@ -267,7 +267,8 @@ def fit_scale(
         node = measure(alpha)
         points[alpha] = node.kl
         if node.kl >= points[best]:
-            step, alternative = (alternative, None) if alternative is not None else (_step_back(best, alpha, node), None)
+            step = alternative if alternative is not None else _step_back(best, alpha, node)
+            alternative = None
             continue
         alternative = None
         best, step = alpha, node.step if node.step is not None else _newton_step(node)
