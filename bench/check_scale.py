@@ -4,7 +4,8 @@ Builds the model itself, no download: the bundled tiny-qwen2 with its embedding 
 lm_head) grown to Qwen2's 151,936 rows; the bundled adapter unchanged. Then runs the check
 (default plan swift-colocate-lora: phase 1 ok, phase 2 double_counted) as a fresh process at ~2k, ~4k and
 ~8k prompt positions (prompts of ~200 tokens) and prints per run: positions, peak RSS, wall, the
-verdicts and the breakdown (reference, engine start, engine requests, fit, per-module read).
+verdicts and the breakdown (reference, engine start, engine requests, fit, per-module read), and
+the peak the formula in docs/memory.md gives for the run.
 Targets (printed, not asserted): right verdicts and ≤ 6 GB peak RSS at ~4k positions; from 4k to 8k
 positions peak RSS grows ≤ 10% and wall at most linearly; the fit ≤ 20% of a phase's time; the decode
 path (rollouts generated through the prefix cache, their full-vocabulary log-probs, the reference
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -32,6 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's lora_doctor, as the checks it runs (cwd = ROOT) use
 FIXTURES = ROOT / "fixtures"
 QWEN2_VOCAB = 151_936
+# docs/memory.md: Python, torch, transformers and vLLM; the comparison's row blocks and what the allocator keeps of them.
+M_RUNTIME = 1.0e9
+M_BLOCKS = 0.25e9
 ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_WAIT_POLICY": "PASSIVE", "VLLM_LOGGING_LEVEL": "ERROR"}
 
 
@@ -69,6 +74,25 @@ def write_prompts(path: Path, count: int, tokens: int) -> int:
             out.write(json.dumps({"prompt": text + questions[k % len(questions)]}) + "\n")
             positions += len(tokenizer(text + questions[k % len(questions)], verbose=False).input_ids) - 1
     return positions
+
+
+def formula_gb(model_dir: Path, prompts: Path, kv_gib: float = 1.0) -> float:
+    """Peak resident memory by docs/memory.md's formula, in GB (float32: b = 4):
+    M_runtime + 2·P·b + KV + (C + 4·L)·V·4 bytes + M_blocks."""
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    from lora_doctor.measure.logit_pass import CHUNK_POSITIONS
+
+    parameters = 0
+    for path in model_dir.glob("*.safetensors"):
+        with safe_open(path, "pt") as weights:
+            parameters += sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    texts = [json.loads(line)["prompt"] for line in prompts.read_text().splitlines() if line.strip()]
+    longest = max(len(tokenizer(text, verbose=False).input_ids) for text in texts)
+    chunk = max(CHUNK_POSITIONS, longest)
+    return (M_RUNTIME + 2 * parameters * 4 + kv_gib * (1 << 30) + (chunk + 4 * longest) * QWEN2_VOCAB * 4 + M_BLOCKS) / 1e9
 
 
 def run_check(model_dir: Path, plan: str, prompts: Path, report: Path) -> tuple[int, float, float]:
@@ -138,11 +162,11 @@ def main() -> None:
             code, wall, rss = run_check(model_dir, args.plan, prompts, report_path)
             report = json.loads(report_path.read_text())
             rows.append((count, positions, code, wall, rss, report))
-            _print_run(count, positions, code, wall, rss, report)
+            _print_run(count, positions, code, wall, rss, report, formula_gb(model_dir, prompts))
         _print_scaling(rows)
 
 
-def _print_run(count, positions, code, wall, rss, report) -> None:
+def _print_run(count, positions, code, wall, rss, report, formula) -> None:
     phases = report["phases"]
     step = lambda name: sum(p["seconds"].get(name, 0.0) for p in phases)  # noqa: E731
     verdicts = ", ".join(f"{p['name']} {p['verdict']} α={p['effective_scale']:.3f}" for p in phases)
@@ -150,7 +174,7 @@ def _print_run(count, positions, code, wall, rss, report) -> None:
     right = expected is None or [p["verdict"] for p in phases] == expected
     phase_total = sum(sum(p["seconds"].values()) for p in phases)
     print(f"\n{count} prompts, {positions} positions, vocab {QWEN2_VOCAB:,}: exit {code}, {verdicts} ({'as expected' if right else 'WRONG'})")
-    print(f"  peak RSS {rss:.2f} GB (target at ~4k positions: <= 6 GB)   wall {wall:.1f} s")
+    print(f"  peak RSS {rss:.2f} GB (docs/memory.md's formula: {formula:.2f} GB; target at ~4k positions: <= 6 GB)   wall {wall:.1f} s")
     print(f"  reference load + greedy {report['seconds']['reference']:.1f} s   engine start {report['seconds']['engine_start']:.1f} s")
     decode = step("decode") + step("decode_no_cache")
     generated = sum(p.get("decode_positions", 0) for p in phases)

@@ -82,16 +82,17 @@ def test_chunked_streamed_figures_equal_the_whole_set(checker, scale, adapter):
 def test_scale_fit_within_a_hundredth_in_at_most_eight_reference_forwards(checker, scale):
     request = synced(checker, scale)
     reference = checker.measurer.reference
-    forwards = []
-    own = reference.prompt_logprobs
+    forwards = []  # the α of every pass of the reference over the prompts (each begins at the first)
+    own, first = reference.prompt_logprobs, checker.measurer.token_ids[0]
 
     def counted(prompts, alpha=1.0, adapter=None):
-        forwards.append(alpha)
+        if prompts[0] == first:
+            forwards.append(alpha)
         return own(prompts, alpha, adapter)
 
     reference.prompt_logprobs = counted
     try:
-        figures = measure(checker, request, chunk_positions=10_000)  # one chunk: one call per forward
+        figures = measure(checker, request, chunk_positions=10_000)
     finally:
         del reference.prompt_logprobs
     assert figures.fit.scale == pytest.approx(scale, abs=0.01)
@@ -110,10 +111,11 @@ def test_scale_fit_off_the_nodes_within_a_hundredth_in_at_most_eight_forwards(ch
 
     reference = checker.measurer.reference
     own, own_measure = reference.prompt_logprobs, check.measure_logits
-    passes = []  # per logit pass: the α of every reference forward of the current LoRA, and the figures
+    first = checker.measurer.token_ids[0]
+    passes = []  # per logit pass: the α of every reference pass over the prompts (of the current LoRA), and the figures
 
     def counted(prompts, alpha=1.0, adapter=None):
-        if adapter is None:
+        if adapter is None and prompts[0] == first:
             passes[-1][0].append(alpha)
         return own(prompts, alpha, adapter)
 

@@ -1,8 +1,9 @@
 """One phase's logit figures, streamed over chunks of prompts so memory does not grow with them.
 
 A (positions × vocab) float32 table is 2.4 GB at 4k positions and a 151,936-token vocabulary, so no
-table outlives its chunk of prompts. Pass 1 takes, per chunk, the engine's table and the reference's
-at α = 0, 1, 2 and keeps only per-token sums (`metrics.NodeTally`). The scale fit works on the first
+table outlives its chunk of prompts. Pass 1 takes the engine's tables a chunk at a time (one batch of
+requests) and the reference's at α = 0, 1, 2 a prompt at a time, and keeps only per-token sums
+(`metrics.NodeTally`). The scale fit works on the first
 prompts (≥ FIT_CHECK_POSITIONS positions): their engine tables go to a temporary file when there is
 more than one chunk, and a fit that needs the reference at another α reads them back, one chunk at a
 time, instead of asking the engine again. (Spilling every prompt's tables wrote 5 GB at 8k positions
@@ -36,9 +37,10 @@ from .metrics import (
 )
 from .reference import PREVIOUS_ADAPTER
 
-# Prompt positions per chunk. A phase's peak holds about three (chunk × vocab) float32 tables plus
-# four of the longest prompt (measured: +1.4 GB at 512 positions, a 151,936-token vocabulary and
-# ~200-token prompts); larger chunks save little time, small vocabularies fit every prompt in one.
+# Prompt positions per chunk: the engine's requests of a chunk go as one batch. A phase's peak holds
+# the engine's (chunk × vocab) float32 tables plus four of the longest prompt (the reference's three
+# and a slope; measured: +1.0 GB at ~420-position chunks, a 151,936-token vocabulary and ~212-token
+# prompts); larger chunks save little time, small vocabularies fit every prompt in one.
 CHUNK_POSITIONS = 512
 # Positions the fit's Gauss-Newton steps look at (the first prompts, whole): when the engine is the
 # reference at some α every token has its minimum there, so a sample finds it.
@@ -119,27 +121,29 @@ def measure_logits(
                 stored.add(engine_tables)
 
             started = time.perf_counter()
-            at = [reference.prompt_logprobs(ids, alpha) for alpha in NODE_SLOPES]
-            for n, table in enumerate(engine_tables):
-                tables = [per_scale[n] for per_scale in at]
+            # The reference goes prompt by prompt (it runs one prompt per forward anyway): its three
+            # tables are one prompt's, not the chunk's, beside the engine's tables of the chunk.
+            for n, prompt in enumerate(ids):
+                table = engine_tables[n]
+                tables = [reference.prompt_logprobs([prompt], alpha)[0] for alpha in NODE_SLOPES]
                 for alpha, own in zip(NODE_SLOPES, tables, strict=True):
                     kl = nodes[alpha].add(table, own, node_slope(alpha, tables))
                     if alpha == 1.0:
                         tokens.add(own, table, kl)
                 for alpha in reference_kl:
                     reference_kl[alpha] += float(kl_per_token(tables[1], tables[int(alpha)]).sum())
+                del tables, own
+                if previous:
+                    (own,) = reference.prompt_logprobs([prompt], 1.0, PREVIOUS_ADAPTER)
+                    previous_kl.append(kl_per_token(own, table))
+                    del own
                 if sample is None and nodes[1.0].tokens >= FIT_SAMPLE_POSITIONS:
                     sample = {alpha: copy.copy(tally) for alpha, tally in nodes.items()}
                     sample_count = tokens.prompts
                 if check is None and nodes[1.0].tokens >= FIT_CHECK_POSITIONS:
                     check = {alpha: copy.copy(tally) for alpha, tally in nodes.items()}
                     check_count = tokens.prompts
-            del at, tables
-            if previous:
-                previous_tables = reference.prompt_logprobs(ids, 1.0, PREVIOUS_ADAPTER)
-                previous_kl += [kl_per_token(p, e) for p, e in zip(previous_tables, engine_tables, strict=True)]
-                del previous_tables
-            del engine_tables
+            del engine_tables, table
             seconds["reference"] += time.perf_counter() - started
 
         sample, check = sample or nodes, check or nodes
@@ -156,18 +160,17 @@ def measure_logits(
             """The objective, its slope and the tangent's minimum at a new α over the sample."""
             tally, tangent = NodeTally(higher=True), []
             for ids, engine_tables in first_prompts(sample_count):
-                own = reference.prompt_logprobs(ids, alpha)
-                ahead = reference.prompt_logprobs(ids, alpha + SLOPE_STEP)
-                for n, table in enumerate(engine_tables):
-                    at_alpha, at_ahead = own[n], ahead[n]
-                    own[n] = ahead[n] = None  # each prompt's two tables give way to its tangent's two
+                for prompt, table in zip(ids, engine_tables, strict=True):
+                    (at_alpha,) = reference.prompt_logprobs([prompt], alpha)
+                    (at_ahead,) = reference.prompt_logprobs([prompt], alpha + SLOPE_STEP)
                     slope = (at_ahead - at_alpha) / SLOPE_STEP
                     tally.add(table, at_alpha, slope)
                     # The tangent at the midpoint, where the difference is the slope to second order.
                     room = TANGENT_POSITIONS - sum(len(t[0]) for t in tangent)
                     if room > 0:
-                        tangent.append((table[:room], at_alpha[:room].add(at_ahead[:room]).div_(2), slope[:room]))
-                    del at_alpha, at_ahead
+                        # Copies: a view would keep the prompt's whole table alive through the steps.
+                        tangent.append((table[:room].clone(), at_alpha[:room].add(at_ahead[:room]).div_(2), slope[:room].clone()))
+                    del at_alpha, at_ahead, slope
             node, middle = tally.node(), alpha + SLOPE_STEP / 2
             step = tangent_minimum(tangent, scale_range[0] - middle, scale_range[1] - middle)
             return dataclasses.replace(node, step=step + SLOPE_STEP / 2)
@@ -176,8 +179,8 @@ def measure_logits(
             """The objective at a new α over the prompts the fitted α is judged on."""
             total, count = 0.0, 0
             for ids, engine_tables in first_prompts(check_count):
-                for table, own in zip(engine_tables, reference.prompt_logprobs(ids, alpha), strict=True):
-                    kl = kl_per_token(own, table)
+                for prompt, table in zip(ids, engine_tables, strict=True):
+                    kl = kl_per_token(reference.prompt_logprobs([prompt], alpha)[0], table)
                     total, count = total + float(kl.sum()), count + len(kl)
             return total / max(count, 1)
 

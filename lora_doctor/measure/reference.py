@@ -101,6 +101,7 @@ class Reference:
             for ids in prompts:
                 logits = self.model(input_ids=torch.tensor([ids], device=self.device)).logits[0, :-1]
                 out.append(torch.log_softmax(logits.float(), dim=-1).cpu())
+                del logits  # before the next prompt's forward, not after it
             return out
         finally:
             self.set_scale(1.0, adapter)
@@ -129,6 +130,7 @@ class Reference:
             except TypeError:  # a model class without logits_to_keep: project every position
                 logits = self.model(input_ids=sequence).logits[0, -keep:-1]
             out.append(torch.log_softmax(logits.float(), dim=-1).cpu())
+            del logits
         return out
 
     def _own_scaling(self, adapter: str) -> dict[tuple[int, str], float]:
