@@ -123,8 +123,7 @@ def measure_logits(
             started = time.perf_counter()
             # The reference goes prompt by prompt (it runs one prompt per forward anyway): its three
             # tables are one prompt's, not the chunk's, beside the engine's tables of the chunk.
-            for n, prompt in enumerate(ids):
-                table = engine_tables[n]
+            for prompt, table in zip(ids, engine_tables, strict=True):
                 tables = [reference.prompt_logprobs([prompt], alpha)[0] for alpha in NODE_SLOPES]
                 for alpha, own in zip(NODE_SLOPES, tables, strict=True):
                     kl = nodes[alpha].add(table, own, node_slope(alpha, tables))
