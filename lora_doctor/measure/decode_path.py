@@ -90,7 +90,7 @@ def base_route_kl(reference, engine, token_ids: list[list[int]], positions: int 
         if count >= positions:
             break
         engine_table = engine.prompt_logprobs([ids], None)[0]
-        own = reference.prompt_logprobs([ids], 0.0)[0]
+        own = reference.prompt_table(ids, 0.0)
         kl = kl_per_token(own, engine_table)
         total, count = total + float(kl.sum()), count + len(kl)
     return total / max(count, 1)

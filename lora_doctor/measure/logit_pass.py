@@ -124,7 +124,7 @@ def measure_logits(
             # The reference goes prompt by prompt (it runs one prompt per forward anyway): its three
             # tables are one prompt's, not the chunk's, beside the engine's tables of the chunk.
             for prompt, table in zip(ids, engine_tables, strict=True):
-                tables = [reference.prompt_logprobs([prompt], alpha)[0] for alpha in NODE_SLOPES]
+                tables = [reference.prompt_table(prompt, alpha) for alpha in NODE_SLOPES]
                 for alpha, own in zip(NODE_SLOPES, tables, strict=True):
                     kl = nodes[alpha].add(table, own, node_slope(alpha, tables))
                     if alpha == 1.0:
@@ -133,9 +133,7 @@ def measure_logits(
                     reference_kl[alpha] += float(kl_per_token(tables[1], tables[int(alpha)]).sum())
                 del tables, own
                 if previous:
-                    (own,) = reference.prompt_logprobs([prompt], 1.0, PREVIOUS_ADAPTER)
-                    previous_kl.append(kl_per_token(own, table))
-                    del own
+                    previous_kl.append(kl_per_token(reference.prompt_table(prompt, 1.0, PREVIOUS_ADAPTER), table))
                 if sample is None and nodes[1.0].tokens >= FIT_SAMPLE_POSITIONS:
                     sample = {alpha: copy.copy(tally) for alpha, tally in nodes.items()}
                     sample_count = tokens.prompts
@@ -160,8 +158,8 @@ def measure_logits(
             tally, tangent = NodeTally(higher=True), []
             for ids, engine_tables in first_prompts(sample_count):
                 for prompt, table in zip(ids, engine_tables, strict=True):
-                    (at_alpha,) = reference.prompt_logprobs([prompt], alpha)
-                    (at_ahead,) = reference.prompt_logprobs([prompt], alpha + SLOPE_STEP)
+                    at_alpha = reference.prompt_table(prompt, alpha)
+                    at_ahead = reference.prompt_table(prompt, alpha + SLOPE_STEP)
                     slope = (at_ahead - at_alpha) / SLOPE_STEP
                     tally.add(table, at_alpha, slope)
                     # The tangent at the midpoint, where the difference is the slope to second order.
@@ -179,7 +177,7 @@ def measure_logits(
             total, count = 0.0, 0
             for ids, engine_tables in first_prompts(check_count):
                 for prompt, table in zip(ids, engine_tables, strict=True):
-                    kl = kl_per_token(reference.prompt_logprobs([prompt], alpha)[0], table)
+                    kl = kl_per_token(reference.prompt_table(prompt, alpha), table)
                     total, count = total + float(kl.sum()), count + len(kl)
             return total / max(count, 1)
 

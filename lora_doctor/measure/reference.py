@@ -107,6 +107,10 @@ class Reference:
             self.set_scale(1.0, adapter)
             self.model.set_adapter(self.adapter)
 
+    def prompt_table(self, ids: list[int], scale: float = 1.0, adapter: str | None = None) -> torch.Tensor:
+        """One prompt's `(len-1, vocab)` table: what the logit pass holds of the reference at a time."""
+        return self.prompt_logprobs([ids], scale, adapter)[0]
+
     def _own_rows(self, adapter: str) -> dict[tuple[int, str], torch.Tensor]:
         return {
             (id(m), adapter): m.trainable_tokens_delta[adapter].detach().clone()
