@@ -5,7 +5,7 @@ the ratio is the figure to compare across machines (target: at most 1.5). From t
 JSON report it also prints where the check's time goes, including the per-layer weight read as a
 fraction of the whole check.
 
-    python bench/check_overhead.py [--plan swift-colocate-lora] [--repeat 1]
+    python bench/check_overhead.py [--plan swift-colocate-lora] [--checkpoint fixtures/checkpoint-500] [--repeat 1]
 """
 
 from __future__ import annotations
@@ -47,14 +47,18 @@ def timed(command: list[str], env: dict[str, str]) -> tuple[float, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--plan", default="swift-colocate-lora")
+    parser.add_argument("--checkpoint", type=Path, default=CHECKPOINT, help="the adapter; the bare engine loads its base")
     parser.add_argument("--repeat", type=int, default=1)
     args = parser.parse_args()
 
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="ERROR")
     lora_doctor = Path(sys.executable).with_name("lora-doctor")
     with tempfile.TemporaryDirectory() as tmp:
-        check_cmd = [str(lora_doctor), "check", str(CHECKPOINT), "--plan", args.plan, "--prompts", str(PROMPTS), "--json", f"{tmp}/r.json", "-q"]
-        bare_cmd = [sys.executable, "-c", BARE_ENGINE, str(BASE), str(PROMPTS)]
+        checkpoint = args.checkpoint.resolve()
+        # The base the adapter names (relative to its folder, as the fixtures write it).
+        base = (checkpoint / json.loads((checkpoint / "adapter_config.json").read_text())["base_model_name_or_path"]).resolve()
+        check_cmd = [str(lora_doctor), "check", str(checkpoint), "--plan", args.plan, "--prompts", str(PROMPTS), "--json", f"{tmp}/r.json", "-q"]
+        bare_cmd = [sys.executable, "-c", BARE_ENGINE, str(base), str(PROMPTS)]
         checks, bares, reports = [], [], []
         for _ in range(args.repeat):
             bare, code = timed(bare_cmd, env)
