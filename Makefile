@@ -15,7 +15,7 @@ SWIFT_VENV ?= .venv-swift
 SWIFT_VERSIONS := 4.0.1 4.0.2
 SWIFT_STAMP := $(SWIFT_VENV)/.installed
 
-.PHONY: install swift-env demo test bench clean
+.PHONY: install swift-env demo test test-quick bench clean
 
 install: $(STAMP)
 
@@ -58,6 +58,11 @@ test: install swift-env
 	@# Lint first: undefined names and unused imports are bugs the happy path never reaches.
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+# The inner loop: every test but those that build engines of their own or run a trainer (docs/testing.md).
+test-quick: install
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -m "not slow"
 
 bench: install
 	$(BIN)/python bench/check_overhead.py

@@ -175,6 +175,7 @@ class Checker:
         if isinstance(plan, str):
             plan = get_plan(plan)
         _require_previous(plan, self.previous)
+        self._close_sync()
         sync = Sync(self.engine, self.checkpoint, self.reference, self._measure, self.previous, self.token_ids, self.max_new_tokens)
         self._sync = sync
         started = time.perf_counter()
@@ -203,7 +204,16 @@ class Checker:
         return self.measurer(self.engine, len(self._sync.phases), name, lora_request, self.say, adapters_loaded)
 
     def close(self) -> None:
-        self.engine.close()
+        try:
+            self.engine.close()
+        finally:
+            self._close_sync()
+
+    def _close_sync(self) -> None:
+        sync = getattr(self, "_sync", None)
+        if sync is not None:
+            sync.close()
+            self._sync = None
 
     def __enter__(self) -> Checker:
         return self

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from .errors import LoraDoctorError
+
 
 @dataclass
 class Captured:
@@ -31,9 +33,11 @@ class Captured:
 def engine_output_to_log(enabled: bool = True) -> Iterator[Captured]:
     """Send everything written to stdout/stderr inside the block to a log file.
 
-    The log is deleted when the block succeeds; when it raises, the log is kept and its path is set
-    on the exception as `engine_log`, so the one-line error can point to it.
+    The log is deleted when the block succeeds, and when it raises an error the user's one line does
+    not point it to (bad input, a measured problem); otherwise (the environment's failure, a crash)
+    the log is kept and its path is set on the exception as `engine_log`, for the line to name it.
     """
+
     if not enabled:
         yield Captured(sys.stderr, None)
         return
@@ -45,12 +49,13 @@ def engine_output_to_log(enabled: bool = True) -> Iterator[Captured]:
     for fd in saved:
         os.dup2(handle, fd)
     os.close(handle)
-    failed = False
+    kept = False
     try:
         yield Captured(user_stderr, Path(name))
     except BaseException as error:
-        failed = True
-        error.engine_log = Path(name)
+        kept = not isinstance(error, LoraDoctorError) or error.exit_code == 3
+        if kept:
+            error.engine_log = Path(name)
         raise
     finally:
         sys.stdout.flush()
@@ -59,7 +64,7 @@ def engine_output_to_log(enabled: bool = True) -> Iterator[Captured]:
             os.dup2(copy, fd)
             os.close(copy)
         user_stderr.close()
-        if not failed:
+        if not kept:
             Path(name).unlink(missing_ok=True)
 
 

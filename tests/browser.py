@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from processes import run_process
 
 ROOT = Path(__file__).resolve().parents[1]
 CANDIDATES = ("/usr/bin/chromium", "chromium", "chromium-browser", "/usr/bin/chromium-browser", "/snap/bin/chromium")
@@ -70,7 +71,7 @@ def run_chromium(url: str, *args: str, timeout: float = 120) -> subprocess.Compl
     with tempfile.TemporaryDirectory(prefix="lora-doctor-chromium-") as profile:
         command = [binary, *FLAGS, f"--user-data-dir={profile}", *args, url]
         env = dict(os.environ, HOME=profile)  # keep Chromium's dot-directories out of the real home
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+        done = run_process(command, timeout=timeout, env=env)
     if done.returncode != 0:
         raise AssertionError(
             f"chromium exited {done.returncode}: {' '.join(command)}\n--- stderr ---\n{done.stderr[-4000:]}"

@@ -1,9 +1,7 @@
-"""Measure the Qwen2.5-VL fixture on a real vLLM engine, in a process of its own.
-
-Run as `python tests/multimodal_engine.py ADAPTER RENAMED_ADAPTER` (cwd = the repository root); prints
-one JSON object of mean KL values. The engine gets its own process because the test session already
-holds an in-process engine (conftest's `checker`), and shutting a second one down in the same process
-leaves vLLM's process-wide state unusable for the first.
+"""Measure the Qwen2.5-VL fixture on a real vLLM engine: `main(ADAPTER, RENAMED_ADAPTER)` returns mean
+KL values (tests/test_multimodal.py calls it in the test process, beside the session's engines, which
+closing this one leaves serving), or `python tests/multimodal_engine.py ADAPTER RENAMED_ADAPTER` (cwd =
+the repository root) prints them as one JSON object.
 """
 
 from __future__ import annotations
@@ -33,7 +31,8 @@ def main(adapter: Path, renamed: Path) -> dict:
     ckpt = load_checkpoint(adapter)
     reference = Reference(ckpt)
     tokenizer = AutoTokenizer.from_pretrained(str(ckpt.tokenizer_dir))
-    texts = [json.loads(line)["prompt"] for line in Path("fixtures/prompts.jsonl").read_text().splitlines()][:PROMPT_COUNT]
+    prompts_file = Path(__file__).resolve().parents[1] / "fixtures" / "prompts.jsonl"
+    texts = [json.loads(line)["prompt"] for line in prompts_file.read_text().splitlines()][:PROMPT_COUNT]
     prompts = [tokenizer(text).input_ids for text in texts]
     engine = Engine(ckpt.base_dir, EngineConfig(max_lora_rank=8, max_model_len=256))
     try:

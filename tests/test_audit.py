@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import BASE, CHECKPOINT, LLAMA_RSLORA, ROOT, adapter_modules, layer_modules, run_cli
+from processes import run_process
 
 sys.path.insert(0, str(ROOT / "fixtures"))
 import build_fixtures  # noqa: E402
@@ -186,7 +186,7 @@ def test_audit_runs_without_vllm(exports, tmp_path):
         f"sys.argv = ['lora-doctor', 'audit', {str(exports['correct'])!r}, '--adapter', {str(CHECKPOINT)!r}, '--json', {str(report)!r}, '-q']\n"
         "main()\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    done = run_process([sys.executable, "-c", code], timeout=300)
     assert done.returncode == 0, done.stderr
     assert json.loads(report.read_text())["verdict"] == "pass"
 

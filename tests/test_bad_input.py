@@ -1,4 +1,7 @@
-"""Bad input exits 2 with one line that says what is wrong, no traceback, and writes nothing."""
+"""Bad input exits 2 with one line that says what is wrong, no traceback, and writes nothing.
+
+The first case runs the CLI as a process of its own (the exit code as a shell sees it); the rest run
+its `main` in this process."""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BASE, CHECKPOINT, assert_one_line_error, run_cli
+from conftest import BASE, CHECKPOINT, assert_one_line_error, run_cli, run_cli_process
 
 
 def assert_one_line_exit_2(run, report: Path, needle: str) -> None:
@@ -38,7 +41,7 @@ def corrupt_checkpoint(tmp_path: Path) -> Path:
 
 
 def test_missing_path(tmp_path):
-    run = run_cli("check", tmp_path / "does-not-exist", "--json", tmp_path / "r.json")
+    run = run_cli_process("check", tmp_path / "does-not-exist", "--json", tmp_path / "r.json")
     assert_one_line_exit_2(run, tmp_path / "r.json", "no such path")
 
 

@@ -77,13 +77,14 @@ def test_rejects_other_dtypes():
         bf16_sums(base, base, delta[:10])
 
 
+@pytest.mark.slow
 def test_a_vllm_engine_starts_in_a_process_that_ran_the_compiled_pass():
     """vLLM scans every loaded module at start-up and tripped over numba's llvmlite (lora_doctor.engine.compat):
     an audit, then a check, in one fresh process."""
-    import subprocess
     import sys
 
-    from conftest import BASE, ROOT, subprocess_env
+    from conftest import BASE, subprocess_env
+    from processes import run_process
 
     script = (
         "import torch\n"
@@ -93,8 +94,9 @@ def test_a_vllm_engine_starts_in_a_process_that_ran_the_compiled_pass():
         "from lora_doctor.engine.driver import Engine, EngineConfig\n"
         f"engine = Engine({str(BASE)!r}, EngineConfig(max_model_len=64))\n"
         "print('vocab', engine.vocab_size)\n"
+        "engine.close()\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True)
+    done = run_process([sys.executable, "-c", script], env=subprocess_env(), timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "vocab" in done.stdout
 

@@ -1,6 +1,7 @@
 """`lora-doctor check` end to end: real vLLM engine, real HF + PEFT reference, bundled fixture.
 
-Each plan runs as a user would run it (a fresh process), and the JSON report is the contract.
+The default plan runs as a user runs it (a process of its own: `default_check`); the other plans
+through the CLI's own `main` in this process. The JSON report is the contract.
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ import json
 import re
 
 import pytest
-from conftest import CHECKPOINT, run_cli
+from conftest import CHECKPOINT, run_cli, run_cli_process
+
+pytestmark = pytest.mark.slow  # builds engines of its own or runs a trainer (`make test-quick` leaves it out)
 
 # The fixture's LoRA teaches this answer format; losing it is the bug report's symptom.
 FORMAT = re.compile(r"<think>.*</think>\s*<answer>.*</answer>", re.DOTALL)
@@ -24,12 +27,13 @@ TP_FIGURE_TOLERANCE = 1.2e-7
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, default_check):
     """One CLI run per plan, shared by the assertions below."""
     out = tmp_path_factory.mktemp("reports")
-    results = {}
+    results = {"swift-colocate-lora": (default_check.run, default_check.report)}
     REPORT_DIRS.clear()
-    for plan in ("swift-colocate-lora", "swift-fixed", "merged"):
+    REPORT_DIRS["swift-colocate-lora"] = default_check.report_dir
+    for plan in ("swift-fixed", "merged"):
         path = out / f"{plan}.json"
         run = run_cli("check", CHECKPOINT, "--plan", plan, "--json", path, "--report", out / f"{plan}-report")
         results[plan] = (run, run.report(path) if path.exists() else None)
@@ -128,7 +132,8 @@ def test_every_module_holds_w0_plus_delta_on_the_fixed_path(runs):
 
 def test_tensor_parallel_2_gives_the_single_worker_figures(runs, tmp_path):
     path = tmp_path / "tp2.json"
-    run = run_cli("check", CHECKPOINT, "--plan", "swift-colocate-lora", "--tensor-parallel-size", "2", "--json", path)
+    # Tensor-parallel ranks are processes of their own, spawned from the CLI's.
+    run = run_cli_process("check", CHECKPOINT, "--plan", "swift-colocate-lora", "--tensor-parallel-size", "2", "--json", path)
     assert run.exit_code == 1, run.stderr
     _, single = runs["swift-colocate-lora"]
     tp2 = run.report(path)

@@ -1,21 +1,27 @@
 """The exit code is the contract a training script gates on: 0 pass, 1 a measured problem, 2 bad input,
-3 environment, 4 a crash of lora-doctor itself. Every case runs the real CLI in a fresh process."""
+3 environment, 4 a crash of lora-doctor itself. Every case runs the real CLI: its `main` in this
+process, or a process of its own where only that shows it (the engine's own output, a memory limit on
+the whole process, one real process per exit code: 2 in test_bad_input.py, 3 and 4 here)."""
 
 from __future__ import annotations
 
 import json
 import re
 import shutil
-import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import BASE, CHECKPOINT, ROOT, CliRun, adapter_modules, assert_one_line_error, run_cli, subprocess_env
+from conftest import BASE, CHECKPOINT, ROOT, CliRun, adapter_modules, assert_one_line_error, run_cli, run_cli_process, subprocess_env
+from failing_engine_plans import no_memory_left
+from processes import run_process
 from safetensors.torch import load_file, save_file
 
 from lora_doctor.errors import EnvironmentProblem
+
+pytestmark = pytest.mark.slow  # builds engines of its own or runs a trainer (`make test-quick` leaves it out)
 
 BAD_PLANS = ROOT / "tests" / "bad_plans.py"
 # What the engine and its libraries print on their own; none of it may reach a user by default.
@@ -31,7 +37,7 @@ def plan_line(function_name: str, text: str) -> int:
 
 def run_cli_script(script: str, exit_code: int, needle: str, unwritten: Path) -> str:
     """Run a script that prepares the process (a broken function, a memory limit), then the CLI's `main`."""
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env=subprocess_env(), timeout=300)
+    done = run_process([sys.executable, "-c", script], env=subprocess_env(), timeout=300)
     return assert_one_line_error(CliRun(done.returncode, done.stdout, done.stderr), exit_code, needle, unwritten)
 
 
@@ -73,7 +79,11 @@ def test_a_crash_is_exit_4_with_the_traceback_saved(tmp_path):
     saved = Path(re.search(r"traceback is in (\S+)", line).group(1))
     assert "Traceback (most recent call last)" in saved.read_text()
     assert "ZeroDivisionError" in saved.read_text()
+    # The engine's log, kept for the bug report, is named in it.
+    log = Path(re.search(r"engine log: (\S+)", saved.read_text()).group(1))
+    assert log.is_file()
     saved.unlink()
+    log.unlink()
 
 
 def test_kv_cache_of_zero_is_bad_input(tmp_path):
@@ -83,7 +93,7 @@ def test_kv_cache_of_zero_is_bad_input(tmp_path):
 
 def test_kv_cache_option_wins_over_the_environment_and_verbose_shows_the_engine(tmp_path):
     env = {"VLLM_CPU_KVCACHE_SPACE": "1"}
-    run = run_cli("check", CHECKPOINT, "--plan", "merged", "--kv-cache-gib", "2", "--verbose", "--json", tmp_path / "r.json", env=env)
+    run = run_cli_process("check", CHECKPOINT, "--plan", "merged", "--kv-cache-gib", "2", "--verbose", "--json", tmp_path / "r.json", env=env)
     assert run.exit_code == 0, run.stderr
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["environment"]["kv_cache_gib"] == 2
@@ -91,10 +101,11 @@ def test_kv_cache_option_wins_over_the_environment_and_verbose_shows_the_engine(
     assert "Loading safetensors checkpoint shards" in run.stderr
 
 
-def test_the_environment_sizes_the_kv_cache_without_the_option_and_the_engine_stays_quiet(tmp_path):
-    run = run_cli("check", CHECKPOINT, "--plan", "merged", "--json", tmp_path / "r.json", env={"VLLM_CPU_KVCACHE_SPACE": "3"})
-    assert run.exit_code == 0, run.stderr
-    assert json.loads((tmp_path / "r.json").read_text())["environment"]["kv_cache_gib"] == 3
+def test_the_environment_sizes_the_kv_cache_without_the_option_and_the_engine_stays_quiet(default_check):
+    # The demo's command in a process of its own, VLLM_CPU_KVCACHE_SPACE=3 and no --kv-cache-gib.
+    run = default_check.run
+    assert run.exit_code == 1, run.stderr
+    assert default_check.report["environment"]["kv_cache_gib"] == 3
     assert run.stderr.strip() == "", run.stderr
     assert not any(noise in run.stdout for noise in CHATTER), run.stdout
 
@@ -162,7 +173,8 @@ def test_a_reference_that_runs_out_of_memory_is_an_environment_problem(tmp_path,
         f"sys.argv = ['lora-doctor', 'check', {str(CHECKPOINT)!r}, '--base', {str(large_base)!r}, '--json', {str(tmp_path / 'r.json')!r}]\n"
         "lora_doctor.cli.main()\n"
     )
-    run_cli_script(script, 3, "not enough memory to load the reference model", unwritten=tmp_path / "r.json")
+    line = run_cli_script(script, 3, "not enough memory to load the reference model", unwritten=tmp_path / "r.json")
+    engine_log_of(line)
 
 
 def worker_of(checker):
@@ -238,52 +250,57 @@ def test_out_of_memory_while_a_custom_plan_merges_is_an_environment_problem(tmp_
 def test_an_engine_failure_mid_check_is_an_environment_problem_with_the_engine_log(tmp_path):
     base = tmp_path / "base"
     shutil.copytree(BASE, base)
-    run = run_cli("check", CHECKPOINT, "--base", base, "--plan", f"{FAILING_ENGINE_PLANS}:base_removed_before_the_engine_reloads_it", "--json", tmp_path / "r.json")
+    run = run_cli_process(
+        "check", CHECKPOINT, "--base", base, "--plan", f"{FAILING_ENGINE_PLANS}:base_removed_before_the_engine_reloads_it", "--json", tmp_path / "r.json"
+    )
     line = assert_one_line_error(run, 3, "the vLLM engine failed to reload its weights from disk", unwritten=tmp_path / "r.json")
     engine_log_of(line)
 
 
-def builtin_plan_script(wrapped: str, body: str, argv: list[str]) -> str:
-    """A CLI process in which `Sync.<wrapped>` first runs `body` (which arranges a real failure)."""
-    return (
-        "import sys\n"
-        f"sys.path.insert(0, {str(ROOT / 'tests')!r})\n"
-        "from failing_engine_plans import no_memory_left\n"
-        "from lora_doctor.plans.sync import Sync\n"
-        f"original = Sync.{wrapped}\n"
-        "def arranged(self, *args, **kwargs):\n"
-        f"{body}"
-        f"Sync.{wrapped} = arranged\n"
-        "from lora_doctor.cli import main\n"
-        f"sys.argv = ['lora-doctor', 'check', *{argv!r}]\n"
-        "main()\n"
-    )
+def arrange(monkeypatch, wrapped: str, before) -> None:
+    """`Sync.<wrapped>` of every plan runs inside `before()` (a context that arranges a real failure)."""
+    from lora_doctor.plans.sync import Sync
+
+    original = getattr(Sync, wrapped)
+
+    def arranged(self, *args, **kwargs):
+        with before():
+            return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Sync, wrapped, arranged)
 
 
-def test_out_of_memory_in_a_builtin_plan_is_an_environment_problem(tmp_path):
+def test_out_of_memory_in_a_builtin_plan_is_an_environment_problem(tmp_path, monkeypatch):
     # The first probe of the built-in merged plan runs with no address space left to map. Where the
     # engine's oneDNN kernels are the first to be refused, they say "could not create a primitive",
     # which does not name memory: an engine failure, exit 3 all the same.
-    body = "    with no_memory_left():\n        return original(self, *args, **kwargs)\n"
-    script = builtin_plan_script("probe", body, [str(CHECKPOINT), "--plan", "merged", "--json", str(tmp_path / "r.json")])
-    line = run_cli_script(script, 3, "error: ", unwritten=tmp_path / "r.json")
+    arrange(monkeypatch, "probe", no_memory_left)
+    run = run_cli("check", CHECKPOINT, "--plan", "merged", "--json", tmp_path / "r.json")
+    line = assert_one_line_error(run, 3, "error: ", unwritten=tmp_path / "r.json")
     assert "not enough memory" in line or "the vLLM engine failed to generate" in line, line
     engine_log_of(line)
 
 
-def test_out_of_memory_loading_the_adapter_in_a_builtin_plan_is_an_environment_problem(tmp_path):
-    body = "    with no_memory_left():\n        return original(self, *args, **kwargs)\n"
-    script = builtin_plan_script("add_adapter", body, [str(CHECKPOINT), "--plan", "verl-adapter", "--json", str(tmp_path / "r.json")])
-    line = run_cli_script(script, 3, "not enough memory to load the adapter", unwritten=tmp_path / "r.json")
+def test_out_of_memory_loading_the_adapter_in_a_builtin_plan_is_an_environment_problem(tmp_path, monkeypatch):
+    arrange(monkeypatch, "add_adapter", no_memory_left)
+    run = run_cli("check", CHECKPOINT, "--plan", "verl-adapter", "--json", tmp_path / "r.json")
+    line = assert_one_line_error(run, 3, "not enough memory to load the adapter", unwritten=tmp_path / "r.json")
     engine_log_of(line)
 
 
-def test_an_engine_failure_in_a_builtin_plan_is_an_environment_problem_with_the_engine_log(tmp_path):
+def test_an_engine_failure_in_a_builtin_plan_is_an_environment_problem_with_the_engine_log(tmp_path, monkeypatch):
     base = tmp_path / "base"
     shutil.copytree(BASE, base)
-    body = f"    [p.unlink() for p in __import__('pathlib').Path({str(base)!r}).glob('*.safetensors')]\n    return original(self, *args, **kwargs)\n"
-    script = builtin_plan_script("reload_from_disk", body, [str(CHECKPOINT), "--base", str(base), "--plan", "verl-adapter", "--json", str(tmp_path / "r.json")])
-    line = run_cli_script(script, 3, "the vLLM engine failed to reload its weights from disk", unwritten=tmp_path / "r.json")
+
+    @contextmanager
+    def weights_removed():
+        for weights in base.glob("*.safetensors"):
+            weights.unlink()
+        yield
+
+    arrange(monkeypatch, "reload_from_disk", weights_removed)
+    run = run_cli("check", CHECKPOINT, "--base", base, "--plan", "verl-adapter", "--json", tmp_path / "r.json")
+    line = assert_one_line_error(run, 3, "the vLLM engine failed to reload its weights from disk", unwritten=tmp_path / "r.json")
     engine_log_of(line)
 
 

@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
-import subprocess
+import runpy
 import sys
 
 import pytest
 import torch
-from conftest import BASE, CHECKPOINT, PROMPTS, ROOT, subprocess_env, user_engine
+from conftest import BASE, CHECKPOINT, PROMPTS, ROOT, subprocess_env, sync_weights
+from processes import run_process
 
 from lora_doctor import probe
 from lora_doctor.callback import LoraDoctorCallback
 
+pytestmark = pytest.mark.slow  # builds engines of its own or runs a trainer (`make test-quick` leaves it out)
+
 SCALE_TOLERANCE = 0.05
+GATE_SCRIPT = ROOT / "examples" / "gate_before_resume.py"
 
 
-@pytest.fixture(scope="session")
-def llm():
-    """The user's own engine: built here, with lora-doctor's worker extension for per-module figures."""
-    return user_engine(BASE, "float32")
+@pytest.fixture
+def llm(user_llm):
+    """The user's own engine, with lora-doctor's worker extension for per-module figures."""
+    return user_llm
 
 
 def policy(trainable: bool = False):
@@ -55,7 +59,7 @@ def lora_request(path, int_id):
 def test_probe_catches_a_double_count_synced_by_hand(llm):
     model = policy()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": merged_weights(model)})
+    sync_weights(llm, merged_weights(model))
     result = probe(llm, model, lora_request=lora_request(CHECKPOINT, 11), prompts=PROMPTS)
     assert result.verdict == "double_counted"
     assert result.effective_scale == pytest.approx(2.0, abs=SCALE_TOLERANCE)
@@ -66,7 +70,7 @@ def test_probe_catches_a_double_count_synced_by_hand(llm):
 
 def test_probe_is_ok_after_a_correct_sync(llm):
     model = policy()
-    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(base_weights().items())})
+    sync_weights(llm, list(base_weights().items()))
     result = probe(llm, model, lora_request=lora_request(CHECKPOINT, 12), prompts=PROMPTS)
     assert result.verdict == "ok", result.explanation
     assert result.effective_scale == pytest.approx(1.0, abs=SCALE_TOLERANCE)
@@ -77,7 +81,7 @@ def test_probe_is_ok_after_a_correct_sync(llm):
 def test_probe_takes_the_bare_llm_engine_a_trainer_holds(llm):
     """ms-swift's colocated wrapper holds a `vllm.LLMEngine`, not a `vllm.LLM`: same figures through it."""
     model = policy()
-    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": merged_weights(model)})
+    sync_weights(llm, merged_weights(model))
     result = probe(llm.llm_engine, model, lora_request=None, prompts=PROMPTS)
     assert result.verdict == "ok", result.explanation
     assert result.effective_scale == pytest.approx(1.0, abs=SCALE_TOLERANCE)
@@ -86,7 +90,7 @@ def test_probe_takes_the_bare_llm_engine_a_trainer_holds(llm):
 
 def test_probe_says_what_it_did_not_measure(llm):
     model = policy()
-    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": merged_weights(model)})
+    sync_weights(llm, merged_weights(model))
     result = probe(llm, model, prompts=PROMPTS, module_read=False)
     assert result.verdict == "ok", result.explanation
     assert result.layers == [] and "module_read=False" in result.not_measured["layers"]
@@ -107,7 +111,7 @@ def test_callback_logs_the_figures_and_stops_a_wrongly_synced_run(llm, tmp_path)
         def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
             folder = tmp_path / f"step-{state.global_step + 1}"
             model.save_pretrained(str(folder))
-            llm.collective_rpc("reload_weights", kwargs={"weights_iterator": merged_weights(model)})
+            sync_weights(llm, merged_weights(model))
             WrongSync.request = lora_request(folder, 100 + state.global_step)
 
     model = policy(trainable=True)
@@ -142,15 +146,22 @@ def test_callback_logs_the_figures_and_stops_a_wrongly_synced_run(llm, tmp_path)
     assert doctor.results[0].verdict == "double_counted"
 
 
-@pytest.mark.parametrize(("plan", "exit_code", "needle"), [("swift-colocate-lora", 1, "refusing to resume"), ("swift-fixed", 0, "resuming from")])
-def test_gate_at_the_top_of_a_training_script(plan, exit_code, needle):
-    env = subprocess_env()
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "gate_before_resume.py"), str(CHECKPOINT), plan],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,
-    )
-    assert done.returncode == exit_code, done.stderr[-2000:]
-    assert needle in done.stdout + done.stderr
+def test_gate_at_the_top_of_a_training_script_refuses_to_resume():
+    """The recipe as a user runs it: a process of its own, whose exit code a pipeline reads."""
+    done = run_process([sys.executable, str(GATE_SCRIPT), str(CHECKPOINT), "swift-colocate-lora"], env=subprocess_env(), timeout=600)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "refusing to resume" in done.stderr
+
+
+def test_gate_at_the_top_of_a_training_script_lets_a_healthy_path_resume(capsys):
+    """The same script in this process (a training script's own), on the fixed path."""
+    saved = sys.argv
+    sys.argv = [str(GATE_SCRIPT), str(CHECKPOINT), "swift-fixed"]
+    try:
+        runpy.run_path(str(GATE_SCRIPT), run_name="__main__")
+    finally:
+        sys.argv = saved
+    assert f"resuming from {CHECKPOINT}" in capsys.readouterr().out
 
 
 def test_probe_on_a_policy_whose_loss_diverged_is_non_finite(llm):
@@ -161,7 +172,7 @@ def test_probe_on_a_policy_whose_loss_diverged_is_non_finite(llm):
     model = policy()
     module = "model.layers.1.self_attn.q_proj"
     model.get_submodule(f"base_model.model.{module}").lora_B["default"].weight.data.fill_(float("nan"))
-    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(base_weights().items())})
+    sync_weights(llm, list(base_weights().items()))
     result = probe(llm, model, lora_request=lora_request(CHECKPOINT, 13), prompts=PROMPTS)
     assert result.verdict == "non_finite", result.explanation
     assert result.effective_scale is None
@@ -182,7 +193,7 @@ def test_probe_of_a_fresh_policy_says_there_is_nothing_to_tell_apart(llm):
     # B = 0: merged or not, once or twice, every sync serves W0. Not "unresolved, problem found": the
     # engine computes the policy, and the result says the LoRA is not measurable before the first step.
     model = fresh_policy()
-    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": merged_weights(model)})
+    sync_weights(llm, merged_weights(model))
     result = probe(llm, model, prompts=PROMPTS)
     assert result.verdict == "ok" and result.ok, result.explanation
     assert "B = 0" in result.explanation
@@ -192,7 +203,7 @@ def test_probe_of_a_fresh_policy_says_there_is_nothing_to_tell_apart(llm):
 
 def test_probe_of_a_fresh_policy_on_an_engine_holding_another_policy_is_not_ok(llm):
     # The engine still serves the checkpoint's trained LoRA, merged: not the fresh policy's W0.
-    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": merged_weights(policy())})
+    sync_weights(llm, merged_weights(policy()))
     result = probe(llm, fresh_policy(), prompts=PROMPTS)
     assert result.verdict == "diverged" and not result.ok, result.explanation
     assert "B = 0" in result.explanation and result.kl_mean > result.kl_limit
@@ -210,7 +221,7 @@ def test_the_callback_probes_the_route_the_trainers_rollouts_took(llm, tmp_path,
 
     tokenizer = AutoTokenizer.from_pretrained(BASE)
     dataset = [dict(input_ids=ids, labels=ids) for ids in (tokenizer(f"{a} plus {a} is {2 * a}").input_ids for a in range(4))]
-    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(base_weights().items())})
+    sync_weights(llm, list(base_weights().items()))
 
     class SyncThenRollouts(TrainerCallback):
         request = None

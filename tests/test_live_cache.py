@@ -8,7 +8,7 @@ under the same name and id with `load_inplace=True`, generating rollouts between
 from __future__ import annotations
 
 import pytest
-from conftest import BASE, CHECKPOINT, PREVIOUS, engine_environment
+from conftest import BASE, CHECKPOINT, PREVIOUS, sync_weights
 
 from lora_doctor import probe
 from lora_doctor.measure.prompts import DEFAULT_PROMPTS
@@ -17,27 +17,18 @@ from lora_doctor.measure.prompts import DEFAULT_PROMPTS
 ROLLOUT_PROMPTS = DEFAULT_PROMPTS
 
 
-@pytest.fixture(scope="session")
-def llm():
+@pytest.fixture
+def llm(user_llm):
     """The trainer's engine: LoRA, full-vocabulary log-probs, lora-doctor's worker extension, and
-    vLLM's defaults for the rest (prefix caching on). Kept for the session, as `conftest.user_engine`
-    says why: a collected in-process `vllm.LLM` shuts down vLLM's process-wide parallel state under
-    every other in-process engine (the session's checker then fails every request)."""
-    from vllm import LLM
+    vLLM's defaults for the rest (prefix caching on)."""
+    from safetensors.torch import load_file
 
-    with engine_environment():
-        engine = LLM(
-            model=str(BASE),
-            dtype="float32",
-            enable_lora=True,
-            max_lora_rank=8,
-            max_model_len=256,
-            enforce_eager=True,
-            max_logprobs=-1,
-            worker_extension_cls="lora_doctor.engine.worker.LoraDoctorWorker",
-        )
-    assert engine.llm_engine.vllm_config.cache_config.enable_prefix_caching
-    return engine
+    assert user_llm.llm_engine.vllm_config.cache_config.enable_prefix_caching
+    # As the trainer's engine starts: the base from disk, no adapter (other tests share the engine).
+    for lora_id in user_llm.llm_engine.list_loras():
+        user_llm.llm_engine.remove_lora(lora_id)
+    sync_weights(user_llm, load_file(str(BASE / "model.safetensors")).items())
+    return user_llm
 
 
 class Loop:

@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import FIXTURES, ROOT, run_cli, subprocess_env
+from conftest import FIXTURES, run_cli
+from processes import run_process
 
 from lora_doctor.adapter.checkpoint import load_checkpoint
 from lora_doctor.adapter.lora_delta import load_lora_factors
 from lora_doctor.adapter.names import LANGUAGE_MODEL, TOWER, NameMap, engine_naming, name_map
 from lora_doctor.preflight import inspect_checkpoint
+
+pytestmark = pytest.mark.slow  # builds engines of its own or runs a trainer (`make test-quick` leaves it out)
 
 VL_BASE = FIXTURES / "tiny-qwen2.5-vl"
 VL_CHECKPOINT = FIXTURES / "checkpoint-vl"
@@ -156,21 +157,13 @@ def reference():
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory):
-    """KL figures of the real engine on the fixture (tests/multimodal_engine.py, its own process)."""
+    """KL figures of the real engine on the fixture (tests/multimodal_engine.py)."""
+    import multimodal_engine
+
     if importlib.util.find_spec("torchvision") is None:
         pytest.fail("vLLM's Qwen2.5-VL needs torchvision: install the environment with `make install`")
     renamed = rename_adapter(VL_CHECKPOINT, tmp_path_factory.mktemp("vl") / "thinker-adapter", *THINKER)
-    done = subprocess.run(
-        [sys.executable, str(Path(__file__).with_name("multimodal_engine.py")), str(VL_CHECKPOINT), str(renamed)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        # This checkout's lora_doctor first, as for the CLI runs (the script's own folder is tests/).
-        env={**subprocess_env(), "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))},
-        timeout=900,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return multimodal_engine.main(VL_CHECKPOINT, renamed)
 
 
 def test_reference_loads_the_multimodal_base(reference):
@@ -203,7 +196,7 @@ def test_transformers_and_torchvision_import_in_a_fresh_process():
     """The install keeps PyPI's torchvision (vLLM's Qwen-VL files need it): a new interpreter imports it,
     transformers' image utilities and vLLM's Qwen2.5-VL model file."""
     code = "import torchvision, transformers.image_utils, vllm.model_executor.models.qwen2_5_vl; print(torchvision.__version__)"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    done = run_process([sys.executable, "-c", code], timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
 
 

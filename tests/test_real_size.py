@@ -10,6 +10,8 @@ import sys
 import pytest
 from conftest import ROOT, adapter_modules, layer_modules, user_engine
 
+pytestmark = pytest.mark.slow  # builds engines of its own or runs a trainer (`make test-quick` leaves it out)
+
 sys.path.insert(0, str(ROOT / "bench"))
 import verdict_matrix as matrix  # noqa: E402
 
@@ -21,7 +23,7 @@ CASES = [(plan, dtype, size) for dtype in matrix.DTYPES for size in matrix.SIZES
 
 @pytest.fixture(scope="module")
 def results():
-    return matrix.run_matrix()
+    return matrix.run_matrix(in_process=True)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
 """Markdown and HTML renderers on a real report (the #8233 double count), the HTML checked in Chromium.
 
-One CLI run (real vLLM engine) feeds every test. The HTML is opened in headless Chromium: the
-rendered DOM must hold the charts with the measured scales, and a screenshot must show a page.
+One CLI run (real vLLM engine, the session's `default_check`) feeds every test. The HTML is opened
+in headless Chromium: the rendered DOM must hold the charts with the measured scales, and a
+screenshot must show a page.
 No Chromium is a failure with install instructions (scripts/ensure-chromium.sh), never a skip.
 """
 
@@ -15,7 +16,6 @@ from pathlib import Path
 
 import pytest
 from browser import dump_dom, require_chromium, screenshot
-from conftest import CHECKPOINT, run_cli
 
 from lora_doctor.report.html import render_html
 from lora_doctor.report.markdown import render_markdown
@@ -26,12 +26,11 @@ SCALE_TOLERANCE = 0.05  # float32: measured scales are within ~1e-8 of 1 and 2
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory) -> Report:
+def report(default_check) -> Report:
     """The default plan (swift-colocate-lora): phase 1 full-merged is ok, phase 2 adapter double counts."""
-    path = tmp_path_factory.mktemp("render") / "report.json"
-    run = run_cli("check", CHECKPOINT, "--json", path)
+    run = default_check.run
     assert run.exit_code == 1, f"expected exit 1 (double count), got {run.exit_code}\n{run.stderr[-3000:]}"
-    return Report.from_dict(json.loads(path.read_text()))
+    return Report.from_dict(default_check.report)
 
 
 @pytest.fixture(scope="module")

@@ -148,7 +148,7 @@ def test_prompt_longer_than_the_model_is_refused_before_anything_loads(tmp_path)
     prompts = tmp_path / "long.jsonl"
     prompts.write_text(json.dumps({"prompt": "one two three " * config["max_position_embeddings"]}) + "\n")
     report = tmp_path / "r.json"
-    run = run_cli("check", CHECKPOINT, "--prompts", prompts, "--json", report, timeout=120)
+    run = run_cli("check", CHECKPOINT, "--prompts", prompts, "--json", report)
     assert run.exit_code == 2, run.stderr
     lines = [line for line in run.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "prompt 1 has" in lines[0] and "shorten it" in lines[0]

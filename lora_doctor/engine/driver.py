@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -75,7 +76,7 @@ def check_engine_options(options: dict) -> None:
 
 
 @contextmanager
-def _engine_environment(config: EngineConfig) -> Iterator[None]:
+def _engine_environment(config: EngineConfig, files: Path) -> Iterator[None]:
     """The variables vLLM reads while an engine is built, set for that time only.
 
     The caller's process is left as found: `os.environ` is restored when the engine is built, and so
@@ -89,6 +90,9 @@ def _engine_environment(config: EngineConfig) -> Iterator[None]:
     wanted = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": str(DEFAULT_KV_CACHE_GIB)}
     # The engine's own start-up chatter (and its workers', under tensor parallelism) would bury the report.
     wanted["VLLM_LOGGING_LEVEL"] = "ERROR"
+    # The sockets between the engine's processes (tensor-parallel workers) go to the engine's own
+    # folder, removed when it closes: vLLM leaves them in the temporary folder otherwise.
+    wanted["VLLM_RPC_BASE_PATH"] = str(files)
     if config.tensor_parallel_size > 1:
         wanted["VLLM_CPU_OMP_THREADS_BIND"] = _thread_binding(config.tensor_parallel_size)
     setting = {name: value for name, value in wanted.items() if name not in os.environ}
@@ -183,8 +187,10 @@ class Engine:
         # Another in-process engine (the trainer's) made vLLM's parallel state: closing keeps it.
         self._shared_parallel_state = parallel_state_initialized()
         self._restore_process = _hold_process_state()
+        # A short name: a socket's path must fit in 107 characters.
+        self._files = tempfile.TemporaryDirectory(prefix="lora-doctor-")
         try:
-            with _engine_environment(config):
+            with _engine_environment(config, Path(self._files.name)):
                 self.llm = vllm.LLM(model=str(base_dir), **{**engine_defaults(config), **config.options})
             self._batch_prompt_logprobs = self._can_batch_prompt_logprobs()
         except BaseException as error:
@@ -207,6 +213,7 @@ class Engine:
         engine._adapter_ids = 0
         engine._owned = False
         engine._restore_process = lambda: None
+        engine._files = None
         engine._request_ids = 0
         max_logprobs = engine.core.model_config.max_logprobs
         if max_logprobs != -1 and max_logprobs < engine.vocab_size:
@@ -469,6 +476,8 @@ class Engine:
                         shutdown.shutdown()
         finally:
             self._restore_process()
+            if getattr(self, "_files", None) is not None:
+                self._files.cleanup()
 
 
 @contextmanager

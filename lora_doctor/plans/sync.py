@@ -67,6 +67,10 @@ class Sync:
         # Per adapter id, the folder the engine was given for it (removed with the handle).
         self._folders = tempfile.TemporaryDirectory(prefix="lora-doctor-adapters-")
 
+    def close(self) -> None:
+        """Remove the adapter folders given to the engine (the engine is closed, or another plan runs)."""
+        self._folders.cleanup()
+
     def load_base(self) -> None:
         """Full sync of the unmodified base weights `W0` (the LoRA kept aside)."""
         self.engine.load_weights(self._base_weights())

@@ -99,7 +99,7 @@ def _record_policy_moves(module):
     seen = []
 
     def recording(self, args, state, control, **kwargs):
-        import torch
+        from policy_kl import mean_kl, policy_log_probs
 
         probes = len(self.results)
         control = probe(self, args, state, control, **kwargs)
@@ -107,17 +107,9 @@ def _record_policy_moves(module):
             return control
         model, tokenizer = self.trainer.model, self.trainer.processing_class
         prompts = [json.loads(line)["prompt"] for line in open(os.environ["LORA_DOCTOR_PROMPTS"]) if line.strip()]
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            seen.append([torch.log_softmax(model(**tokenizer(text, return_tensors="pt")).logits[0].float(), -1) for text in prompts])
-        model.train(was_training)
-        moves = []
-        for older, newer in zip(seen, seen[1:]):
-            kls = [(new.exp() * (new - old)).sum(-1) for new, old in zip(newer, older)]
-            moves.append(float(sum(kl.sum() for kl in kls) / sum(kl.numel() for kl in kls)))
+        seen.append(policy_log_probs(model, tokenizer, prompts))
         with open(path, "w") as file:
-            json.dump(moves, file)
+            json.dump([mean_kl(newer, older) for older, newer in zip(seen, seen[1:])], file)
         return control
 
     module.SwiftProbe.on_pre_optimizer_step = recording

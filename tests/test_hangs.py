@@ -1,0 +1,77 @@
+"""A hang fails its own test, within its time limit, and the run goes on.
+
+A run of pytest in a process of its own, with the suite's plugins (the per-test limit, the clean-up
+check), on three tests: a real engine whose request never finishes (the engine makes no progress, as
+for a request it dropped), a subprocess that leaves a grandchild running and outlives its limit, and
+a test after them that must still run.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+
+import psutil
+import pytest
+from conftest import BASE, ROOT, subprocess_env
+from processes import run_process
+
+# The inner tests' own limit (their fixtures excluded: the engine is built in one).
+INNER_LIMIT = 10
+
+INNER_TESTS = '''
+import sys
+
+import pytest
+from processes import run_process
+
+pytestmark = pytest.mark.slow  # builds engines of its own or runs a trainer (`make test-quick` leaves it out)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    from vllm import LLM
+
+    llm = LLM(model={base!r}, dtype="float32", max_model_len=256, enforce_eager=True)
+    yield llm
+    llm.llm_engine.engine_core.shutdown()  # and with it the engine's rendezvous file
+
+
+def test_an_engine_request_that_never_finishes(llm):
+    from vllm import SamplingParams
+
+    assert llm.generate(["The capital of France is"], SamplingParams(max_tokens=2), use_tqdm=False)
+    llm.llm_engine.step = lambda: []  # no progress from now on: the request is never finished
+    llm.generate(["The capital of France is"], SamplingParams(max_tokens=2), use_tqdm=False)
+
+
+def test_a_process_group_that_outlives_its_limit():
+    child = "import subprocess, time; p = subprocess.Popen(['sleep', '600']); open({pid_file!r}, 'w').write(str(p.pid)); time.sleep(600)"
+    run_process([sys.executable, "-c", child], timeout=600)
+
+
+def test_the_run_goes_on():
+    assert True
+'''
+
+
+@pytest.mark.timeout(300)
+def test_a_hang_fails_its_test_within_the_limit_and_the_run_goes_on(tmp_path):
+    pid_file = tmp_path / "grandchild.pid"
+    tests = tmp_path / "test_inner.py"
+    tests.write_text(INNER_TESTS.format(base=str(BASE), pid_file=str(pid_file)))
+    env = subprocess_env({"PYTHONPATH": str(ROOT / "tests")})
+    command = [sys.executable, "-m", "pytest", str(tests), "-p", "hygiene", "-p", "no:cacheprovider", "-o", "timeout_func_only=true",
+               "--timeout", str(INNER_LIMIT), "--timeout-method", "signal", "-q", "-rA", "--durations=3"]
+    done = run_process(command, env=env, cwd=tmp_path, timeout=240)
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output[-4000:]
+    assert re.search(r"2 failed, 1 passed", output), output[-4000:]
+    # Each hang failed on its own limit, with the stack where it hung.
+    assert output.count(f"Timeout (>{INNER_LIMIT:.1f}s)") == 2, output[-4000:]
+    assert "llm_engine.has_unfinished_requests" in output or "_run_engine" in output, output[-4000:]
+    assert "PASSED test_inner.py::test_the_run_goes_on" in output, output[-4000:]
+    # The grandchild went with its group; nothing of the inner run was left behind.
+    grandchild = int(pid_file.read_text())
+    assert not psutil.pid_exists(grandchild) or psutil.Process(grandchild).status() == psutil.STATUS_ZOMBIE
+    assert "hygiene: no process left running, nothing left in" in output, output[-4000:]
