@@ -57,6 +57,25 @@ def test_worker_side_tables_equal_vllms_own_full_vocabulary_output(checker, adap
         assert torch.equal(mine, theirs)
 
 
+@pytest.mark.parametrize("adapter", [False, True], ids=["merged", "adapter"])
+def test_a_batch_of_rollouts_captured_on_the_worker_equals_vllms_own_full_vocabulary_output(checker, adapter):
+    from vllm import SamplingParams
+
+    from lora_doctor.engine.driver import _dense_logprobs
+
+    request = synced(checker, 1.0, adapter=adapter)
+    engine, prompts = checker.engine, checker.measurer.token_ids
+    engine.reset_prefix_cache()
+    batched = engine._captured_decode_batch(prompts, 8, request, skip_cache=False)
+    assert batched is not None  # every row told apart: the fixture's prompts generate distinct log-probs
+    params = SamplingParams(max_tokens=8, temperature=0.0, logprobs=-1, flat_logprobs=True, detokenize=False)
+    own = [(list(o.outputs[0].token_ids), _dense_logprobs(o.outputs[0].logprobs, engine.vocab_size)) for o in engine._generate(prompts, params, request)]
+    assert len(batched) == len(prompts) and sum(len(tokens) for tokens, _ in batched) > len(prompts)
+    for (tokens, table), (their_tokens, their_table) in zip(batched, own, strict=True):
+        assert tokens == their_tokens
+        assert torch.equal(table, their_table)
+
+
 @pytest.mark.parametrize(("scale", "adapter"), [(0.75, False), (1.0, True)], ids=["merged-0.75", "double-counted"])
 def test_chunked_streamed_figures_equal_the_whole_set(checker, scale, adapter):
     request = synced(checker, scale, adapter=adapter)

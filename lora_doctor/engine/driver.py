@@ -332,8 +332,13 @@ class Engine:
         from vllm import SamplingParams
 
         if self.has_worker_extension:
-            # One request per prompt: each decode step's captured row is then that prompt's.
-            captured = [self._captured_decode(ids, max_new_tokens, lora_request, skip_cache) for ids in prompts]
+            # One batch, as the rollouts are generated (with a LoRA-wrapped logits processor too: the
+            # batching failure of `_can_batch_prompt_logprobs` is prompt log-probs' only); one request per
+            # prompt where a batch's rows cannot be told apart (each decode step's row is then that prompt's).
+            captured = self._captured_decode_batch(prompts, max_new_tokens, lora_request, skip_cache)
+            if captured is None:
+                captured = [self._captured_decode_batch([ids], max_new_tokens, lora_request, skip_cache) for ids in prompts]
+                captured = [c[0] if c is not None else None for c in captured]
             if all(c is not None for c in captured):
                 return captured
         params = SamplingParams(
@@ -342,30 +347,44 @@ class Engine:
         outputs = self._generate(prompts, params, lora_request)
         return [(list(o.outputs[0].token_ids), _dense_logprobs(o.outputs[0].logprobs, self.vocab_size)) for o in outputs]
 
-    def _captured_decode(self, ids: list[int], max_new_tokens: int, lora_request, skip_cache: bool) -> tuple[list[int], torch.Tensor] | None:
-        """One prompt's rollout with its log-prob rows read on the worker (see `capture.py`): the
-        request asks only for each generated token's own log-prob, which must match its captured row."""
+    def _captured_decode_batch(self, prompts: list[list[int]], max_new_tokens: int, lora_request, skip_cache: bool) -> list[tuple[list[int], torch.Tensor]] | None:
+        """The prompts' rollouts, generated together, with their log-prob rows read on the worker (see
+        `capture.py`). The requests ask only for each generated token's own log-prob: a captured row
+        belongs to the one request whose next generated token and log-prob it holds. None when a row
+        fits no request or several (two prompts generating the same token with the same log-prob)."""
         from vllm import SamplingParams
 
         params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0, logprobs=0, detokenize=False, skip_reading_prefix_cache=skip_cache)
         if not all(self.rpc("lora_doctor_capture_start")):
             return None
         try:
-            (output,) = self._generate([ids], params, lora_request)
+            outputs = self._generate(prompts, params, lora_request)
         finally:
             captured = self.rpc("lora_doctor_capture_stop")[0]
-        completion = output.outputs[0]
-        tokens = list(completion.token_ids)
-        if captured is None or len(captured) != len(tokens) or completion.logprobs is None:
+        completions = [output.outputs[0] for output in outputs]
+        if captured is None or any(completion.logprobs is None for completion in completions):
             return None
-        rows = []
-        for (targets, table), token, entry in zip(captured, tokens, completion.logprobs, strict=True):
-            if targets.numel() != 1 or int(targets.reshape(-1)[0]) != token or table.shape[0] != 1:
+        tokens = [list(completion.token_ids) for completion in completions]
+        rows: list[list[torch.Tensor]] = [[] for _ in prompts]
+        for targets, table in captured:
+            targets = targets.reshape(-1)
+            if table.shape[0] != targets.numel():
                 return None
-            if table[0, token].item() != entry[token].logprob:
-                return None
-            rows.append(table[0, : self.vocab_size])
-        return tokens, torch.stack(rows) if rows else torch.empty(0, self.vocab_size)
+            for row, token in enumerate(targets.tolist()):
+                value = table[row, token].item()
+                owners = [
+                    index
+                    for index, completion in enumerate(completions)
+                    if len(rows[index]) < len(tokens[index])
+                    and tokens[index][len(rows[index])] == token
+                    and completion.logprobs[len(rows[index])][token].logprob == value
+                ]
+                if len(owners) != 1:
+                    return None
+                rows[owners[0]].append(table[row, : self.vocab_size])
+        if any(len(own) != len(generated) for own, generated in zip(rows, tokens)):
+            return None
+        return [(generated, torch.stack(own) if own else torch.empty(0, self.vocab_size)) for generated, own in zip(tokens, rows)]
 
     def new_adapter_id(self) -> int:
         """An adapter id above every id this engine has seen, so a fresh sync is never served from its cache."""
