@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from .errors import LoraDoctorError
+from .errors import EnvironmentProblem, LoraDoctorError
 
 
 @dataclass
@@ -37,7 +37,6 @@ def engine_output_to_log(enabled: bool = True) -> Iterator[Captured]:
     not point it to (bad input, a measured problem); otherwise (the environment's failure, a crash)
     the log is kept and its path is set on the exception as `engine_log`, for the line to name it.
     """
-
     if not enabled:
         yield Captured(sys.stderr, None)
         return
@@ -53,7 +52,7 @@ def engine_output_to_log(enabled: bool = True) -> Iterator[Captured]:
     try:
         yield Captured(user_stderr, Path(name))
     except BaseException as error:
-        kept = not isinstance(error, LoraDoctorError) or error.exit_code == 3
+        kept = not isinstance(error, LoraDoctorError) or isinstance(error, EnvironmentProblem)
         if kept:
             error.engine_log = Path(name)
         raise

@@ -43,10 +43,11 @@ def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 @contextmanager
-def engine_environment() -> Iterator[None]:
-    """ENGINE_ENV while a test builds its own engine, the session's variables again afterwards."""
+def engine_environment(extra: dict[str, str] | None = None) -> Iterator[None]:
+    """ENGINE_ENV (then `extra`) while a test builds its own engine or runs the CLI, the session's
+    variables again afterwards."""
     saved = dict(os.environ)
-    os.environ.update(ENGINE_ENV)
+    os.environ.update({**ENGINE_ENV, **(extra or {})})
     try:
         yield
     finally:
@@ -90,12 +91,11 @@ def run_cli(*args: str | Path, env: dict[str, str] | None = None) -> CliRun:
     serving: tests/test_caller_process.py)."""
     from lora_doctor import cli
 
-    saved_environment, saved_argv, saved_cwd = dict(os.environ), sys.argv, os.getcwd()
-    os.environ.update({**ENGINE_ENV, **(env or {})})
+    saved_argv, saved_cwd = sys.argv, os.getcwd()
     sys.argv = ["lora-doctor", *map(str, args)]
     os.chdir(ROOT)
     try:
-        with descriptors_captured() as captured:
+        with engine_environment(env), descriptors_captured() as captured:
             try:
                 cli.main()
                 code = 0
@@ -104,9 +104,6 @@ def run_cli(*args: str | Path, env: dict[str, str] | None = None) -> CliRun:
     finally:
         os.chdir(saved_cwd)
         sys.argv = saved_argv
-        for name in set(os.environ) - set(saved_environment):
-            del os.environ[name]
-        os.environ.update(saved_environment)
     return CliRun(code, *captured.texts())
 
 

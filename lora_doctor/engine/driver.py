@@ -495,7 +495,7 @@ class Engine:
                         shutdown.shutdown()
         finally:
             self._restore_process()
-            if getattr(self, "_files", None) is not None:
+            if self._files is not None:
                 self._files.cleanup()
 
 
