@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import sys
+import xml.etree.ElementTree as ET
 
 import psutil
 import pytest
@@ -60,17 +61,25 @@ def test_a_hang_fails_its_test_within_the_limit_and_the_run_goes_on(tmp_path):
     pid_file = tmp_path / "grandchild.pid"
     tests = tmp_path / "test_inner.py"
     tests.write_text(INNER_TESTS.format(base=str(BASE), pid_file=str(pid_file)))
-    env = subprocess_env({"PYTHONPATH": str(ROOT / "tests")})
+    results = tmp_path / "results.xml"
+    # The inner run's options are its own: none of the outer run's (PYTEST_ADDOPTS may change the output).
+    env = {name: value for name, value in subprocess_env({"PYTHONPATH": str(ROOT / "tests")}).items() if name != "PYTEST_ADDOPTS"}
     command = [sys.executable, "-m", "pytest", str(tests), "-p", "hygiene", "-p", "no:cacheprovider", "-o", "timeout_func_only=true",
-               "--timeout", str(INNER_LIMIT), "--timeout-method", "signal", "-q", "-rA", "--durations=3"]
+               "--timeout", str(INNER_LIMIT), "--timeout-method", "signal", "-q", f"--junitxml={results}"]
     done = run_process(command, env=env, cwd=tmp_path, timeout=240)
     output = done.stdout + done.stderr
     assert done.returncode == 1, output[-4000:]
     assert re.search(r"2 failed, 1 passed", output), output[-4000:]
-    # Each hang failed on its own limit, with the stack where it hung.
-    assert output.count(f"Timeout (>{INNER_LIMIT:.1f}s)") == 2, output[-4000:]
-    assert "llm_engine.has_unfinished_requests" in output or "_run_engine" in output, output[-4000:]
-    assert "PASSED test_inner.py::test_the_run_goes_on" in output, output[-4000:]
+    # Each hang failed on its own limit, with the stack where it hung; the test after them passed.
+    outcomes = {case.get("name"): case for case in ET.parse(results).iter("testcase")}
+    assert set(outcomes) == {"test_an_engine_request_that_never_finishes", "test_a_process_group_that_outlives_its_limit",
+                             "test_the_run_goes_on"}, output[-4000:]
+    for name in ("test_an_engine_request_that_never_finishes", "test_a_process_group_that_outlives_its_limit"):
+        failure = outcomes[name].find("failure")
+        assert failure is not None and f"Timeout (>{INNER_LIMIT:.1f}s)" in failure.get("message", ""), output[-4000:]
+    engine_failure = outcomes["test_an_engine_request_that_never_finishes"].find("failure").text or ""
+    assert "has_unfinished_requests" in engine_failure or "_run_engine" in engine_failure, engine_failure[-4000:]
+    assert not list(outcomes["test_the_run_goes_on"]), output[-4000:]  # no failure, error or skip
     # The grandchild went with its group; nothing of the inner run was left behind.
     grandchild = int(pid_file.read_text())
     assert not psutil.pid_exists(grandchild) or psutil.Process(grandchild).status() == psutil.STATUS_ZOMBIE
