@@ -10,6 +10,7 @@ from . import __version__
 from .adapter.checkpoint import Checkpoint, load_checkpoint
 from .adapter.dtypes import COMPUTE_DTYPES
 from .engine.driver import Engine, check_engine_options
+from .engine.platform import check_dtype, current_platform, default_dtype, quantization_problem
 from .engine.sizing import check_parallel_fit, engine_config
 from .environment import environment
 from .errors import BadInput, out_of_memory_is_environment
@@ -54,7 +55,10 @@ def check(checkpoint: str | Path, *, plan: str = DEFAULT_PLAN, **options) -> Rep
     blockers = measurement_blockers(preflight, chosen)
     if blockers:
         # Measuring an adapter the engine cannot hold meaningfully would only report garbage.
-        return stopped_report(load_checkpoint(checkpoint, options.get("base")), chosen, preflight, blockers, options.get("thresholds"), options.get("dtype", "float32"))
+        ckpt = load_checkpoint(checkpoint, options.get("base"))
+        dtype = options.get("dtype") or default_dtype(current_platform(), ckpt.base().dtype or "float32")
+        thresholds = options.get("thresholds") or Thresholds.for_dtype(dtype).override(options.get("threshold_overrides") or {})
+        return stopped_report(ckpt, chosen, preflight, blockers, thresholds, dtype)
     with Checker(checkpoint, preflight=preflight, **options) as checker:
         return checker.run(chosen)
 
@@ -62,9 +66,9 @@ def check(checkpoint: str | Path, *, plan: str = DEFAULT_PLAN, **options) -> Rep
 _VALIDATED = ("dtype", "max_new_tokens", "tensor_parallel_size", "kv_cache_gib")
 
 
-def validate_options(dtype: str = "float32", max_new_tokens: int = 32, tensor_parallel_size: int = 1, kv_cache_gib: int | None = None) -> None:
-    """Options that cannot work, refused before anything is read or loaded."""
-    if dtype not in COMPUTE_DTYPES:
+def validate_options(dtype: str | None = None, max_new_tokens: int = 32, tensor_parallel_size: int = 1, kv_cache_gib: int | None = None) -> None:
+    """Options that cannot work, refused before anything is read or loaded (dtype None: the default)."""
+    if dtype is not None and dtype not in COMPUTE_DTYPES:
         raise BadInput(f"unknown dtype {dtype!r}; use one of {', '.join(COMPUTE_DTYPES)}")
     if max_new_tokens < 1:
         raise BadInput("--max-new-tokens must be at least 1")
@@ -110,8 +114,9 @@ class Checker:
         previous: str | Path | None = None,
         prompts: str | Path | list[str] | None = None,
         max_new_tokens: int = 32,
-        dtype: str = "float32",
+        dtype: str | None = None,
         thresholds: Thresholds | None = None,
+        threshold_overrides: dict[str, float] | None = None,
         tensor_parallel_size: int = 1,
         kv_cache_gib: int | None = None,
         module_read: bool = True,
@@ -129,11 +134,23 @@ class Checker:
             check_engine_options(self.engine_options)
         self.preflight = preflight or inspect_checkpoint(checkpoint, base=base)
         self.checkpoint = load_checkpoint(checkpoint, base)
+        platform = current_platform()
+        base_inventory = self.checkpoint.base()
+        # A check computes in what the trainer's engine computes in, unless asked otherwise.
+        dtype = dtype or default_dtype(platform, base_inventory.dtype or "float32")
+        check_dtype(platform, dtype)
+        quantized = quantization_problem(base_inventory.config, self.engine_options.get("quantization"))
+        if quantized:
+            raise BadInput(quantized)
+        self.dtype = dtype
         check_parallel_fit(self.checkpoint.base_dir, tensor_parallel_size)
         # The older adapter state must apply to the same base.
         self.previous = load_checkpoint(previous, self.checkpoint.base_dir) if previous is not None else None
         texts = load_prompts(prompts)
-        self.thresholds = thresholds or Thresholds.for_dtype(dtype)
+        try:
+            self.thresholds = thresholds or Thresholds.for_dtype(dtype).override(threshold_overrides or {})
+        except ValueError as error:
+            raise BadInput(f"thresholds: {error}") from None
         # Before anything loads: a prompt the model cannot hold is the user's to shorten (exit 2).
         tokenizer = load_tokenizer(self.checkpoint)
         token_ids = tokenize(tokenizer, texts, self.checkpoint)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -43,7 +44,12 @@ def check(
     previous: Optional[Path] = typer.Option(None, "--previous", help="An older checkpoint of the same run: tells a stale adapter from a wrong one."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompts file: .jsonl with a \"prompt\" field, or one prompt per line. Default: built-in math questions."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Length of the greedy continuations compared."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32 (tight thresholds), bfloat16 or float16."),
+    dtype: Optional[str] = typer.Option(
+        None,
+        "--dtype",
+        help="float32 (tight thresholds), bfloat16 or float16. Default: what the trainer's engine computes in: the base's own "
+        "dtype; a float32 base in bfloat16 on CUDA (vLLM's LoRA kernels there take no float32), in float32 on the CPU build.",
+    ),
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", "-tp", help="vLLM tensor-parallel ranks."),
     kv_cache_gib: Optional[int] = typer.Option(None, "--kv-cache-gib", help="CPU KV cache of the engine, in GiB (at least 1). Default: VLLM_CPU_KVCACHE_SPACE if set, else 1; the option wins over the variable."),
     threshold: list[str] = THRESHOLD_OPTION,
@@ -59,17 +65,19 @@ def check(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the engine's own logs and progress bars (vLLM, torch, transformers) instead of keeping them in a log file."),
 ) -> None:
     """Replay a trainer's sync plan into a real vLLM engine and compare it with HF + PEFT after each phase."""
-    import os
-
     from .checker import check as run_check
     from .measure.verdict import Thresholds
     from .output import engine_output_to_log
 
     _check_output_path(json_path)
     _check_report_dir(report_dir)
-    limits = Thresholds.for_dtype(dtype)
+    from .environment import vllm_version_note
+
+    if note := vllm_version_note():
+        stderr.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
     try:
-        limits = limits.override(_parse_thresholds(threshold))
+        overrides = _parse_thresholds(threshold)
+        Thresholds().override(overrides)  # unknown names refused before anything loads
     except ValueError as error:
         raise BadInput(f"--threshold: {error}") from None
     options = _parse_engine_options(engine_option)
@@ -84,7 +92,7 @@ def check(
             prompts=prompts,
             max_new_tokens=max_new_tokens,
             dtype=dtype,
-            thresholds=limits,
+            threshold_overrides=overrides,
             tensor_parallel_size=tensor_parallel_size,
             kv_cache_gib=kv_cache_gib,
             module_read=not no_module_read,
@@ -175,6 +183,10 @@ def audit(
 
     _check_output_path(json_path)
     _check_report_dir(report_dir)
+    from .environment import vllm_version_note
+
+    if note := vllm_version_note():
+        stderr.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
     try:
         overrides = _parse_thresholds(threshold)
     except ValueError as error:
@@ -304,6 +316,27 @@ def main() -> None:
         )
         sys.exit(INTERNAL_ERROR_EXIT_CODE)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def run() -> None:
+    """The `lora-doctor` command: `main`, then the process ends at once with its exit code. The engine
+    a command built is left to the process's end rather than shut down (its files are removed all the
+    same): nothing of it outlives the process, and the exit does in no time what a shutdown and the
+    interpreter's teardown take seconds for."""
+    from .engine.driver import leave_engines_to_process_exit
+
+    leave_engines_to_process_exit()
+    try:
+        main()
+        code = 0
+    except SystemExit as done:
+        code = done.code
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
 
 
 def _fail(error: LoraDoctorError, log) -> None:

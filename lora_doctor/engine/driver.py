@@ -15,6 +15,7 @@ import torch
 
 from ..errors import BadInput, EnvironmentProblem, LoraDoctorError, engine_problem, memory_problem, one_line, out_of_memory
 from .compat import keeping_parallel_state, let_vllm_scan_llvmlite, parallel_state_initialized
+from .platform import PIN_V1, current_platform, device_memory, memory_plan
 
 WORKER_EXTENSION = "lora_doctor.engine.worker.LoraDoctorWorker"
 INSTALL_HINT = "install the engine with: pip install 'lora-doctor[cpu]' (CPU) or 'lora-doctor[gpu]'"
@@ -34,6 +35,10 @@ class EngineConfig:
     # environment's VLLM_CPU_KVCACHE_SPACE if set, else DEFAULT_KV_CACHE_GIB; a value wins over it.
     kv_cache_gib: int | None = None
     seed: int = 0
+    # For the memory plan on CUDA (engine/platform.py): the base's weights at the engine's dtype, and
+    # the KV cache the check's prompts and continuations take.
+    weights_bytes: int = 0
+    kv_bytes_needed: int = 0
     # The trainer's own engine settings (`--engine-option KEY=VALUE`): vLLM's keyword arguments.
     # What they leave out takes vLLM's default, as in the trainer (prefix caching on).
     options: dict = field(default_factory=dict)
@@ -76,7 +81,7 @@ def check_engine_options(options: dict) -> None:
 
 
 @contextmanager
-def _engine_environment(config: EngineConfig, files: Path) -> Iterator[None]:
+def _engine_environment(config: EngineConfig, files: Path, memory: dict[str, str]) -> Iterator[None]:
     """The variables vLLM reads while an engine is built, set for that time only.
 
     The caller's process is left as found: `os.environ` is restored when the engine is built, and so
@@ -87,7 +92,7 @@ def _engine_environment(config: EngineConfig, files: Path) -> Iterator[None]:
     multimodal cache's buffer name, `envs.get_env_or_set_default`).
     """
     # The engine runs in this process so that weights and LoRA buffers are reachable directly.
-    wanted = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": str(DEFAULT_KV_CACHE_GIB)}
+    wanted = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     # The engine's own start-up chatter (and its workers', under tensor parallelism) would bury the report.
     wanted["VLLM_LOGGING_LEVEL"] = "ERROR"
     # The sockets between the engine's processes (tensor-parallel workers) go to the engine's own
@@ -96,8 +101,9 @@ def _engine_environment(config: EngineConfig, files: Path) -> Iterator[None]:
     if config.tensor_parallel_size > 1:
         wanted["VLLM_CPU_OMP_THREADS_BIND"] = _thread_binding(config.tensor_parallel_size)
     setting = {name: value for name, value in wanted.items() if name not in os.environ}
-    if config.kv_cache_gib is not None:
-        setting["VLLM_CPU_KVCACHE_SPACE"] = str(config.kv_cache_gib)  # an explicit option wins
+    # The memory plan's variables (the CPU build's KV cache), and the model runner the capture needs.
+    setting.update(memory)
+    setting.update(PIN_V1)
     # vLLM sets variables of its own as it builds an engine (VLLM_WORKER_MULTIPROC_METHOD=spawn,
     # NUMEXPR_MAX_THREADS, TORCHINDUCTOR_*...): every variable is restored, not only lora-doctor's.
     saved = dict(os.environ)
@@ -176,6 +182,27 @@ def import_vllm():
     return vllm
 
 
+# Engines left to the end of the process instead of shut down (see `leave_engines_to_process_exit`).
+_LEFT_TO_PROCESS_EXIT: list | None = None
+
+
+def leave_engines_to_process_exit() -> None:
+    """From now on, an engine lora-doctor built in this process is not shut down when closed (its
+    files are still removed), but kept until the process ends, which must be at once (`os._exit`,
+    as the `lora-doctor` command does): a graceful shutdown of an in-process engine costs about a
+    second (vLLM collects garbage and tears its process groups down) that the process's end does
+    for free. An engine with processes of its own (tensor-parallel workers) is always shut down."""
+    global _LEFT_TO_PROCESS_EXIT
+    if _LEFT_TO_PROCESS_EXIT is None:
+        _LEFT_TO_PROCESS_EXIT = []
+
+
+def _has_child_processes() -> bool:
+    import psutil
+
+    return bool(psutil.Process().children())
+
+
 class Engine:
     """One vLLM engine per check, with LoRA enabled, reused across sync phases."""
 
@@ -190,8 +217,20 @@ class Engine:
         # A short name: a socket's path must fit in 107 characters.
         self._files = tempfile.TemporaryDirectory(prefix="lora-doctor-")
         try:
-            with _engine_environment(config, Path(self._files.name)):
-                self.llm = vllm.LLM(model=str(base_dir), **{**engine_defaults(config), **config.options})
+            platform = current_platform()
+            total, free = device_memory(platform)
+            memory = memory_plan(
+                platform,
+                config.kv_cache_gib,
+                environment_gib=os.environ.get("VLLM_CPU_KVCACHE_SPACE"),
+                default_cpu_gib=DEFAULT_KV_CACHE_GIB,
+                weights_bytes=config.weights_bytes,
+                kv_bytes_needed=config.kv_bytes_needed,
+                device_total=total,
+                device_free=free,
+            )
+            with _engine_environment(config, Path(self._files.name), memory.environment):
+                self.llm = vllm.LLM(model=str(base_dir), **{**engine_defaults(config), **memory.engine_args, **config.options})
             self._batch_prompt_logprobs = self._can_batch_prompt_logprobs()
         except BaseException as error:
             self.close()
@@ -237,6 +276,11 @@ class Engine:
     @property
     def dtype(self) -> torch.dtype:
         return self.core.model_config.dtype
+
+    @property
+    def quantization(self) -> str | None:
+        """The quantization method the engine runs its weights in (None: unquantized)."""
+        return self.core.model_config.quantization
 
     def _can_batch_prompt_logprobs(self) -> bool:
         """Whether several prompts' log-probs may share one request batch.
@@ -487,7 +531,17 @@ class Engine:
         """Shut an engine lora-doctor built down (an attached one keeps running); leave the process as found."""
         engine = getattr(self, "llm", None)
         try:
-            if engine is not None and self._owned:
+            if engine is not None and self._owned and _LEFT_TO_PROCESS_EXIT is not None and not _has_child_processes():
+                _LEFT_TO_PROCESS_EXIT.append(self.llm)  # referenced: no finalizer shuts it down before the exit
+                del self.llm
+                if not self._shared_parallel_state:
+                    # Its process groups go all the same: their rendezvous file (vllm_dist_* in the
+                    # temporary folder) is removed with the last of them, and by nothing at exit.
+                    from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+                    destroy_model_parallel()
+                    destroy_distributed_environment()
+            elif engine is not None and self._owned:
                 shutdown = getattr(self.core, "engine_core", None)
                 del self.llm
                 if shutdown is not None and hasattr(shutdown, "shutdown"):

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
 from ..adapter.checkpoint import Checkpoint
+from ..adapter.dtypes import COMPUTE_DTYPES
 from ..adapter.inventory import read_json
 from ..errors import BadInput
 from .driver import EngineConfig
+from .platform import kv_cache_bytes_needed
 from .serving import vllm_lora_ranks
 
 
@@ -33,13 +36,30 @@ def engine_config(
         raise BadInput(f"LoRA rank {highest.spec.max_rank} of {highest.adapter_dir} is above the largest rank vLLM serves ({allowed[-1]})")
     needed = max(len(ids) for ids in token_ids) + max_new_tokens + 1
     limit = limit or needed
+    weights, kv = memory_needed(ckpt, dtype, sum(len(ids) + max_new_tokens for ids in token_ids))
     return EngineConfig(
         dtype=dtype,
         max_lora_rank=lora_rank,
         max_model_len=min(limit, max(needed, 256)),
         tensor_parallel_size=tensor_parallel_size,
         kv_cache_gib=kv_cache_gib,
+        weights_bytes=weights,
+        kv_bytes_needed=kv,
     )
+
+
+def memory_needed(ckpt: Checkpoint, dtype: str, tokens: int) -> tuple[int, int]:
+    """(bytes of the base's weights at `dtype`, bytes of KV cache for `tokens` positions): what the
+    engine's memory plan on CUDA starts from (engine/platform.py)."""
+    base = ckpt.base()
+    size = COMPUTE_DTYPES[dtype].itemsize
+    weights = sum(math.prod(t.shape) * size for t in base.tensors.values())
+    config = base.text_config or base.config
+    layers = int(config.get("num_hidden_layers") or 0)
+    heads = int(config.get("num_attention_heads") or 1)
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or (int(config.get("hidden_size") or 0) // heads))
+    return weights, kv_cache_bytes_needed(layers, kv_heads, head_dim, size, tokens)
 
 
 def check_parallel_fit(base_dir: Path, tensor_parallel_size: int) -> None:

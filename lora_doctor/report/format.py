@@ -8,7 +8,7 @@ from html import escape
 from ..adapter.modules import layer_index, module_kind
 from ..result import ModuleResult, PhaseResult, Report
 
-ENVIRONMENT_KEYS = ("python", "torch", "vllm", "transformers", "peft", "device")
+ENVIRONMENT_KEYS = ("python", "torch", "vllm", "transformers", "peft", "device", "reference_device")
 PHASE_COLUMNS = ("#", "phase", "adapter", "verdict", "α", "KL mean", "KL max", "KL at α", "top-1", "greedy")
 
 
