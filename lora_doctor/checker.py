@@ -10,8 +10,16 @@ from . import __version__
 from .adapter.checkpoint import Checkpoint, load_checkpoint
 from .adapter.dtypes import COMPUTE_DTYPES
 from .engine.driver import Engine, check_engine_options
-from .engine.platform import check_dtype, current_platform, default_dtype, quantization_problem
-from .engine.sizing import check_parallel_fit, engine_config
+from .engine.platform import (
+    CUDA_HEADROOM_BYTES,
+    check_dtype,
+    current_platform,
+    default_dtype,
+    device_memory,
+    quantization_problem,
+)
+from .engine.platform import reference_device as choose_reference_device
+from .engine.sizing import check_parallel_fit, engine_config, memory_needed
 from .environment import environment
 from .errors import BadInput, out_of_memory_is_environment
 from .measure.logit_pass import CHUNK_POSITIONS
@@ -124,6 +132,7 @@ class Checker:
         progress: Progress | None = None,
         preflight: PreflightReport | None = None,
         engine_options: dict | None = None,
+        reference_device: str = "auto",
     ):
         self.say = progress or (lambda _message: None)
         validate_options(dtype=dtype, max_new_tokens=max_new_tokens, tensor_parallel_size=tensor_parallel_size, kv_cache_gib=kv_cache_gib)
@@ -139,6 +148,7 @@ class Checker:
         # A check computes in what the trainer's engine computes in, unless asked otherwise.
         dtype = dtype or default_dtype(platform, base_inventory.dtype or "float32")
         check_dtype(platform, dtype)
+        choose_reference_device(platform, reference_device)  # a device that cannot be refused before anything loads
         quantized = quantization_problem(base_inventory.config, self.engine_options.get("quantization"))
         if quantized:
             raise BadInput(quantized)
@@ -159,7 +169,10 @@ class Checker:
         self.seconds: dict[str, float] = {}
         started = time.perf_counter()
         self.say("loading the reference (transformers + PEFT)")
-        self.reference = Reference(self.checkpoint, COMPUTE_DTYPES[dtype])
+        weights, kv = memory_needed(self.checkpoint, dtype, sum(len(ids) + max_new_tokens for ids in token_ids))
+        _total, free = device_memory(platform)
+        device = choose_reference_device(platform, reference_device, device_free=free, engine_bytes=weights + kv + CUDA_HEADROOM_BYTES, reference_bytes=weights)
+        self.reference = Reference(self.checkpoint, COMPUTE_DTYPES[dtype], device=device)
         if self.previous is not None:
             self.reference.load_previous(self.previous)
         self.measurer = PhaseMeasurer(
@@ -201,7 +214,12 @@ class Checker:
         verdict = overall_verdict([p.verdict for p in sync.phases])
         return Report(
             tool={"name": "lora-doctor", "version": __version__},
-            environment=dict(environment(), kv_cache_gib=self.engine.kv_cache_gib, tensor_parallel_size=self.engine.tensor_parallel_size),
+            environment=dict(
+                environment(),
+                reference_device=self.reference.device.type,
+                kv_cache_gib=self.engine.kv_cache_gib,
+                tensor_parallel_size=self.engine.tensor_parallel_size,
+            ),
             checkpoint=dict(
                 self.checkpoint.summary(),
                 previous=str(self.previous.adapter_dir) if self.previous is not None else None,

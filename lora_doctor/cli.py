@@ -51,7 +51,18 @@ def check(
         "dtype; a float32 base in bfloat16 on CUDA (vLLM's LoRA kernels there take no float32), in float32 on the CPU build.",
     ),
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", "-tp", help="vLLM tensor-parallel ranks."),
-    kv_cache_gib: Optional[int] = typer.Option(None, "--kv-cache-gib", help="CPU KV cache of the engine, in GiB (at least 1). Default: VLLM_CPU_KVCACHE_SPACE if set, else 1; the option wins over the variable."),
+    kv_cache_gib: Optional[int] = typer.Option(
+        None,
+        "--kv-cache-gib",
+        help="KV cache of the engine, in GiB (at least 1), on the CPU build and on CUDA alike. Default: on the CPU build "
+        "VLLM_CPU_KVCACHE_SPACE if set, else 1 (the option wins over the variable); on CUDA twice what the prompts need, at least 1.",
+    ),
+    reference_device: str = typer.Option(
+        "auto",
+        "--reference-device",
+        help="Where the HF + PEFT reference runs: cpu, cuda, or auto (the GPU when it fits there beside the engine, else "
+        "the CPU). The report says where it ran.",
+    ),
     threshold: list[str] = THRESHOLD_OPTION,
     engine_option: list[str] = typer.Option(
         [], "--engine-option", help="The trainer's vLLM engine setting, KEY=VALUE (repeatable), e.g. enable_prefix_caching=false. Unset keys take vLLM's defaults (prefix caching on)."
@@ -98,6 +109,7 @@ def check(
             module_read=not no_module_read,
             progress=lambda message: status.update(message),
             engine_options=options,
+            reference_device=reference_device,
         )
     _emit(report, quiet=quiet, all_modules=all_modules, json_path=json_path, report_dir=report_dir)
     raise typer.Exit(0 if exit_zero else report.exit_code)

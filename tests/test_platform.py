@@ -107,6 +107,29 @@ def test_the_kv_cache_the_prompts_need_follows_the_models_shape():
     assert decisions.kv_cache_bytes_needed(28, 4, 128, 2, 1000) == 57_344_000
 
 
+def test_the_reference_goes_to_the_gpu_only_when_it_fits_beside_the_engine():
+    engine = 16 * GIB + 2 * GIB + decisions.CUDA_HEADROOM_BYTES  # a 7B in bf16 + its KV cache + headroom
+    choose = decisions.reference_device
+    assert choose(CUDA, "auto", device_free=70 * GIB, engine_bytes=engine, reference_bytes=16 * GIB) == "cuda"
+    assert choose(CUDA, "auto", device_free=30 * GIB, engine_bytes=engine, reference_bytes=16 * GIB) == "cpu"
+    assert choose(CUDA, "auto", device_free=None, engine_bytes=engine, reference_bytes=16 * GIB) == "cpu"
+    assert choose(CUDA, "cpu", device_free=70 * GIB, engine_bytes=engine, reference_bytes=16 * GIB) == "cpu"
+    assert choose(CUDA, "cuda", device_free=1 * GIB, engine_bytes=engine, reference_bytes=16 * GIB) == "cuda"  # asked for
+    assert choose(CPU, "auto") == "cpu"
+    with pytest.raises(BadInput, match="CPU build"):
+        choose(CPU, "cuda")
+    with pytest.raises(BadInput, match="one of auto, cpu, cuda"):
+        choose(CUDA, "gpu")
+
+
+def test_a_reference_device_that_cannot_be_is_refused_before_anything_loads(tmp_path):
+    run = run_cli("check", CHECKPOINT, "--reference-device", "cuda", "--json", tmp_path / "r.json")
+    assert run.exit_code == 2, run.stderr
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--reference-device cuda" in lines[0], run.stderr
+    assert not (tmp_path / "r.json").exists()
+
+
 def test_the_report_says_where_each_part_ran():
     from lora_doctor.environment import environment
 

@@ -154,6 +154,24 @@ def memory_plan(
     return MemoryPlan(engine_args=args, environment={}, kv_cache_gib=kv_bytes / GIB)
 
 
+REFERENCE_DEVICES = ("auto", "cpu", "cuda")
+
+
+def reference_device(platform: str, requested: str = "auto", *, device_free: int | None = None, engine_bytes: int = 0, reference_bytes: int = 0) -> str:
+    """Where the reference (transformers + PEFT) runs: on the GPU when asked, or ("auto") when it fits
+    there beside the engine the check is about to start (its weights + KV cache + headroom); else on
+    the CPU, where it always fits beside the CPU build's engine."""
+    if requested not in REFERENCE_DEVICES:
+        raise BadInput(f"--reference-device {requested!r}: use one of {', '.join(REFERENCE_DEVICES)}")
+    if requested == CUDA and platform != CUDA:
+        raise BadInput("--reference-device cuda: the engine here is vLLM's CPU build, with no CUDA device beside it")
+    if requested != "auto":
+        return requested
+    if platform == CUDA and device_free is not None and device_free >= engine_bytes + reference_bytes + CUDA_HEADROOM_BYTES:
+        return CUDA
+    return CPU
+
+
 def device_memory(platform: str) -> tuple[int | None, int | None]:
     """(total, free) bytes of the device the engine will use; (None, None) off CUDA."""
     if platform != CUDA:

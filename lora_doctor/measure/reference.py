@@ -15,7 +15,7 @@ PREVIOUS_ADAPTER = "previous"
 class Reference:
     """The checkpoint's policy `W0 + s·ΔW` as PEFT computes it, for any scale `s`."""
 
-    def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype = torch.float32):
+    def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype = torch.float32, device: str = "cpu"):
         from peft import PeftModel
 
         self.checkpoint = checkpoint
@@ -23,6 +23,8 @@ class Reference:
         try:
             base = _model_class(checkpoint).from_pretrained(str(checkpoint.base_dir), dtype=dtype)
             self.model = PeftModel.from_pretrained(base, str(checkpoint.adapter_dir), adapter_name=ADAPTER_NAME)
+            if device != "cpu":
+                self.model.to(device)  # every table it returns comes back to the CPU (`.cpu()` below)
         except (OSError, ValueError, RuntimeError, KeyError, MemoryError) as error:
             if out_of_memory(error):
                 raise memory_problem(f"load the reference model {checkpoint.base_dir} in {dtype}", error) from None
