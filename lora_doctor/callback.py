@@ -6,6 +6,7 @@ from contextlib import nullcontext
 
 from transformers import Trainer, TrainerCallback
 
+from .engine.deadline import DEFAULT_ENGINE_TIMEOUT, check_timeout
 from .live import probe
 from .result import PhaseResult
 
@@ -26,6 +27,9 @@ class LoraDoctorCallback(TrainerCallback):
     trainer's engine (called once, at the first step), records the `lora_request` the trainer's own
     rollouts pass: once it has seen one, the probe uses it instead of `lora_request`, so a route the
     trainer got wrong is measured rather than assumed (`routes` keeps what each probe used).
+
+    A probe of a sleeping engine sends no request and measures nothing (`not_measured["engine"]`):
+    it does not stop training. `engine_timeout` is the probe's (see `probe`).
     """
 
     def __init__(
@@ -42,6 +46,7 @@ class LoraDoctorCallback(TrainerCallback):
         max_new_tokens: int = 16,
         module_read: bool = True,
         route=None,
+        engine_timeout: float = DEFAULT_ENGINE_TIMEOUT,
     ):
         self.trainer = trainer
         self.llm = llm
@@ -55,6 +60,7 @@ class LoraDoctorCallback(TrainerCallback):
         self.module_read = module_read
         self.results: list[PhaseResult] = []
         self.route = route
+        self.engine_timeout = check_timeout(engine_timeout, "engine_timeout")
         self._recorder = None
         # Per probe, where its lora_request came from: "the trainer's rollouts" or "given".
         self.routes: list[str] = []
@@ -80,7 +86,7 @@ class LoraDoctorCallback(TrainerCallback):
             result = self._probe(model, lora_request, step)
         self.results.append(result)
         self._unlogged = figures(result)
-        if self.stop_on_failure and not result.ok:
+        if self.stop_on_failure and not result.ok and "engine" not in result.not_measured:
             control.should_training_stop = True
         return control
 
@@ -95,6 +101,7 @@ class LoraDoctorCallback(TrainerCallback):
             max_new_tokens=self.max_new_tokens,
             module_read=self.module_read,
             name=f"step-{step}",
+            engine_timeout=self.engine_timeout,
         )
 
     def on_step_end(self, args, state, control, **kwargs):
