@@ -146,3 +146,23 @@ def test_the_trainers_requests_that_finish_meanwhile_are_handed_back(user_llm):
     outputs = llm.wait_for_completion(use_tqdm=False)
     assert [list(output.outputs[0].token_ids) for output in outputs] == [expected]
     assert requests_left(llm) == 0
+
+
+def test_the_callback_on_a_sleeping_engine_logs_nothing_measured_and_training_goes_on(user_llm):
+    """At `on_pre_optimizer_step` a sleep-mode trainer's engine sleeps: the probe is not measured, which
+    is no failed sync (stop_on_failure does not stop the run)."""
+    from transformers import TrainerControl, TrainerState
+
+    from lora_doctor.callback import LoraDoctorCallback
+
+    core = user_llm.llm_engine.engine_core.engine_core
+    callback = LoraDoctorCallback(None, lambda: user_llm, prompts=PROMPTS, stop_on_failure=True, engine_timeout=TIMEOUT)
+    control = TrainerControl()
+    core.pause_scheduler(mode="abort", clear_cache=True)
+    try:
+        callback.on_pre_optimizer_step(None, TrainerState(), control, model=policy())
+    finally:
+        core.resume_scheduler()
+    [result] = callback.results
+    assert result.verdict == "unresolved" and "asleep" in result.not_measured["engine"]
+    assert not control.should_training_stop
