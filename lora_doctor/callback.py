@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from contextlib import nullcontext
 
 from transformers import Trainer, TrainerCallback
 
-from .engine.deadline import DEFAULT_ENGINE_TIMEOUT, check_timeout
-from .live import probe
+from .engine.deadline import DEFAULT_ENGINE_TIMEOUT, EngineStalled, check_timeout
+from .live import not_measured, probe
 from .result import PhaseResult
 
 
@@ -28,8 +29,9 @@ class LoraDoctorCallback(TrainerCallback):
     rollouts pass: once it has seen one, the probe uses it instead of `lora_request`, so a route the
     trainer got wrong is measured rather than assumed (`routes` keeps what each probe used).
 
-    A probe of a sleeping engine sends no request and measures nothing (`not_measured["engine"]`):
-    it does not stop training. `engine_timeout` is the probe's (see `probe`).
+    A probe of a sleeping engine sends no request, and one whose requests the engine left without
+    progress for `engine_timeout` seconds aborts them (see `probe`): either measures nothing
+    (`not_measured["engine"]` says why, with a warning for the stall) and does not stop training.
     """
 
     def __init__(
@@ -91,18 +93,24 @@ class LoraDoctorCallback(TrainerCallback):
         return control
 
     def _probe(self, model, lora_request, step: int) -> PhaseResult:
-        return probe(
-            _read(self.llm),
-            model,
-            lora_request=lora_request,
-            prompts=self.prompts,
-            tokenizer=self.tokenizer,
-            base_dir=self.base_dir,
-            max_new_tokens=self.max_new_tokens,
-            module_read=self.module_read,
-            name=f"step-{step}",
-            engine_timeout=self.engine_timeout,
-        )
+        try:
+            return probe(
+                _read(self.llm),
+                model,
+                lora_request=lora_request,
+                prompts=self.prompts,
+                tokenizer=self.tokenizer,
+                base_dir=self.base_dir,
+                max_new_tokens=self.max_new_tokens,
+                module_read=self.module_read,
+                name=f"step-{step}",
+                engine_timeout=self.engine_timeout,
+            )
+        except EngineStalled as stalled:
+            # The probe's requests were aborted and the engine keeps serving the trainer's: a probe that
+            # measured nothing is no failed sync, and ending a training run over it would be lora-doctor's doing.
+            warnings.warn(f"lora-doctor: the probe at step {step} measured nothing: {stalled}", stacklevel=2)
+            return not_measured(f"step-{step}", lora_request is not None, str(stalled))
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._unlogged is not None:

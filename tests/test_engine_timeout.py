@@ -166,3 +166,25 @@ def test_the_callback_on_a_sleeping_engine_logs_nothing_measured_and_training_go
     [result] = callback.results
     assert result.verdict == "unresolved" and "asleep" in result.not_measured["engine"]
     assert not control.should_training_stop
+
+
+def test_the_callback_whose_probe_times_out_measures_nothing_and_the_engine_serves_on(user_llm):
+    """Inside a trainer: the stalled probe's requests are aborted, the run goes on, the engine generates as before."""
+    from transformers import TrainerControl, TrainerState
+
+    from lora_doctor.callback import LoraDoctorCallback
+
+    before = greedy_tokens(user_llm)
+    callback = LoraDoctorCallback(None, lambda: user_llm, prompts=PROMPTS, stop_on_failure=True, engine_timeout=TIMEOUT)
+    control = TrainerControl()
+    user_llm.llm_engine.step = lambda: []
+    try:
+        with pytest.warns(UserWarning, match="measured nothing: the vLLM engine stalled"):
+            callback.on_pre_optimizer_step(None, TrainerState(), control, model=policy())
+    finally:
+        del user_llm.llm_engine.step
+    [result] = callback.results
+    assert result.verdict == "unresolved" and "stalled" in result.not_measured["engine"]
+    assert not control.should_training_stop
+    assert requests_left(user_llm) == 0
+    assert greedy_tokens(user_llm) == before

@@ -615,13 +615,20 @@ def engine_operation(what: str, timed: bool = True) -> Iterator[None]:
 
 
 def _tokens_so_far(core, order: dict[str, int]) -> int:
-    """Tokens the engine has produced so far for lora-doctor's unfinished requests (its progress)."""
+    """Tokens the engine has produced so far for lora-doctor's unfinished requests (its progress):
+    generated, and, with the scheduler in this process, prompt tokens computed (a long prompt's
+    prefill chunks produce no token)."""
     states = getattr(getattr(core, "output_processor", None), "request_states", {})
+    scheduler = getattr(getattr(getattr(core, "engine_core", None), "engine_core", None), "scheduler", None)
+    scheduled = getattr(scheduler, "requests", {})
     total = 0
     for name in order:
         state = states.get(name)
         if state is not None:
             total += state.detokenizer.num_output_tokens() + (not state.is_prefilling)
+        request = scheduled.get(name)
+        if request is not None:
+            total += request.num_computed_tokens
     return total
 
 
