@@ -28,7 +28,8 @@ def gate(checkpoint: str | Path, *, plan: str = DEFAULT_PLAN, **options) -> Repo
     """Run `check` and raise `ProblemDetected` (exit code 1) unless every phase is healthy.
 
     For the top of a training script: refuse to resume when the configured sync path would corrupt
-    the policy. Returns the report when it passes.
+    the policy. Returns the report when it passes. `options` are `check`'s (e.g. `engine_timeout=`:
+    an engine that makes no progress for that many seconds ends the gate with `EngineStalled`, exit 3).
     """
     report = check(checkpoint, plan=plan, **options)
     if not report.ok:

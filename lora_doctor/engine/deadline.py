@@ -10,7 +10,10 @@ Two guards, each for what the other cannot see:
 - the command's watchdog (`watchdog`): one engine call (a step, a worker RPC) that has not returned
   by the engine timeout plus `GRACE_SECONDS` cannot be interrupted from Python, so the `lora-doctor`
   command prints its one line, removes its temporary files and ends the process with exit 3. A
-  library caller (a trainer) gets no watchdog: its process is not lora-doctor's to end.
+  library caller (a trainer) gets no watchdog: its process is not lora-doctor's to end. The
+  watchdog is a Python thread: it runs while the call waits or computes in torch (whose operators
+  release the interpreter's lock: it ticked throughout a 6 s matmul here), not while a C call holds
+  that lock and never returns.
 """
 
 from __future__ import annotations
