@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from contextlib import nullcontext
 
 from transformers import Trainer, TrainerCallback
 
-from .live import probe
+from .engine.deadline import DEFAULT_ENGINE_TIMEOUT, EngineStalled, check_timeout
+from .live import not_measured, probe
 from .result import PhaseResult
 
 
@@ -26,6 +28,10 @@ class LoraDoctorCallback(TrainerCallback):
     trainer's engine (called once, at the first step), records the `lora_request` the trainer's own
     rollouts pass: once it has seen one, the probe uses it instead of `lora_request`, so a route the
     trainer got wrong is measured rather than assumed (`routes` keeps what each probe used).
+
+    A probe of a sleeping engine sends no request, and one whose requests the engine left without
+    progress for `engine_timeout` seconds aborts them (see `probe`): either measures nothing
+    (`not_measured["engine"]` says why, with a warning for the stall) and does not stop training.
     """
 
     def __init__(
@@ -42,6 +48,7 @@ class LoraDoctorCallback(TrainerCallback):
         max_new_tokens: int = 16,
         module_read: bool = True,
         route=None,
+        engine_timeout: float = DEFAULT_ENGINE_TIMEOUT,
     ):
         self.trainer = trainer
         self.llm = llm
@@ -55,6 +62,7 @@ class LoraDoctorCallback(TrainerCallback):
         self.module_read = module_read
         self.results: list[PhaseResult] = []
         self.route = route
+        self.engine_timeout = check_timeout(engine_timeout, "engine_timeout")
         self._recorder = None
         # Per probe, where its lora_request came from: "the trainer's rollouts" or "given".
         self.routes: list[str] = []
@@ -80,22 +88,29 @@ class LoraDoctorCallback(TrainerCallback):
             result = self._probe(model, lora_request, step)
         self.results.append(result)
         self._unlogged = figures(result)
-        if self.stop_on_failure and not result.ok:
+        if self.stop_on_failure and not result.ok and "engine" not in result.not_measured:
             control.should_training_stop = True
         return control
 
     def _probe(self, model, lora_request, step: int) -> PhaseResult:
-        return probe(
-            _read(self.llm),
-            model,
-            lora_request=lora_request,
-            prompts=self.prompts,
-            tokenizer=self.tokenizer,
-            base_dir=self.base_dir,
-            max_new_tokens=self.max_new_tokens,
-            module_read=self.module_read,
-            name=f"step-{step}",
-        )
+        try:
+            return probe(
+                _read(self.llm),
+                model,
+                lora_request=lora_request,
+                prompts=self.prompts,
+                tokenizer=self.tokenizer,
+                base_dir=self.base_dir,
+                max_new_tokens=self.max_new_tokens,
+                module_read=self.module_read,
+                name=f"step-{step}",
+                engine_timeout=self.engine_timeout,
+            )
+        except EngineStalled as stalled:
+            # The probe's requests were aborted and the engine keeps serving the trainer's: a probe that
+            # measured nothing is no failed sync, and ending a training run over it would be lora-doctor's doing.
+            warnings.warn(f"lora-doctor: the probe at step {step} measured nothing: {stalled}", stacklevel=2)
+            return not_measured(f"step-{step}", lora_request is not None, str(stalled))
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._unlogged is not None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from . import __version__
 from .adapter.checkpoint import Checkpoint, load_checkpoint
 from .adapter.dtypes import COMPUTE_DTYPES
+from .engine.deadline import DEFAULT_ENGINE_TIMEOUT, check_timeout
 from .engine.driver import Engine, check_engine_options
 from .engine.platform import (
     CUDA_HEADROOM_BYTES,
@@ -71,11 +72,18 @@ def check(checkpoint: str | Path, *, plan: str = DEFAULT_PLAN, **options) -> Rep
         return checker.run(chosen)
 
 
-_VALIDATED = ("dtype", "max_new_tokens", "tensor_parallel_size", "kv_cache_gib")
+_VALIDATED = ("dtype", "max_new_tokens", "tensor_parallel_size", "kv_cache_gib", "engine_timeout")
 
 
-def validate_options(dtype: str | None = None, max_new_tokens: int = 32, tensor_parallel_size: int = 1, kv_cache_gib: int | None = None) -> None:
+def validate_options(
+    dtype: str | None = None,
+    max_new_tokens: int = 32,
+    tensor_parallel_size: int = 1,
+    kv_cache_gib: int | None = None,
+    engine_timeout: float = DEFAULT_ENGINE_TIMEOUT,
+) -> None:
     """Options that cannot work, refused before anything is read or loaded (dtype None: the default)."""
+    check_timeout(engine_timeout)
     if dtype is not None and dtype not in COMPUTE_DTYPES:
         raise BadInput(f"unknown dtype {dtype!r}; use one of {', '.join(COMPUTE_DTYPES)}")
     if max_new_tokens < 1:
@@ -133,9 +141,12 @@ class Checker:
         preflight: PreflightReport | None = None,
         engine_options: dict | None = None,
         reference_device: str = "auto",
+        engine_timeout: float = DEFAULT_ENGINE_TIMEOUT,
     ):
         self.say = progress or (lambda _message: None)
-        validate_options(dtype=dtype, max_new_tokens=max_new_tokens, tensor_parallel_size=tensor_parallel_size, kv_cache_gib=kv_cache_gib)
+        validate_options(
+            dtype=dtype, max_new_tokens=max_new_tokens, tensor_parallel_size=tensor_parallel_size, kv_cache_gib=kv_cache_gib, engine_timeout=engine_timeout
+        )
         if chunk_positions < 1:
             raise BadInput("chunk_positions must be at least 1")
         self.engine_options = dict(engine_options or {})
@@ -189,7 +200,7 @@ class Checker:
         config = engine_config(self.checkpoint, limit, token_ids, max_new_tokens, dtype, tensor_parallel_size, kv_cache_gib, also_loaded)
         config = dataclasses.replace(config, options=self.engine_options)
         self.token_ids, self.max_new_tokens = token_ids, max_new_tokens
-        self.engine = Engine(self.checkpoint.base_dir, config)
+        self.engine = Engine(self.checkpoint.base_dir, config, timeout=engine_timeout)
         try:
             self.seconds["engine_start"] = time.perf_counter() - started
             started = time.perf_counter()

@@ -74,12 +74,20 @@ def check(
     no_module_read: bool = typer.Option(False, "--no-module-read", help="Skip reading the engine's weights per module (logits only)."),
     quiet: bool = QUIET_OPTION,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the engine's own logs and progress bars (vLLM, torch, transformers) instead of keeping them in a log file."),
+    engine_timeout: float = typer.Option(
+        600.0,
+        "--engine-timeout",
+        help="The longest, in seconds, the engine may make no progress on lora-doctor's requests (engine start excluded); "
+        "past it the check ends with exit 3, naming the stall and the engine log.",
+    ),
 ) -> None:
     """Replay a trainer's sync plan into a real vLLM engine and compare it with HF + PEFT after each phase."""
     from .checker import check as run_check
+    from .engine.deadline import check_timeout, watchdog
     from .measure.verdict import Thresholds
     from .output import engine_output_to_log
 
+    check_timeout(engine_timeout)
     _check_output_path(json_path)
     _check_report_dir(report_dir)
     from .environment import vllm_version_note
@@ -94,7 +102,11 @@ def check(
     options = _parse_engine_options(engine_option)
     if verbose:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO")
-    with engine_output_to_log(enabled=not verbose) as captured, Console(file=captured.stderr).status("checking", spinner="dots") as status:
+    with (
+        engine_output_to_log(enabled=not verbose) as captured,
+        watchdog(engine_timeout, captured.stderr, captured.log),
+        Console(file=captured.stderr).status("checking", spinner="dots") as status,
+    ):
         report = run_check(
             checkpoint,
             base=base,
@@ -110,6 +122,7 @@ def check(
             progress=lambda message: status.update(message),
             engine_options=options,
             reference_device=reference_device,
+            engine_timeout=engine_timeout,
         )
     _emit(report, quiet=quiet, all_modules=all_modules, json_path=json_path, report_dir=report_dir)
     raise typer.Exit(0 if exit_zero else report.exit_code)

@@ -11,6 +11,7 @@ import torch
 from .adapter.checkpoint import Checkpoint, spec_from_config
 from .adapter.dtypes import dtype_name
 from .checker import check
+from .engine.deadline import DEFAULT_ENGINE_TIMEOUT
 from .engine.driver import WORKER_EXTENSION, Engine
 from .engine.platform import V1, model_runner, module_read_problem, quantization_problem, runner_note, uncaptured_chunk_positions
 from .errors import BadInput, ProblemDetected
@@ -18,7 +19,7 @@ from .measure.logit_pass import CHUNK_POSITIONS
 from .measure.phase import PhaseMeasurer
 from .measure.prompts import load_prompts
 from .measure.reference import Reference
-from .measure.verdict import Thresholds
+from .measure.verdict import UNRESOLVED, Thresholds
 from .plans.builtin import DEFAULT_PLAN
 from .result import PhaseResult, Report
 
@@ -27,7 +28,8 @@ def gate(checkpoint: str | Path, *, plan: str = DEFAULT_PLAN, **options) -> Repo
     """Run `check` and raise `ProblemDetected` (exit code 1) unless every phase is healthy.
 
     For the top of a training script: refuse to resume when the configured sync path would corrupt
-    the policy. Returns the report when it passes.
+    the policy. Returns the report when it passes. `options` are `check`'s (e.g. `engine_timeout=`:
+    an engine that makes no progress for that many seconds ends the gate with `EngineStalled`, exit 3).
     """
     report = check(checkpoint, plan=plan, **options)
     if not report.ok:
@@ -50,6 +52,7 @@ def probe(
     max_new_tokens: int = 16,
     module_read: bool = True,
     name: str = "probe",
+    engine_timeout: float = DEFAULT_ENGINE_TIMEOUT,
 ) -> PhaseResult:
     """Measure a trainer's engine against its PEFT policy, touching neither's weights.
 
@@ -59,10 +62,19 @@ def probe(
     are always measured; the per-module figures when the engine allows them (LoRA enabled, the
     worker extension, the base model in a local folder: `base_dir`, default the folder the policy's
     base was loaded from). What was not measured, and why, is in the result's `not_measured`.
+
+    An engine that cannot serve now (asleep: TRL's and ms-swift's sleep mode pause its scheduler) is
+    sent no request: the result is `unresolved`, with the reason in `not_measured["engine"]`; probe
+    when it is awake. `engine_timeout`: the longest, in seconds, the engine may make no progress on the
+    probe's requests; past it they are aborted (the engine keeps serving the trainer's) and
+    `EngineStalled` is raised (an `EnvironmentProblem`).
     """
-    engine = Engine.attach(llm)
+    engine = Engine.attach(llm, timeout=engine_timeout)
     if lora_request is not None and not engine.lora_enabled:
         raise BadInput("a lora_request was given but the engine was built without enable_lora: it cannot serve an adapter")
+    unavailable = engine.unavailable()
+    if unavailable is not None:
+        return not_measured(name, lora_request is not None, f"no request was sent: {unavailable}; probe when the engine is awake")
     tokenizer = tokenizer or engine.core.get_tokenizer()
     texts = load_prompts(prompts)
     token_ids = [tokenizer(text).input_ids for text in texts]
@@ -88,6 +100,27 @@ def probe(
             return result
     finally:
         model.train(was_training)
+
+
+def not_measured(name: str, with_adapter: bool, reason: str) -> PhaseResult:
+    """A probe that measured nothing: `unresolved`, every figure NaN, the reason under "engine"."""
+    nan = float("nan")
+    return PhaseResult(
+        index=0,
+        name=name,
+        with_adapter=with_adapter,
+        verdict=UNRESOLVED,
+        explanation=f"the engine was not measured: {reason}",
+        effective_scale=nan,
+        kl_at_scale=nan,
+        kl_mean=nan,
+        kl_max=nan,
+        top1_agreement=nan,
+        greedy_match=nan,
+        kl_limit=None,
+        decided_by="nothing",
+        not_measured={"engine": reason},
+    )
 
 
 class RouteRecorder:

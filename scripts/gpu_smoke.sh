@@ -3,7 +3,7 @@
 #   1. the demo in bf16 (the #8233 double count)          expected: exit 1, phase 2 double_counted
 #   2. the healthy plan (swift-fixed)                      expected: exit 0
 #   3. a merged push without a prefix-cache reset          expected: exit 1, stale_cache
-#   4. a probe on a sleeping engine (TRL/ms-swift sleep)   expected: returns at once, not measured, named
+#   4. a probe on a sleeping engine (TRL/ms-swift sleep)   expected: returns at once, unresolved, not_measured.engine
 #   5. a probe under vLLM's Model Runner V2                expected: ok, the runner named
 # It prints "expected ... got ..." per case and exits 1 if any differs.
 #
@@ -71,7 +71,7 @@ EOF
 }
 
 got=$(probe v1 1)
-expect "probe on a sleeping engine (verdict|not measured)" "not_measured|engine" "${got:-crashed: $(tail -1 "$OUT/probe.err")}"
+expect "probe on a sleeping engine (verdict|not measured)" "unresolved|engine" "${got:-crashed: $(tail -1 "$OUT/probe.err")}"
 got=$(probe v2 0)
 expect "probe under Model Runner V2 (verdict|not measured)" "ok|capture" "${got:-crashed: $(tail -1 "$OUT/probe.err")}"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import tempfile
@@ -15,6 +16,7 @@ import torch
 
 from ..errors import BadInput, EnvironmentProblem, LoraDoctorError, engine_problem, memory_problem, one_line, out_of_memory
 from .compat import keeping_parallel_state, let_vllm_scan_llvmlite, parallel_state_initialized
+from .deadline import DEFAULT_ENGINE_TIMEOUT, EngineUnavailable, Stall, check_timeout, engine_call
 from .platform import PIN_V1, current_platform, device_memory, memory_plan
 
 WORKER_EXTENSION = "lora_doctor.engine.worker.LoraDoctorWorker"
@@ -182,6 +184,10 @@ def import_vllm():
     return vllm
 
 
+# lora-doctor's request ids, unique in the process: an engine attached by several probes never sees
+# one id twice, and a trainer's requests (vllm.LLM numbers its own) never share one.
+_REQUEST_IDS = itertools.count(1)
+
 # Engines left to the end of the process instead of shut down (see `leave_engines_to_process_exit`).
 _LEFT_TO_PROCESS_EXIT: list | None = None
 
@@ -204,12 +210,16 @@ def _has_child_processes() -> bool:
 
 
 class Engine:
-    """One vLLM engine per check, with LoRA enabled, reused across sync phases."""
+    """One vLLM engine per check, with LoRA enabled, reused across sync phases.
 
-    def __init__(self, base_dir: Path, config: EngineConfig):
+    `timeout`: the longest, in seconds, the engine may make no progress on lora-doctor's requests
+    (see engine/deadline.py); past it they are aborted and `EngineStalled` is raised (exit 3).
+    """
+
+    def __init__(self, base_dir: Path, config: EngineConfig, timeout: float = DEFAULT_ENGINE_TIMEOUT):
+        self.timeout = check_timeout(timeout, "engine_timeout")
         vllm = import_vllm()
         self._adapter_ids = 0
-        self._request_ids = 0
         self._owned = True
         # Another in-process engine (the trainer's) made vLLM's parallel state: closing keeps it.
         self._shared_parallel_state = parallel_state_initialized()
@@ -241,19 +251,19 @@ class Engine:
             raise EnvironmentProblem(f"the vLLM engine failed to start: {one_line(error)}") from None
 
     @classmethod
-    def attach(cls, llm) -> Engine:
+    def attach(cls, llm, timeout: float = DEFAULT_ENGINE_TIMEOUT) -> Engine:
         """Wrap an engine the caller already has (inside a trainer); `close` leaves it running.
 
         `llm` is a `vllm.LLM` (TRL) or the `vllm.LLMEngine` it wraps (ms-swift's colocated engine),
         built with or without LoRA and with or without lora-doctor's worker extension.
         """
         engine = cls.__new__(cls)
+        engine.timeout = check_timeout(timeout, "engine_timeout")
         engine.llm = llm
         engine._adapter_ids = 0
         engine._owned = False
         engine._restore_process = lambda: None
         engine._files = None
-        engine._request_ids = 0
         max_logprobs = engine.core.model_config.max_logprobs
         if max_logprobs != -1 and max_logprobs < engine.vocab_size:
             raise BadInput(
@@ -479,7 +489,8 @@ class Engine:
     def rpc(self, method: str, *args):
         """Call a method of lora-doctor's worker extension on every rank; one result per rank."""
         try:
-            return self.llm.collective_rpc(method, args=args)
+            with engine_call(method):
+                return self.llm.collective_rpc(method, args=args)
         except LoraDoctorError:
             raise
         except Exception as error:  # a worker's failure comes back as whatever the executor wraps it in
@@ -502,29 +513,65 @@ class Engine:
     def vocab_size(self) -> int:
         return self.core.model_config.get_vocab_size()
 
+    def unavailable(self) -> str | None:
+        """Why the engine cannot serve a request now (None: it can). A sleeping engine (TRL's
+        `vllm_enable_sleep_mode`, ms-swift's `--sleep_level`) has its scheduler paused: a request
+        would be queued and never stepped until the trainer wakes it."""
+        try:
+            asleep = self.core.is_sleeping()
+        except Exception as error:  # an engine without the query answers requests as before
+            return None if isinstance(error, (AttributeError, NotImplementedError)) else f"it did not answer whether it sleeps ({one_line(error)})"
+        if asleep:
+            return "the engine is asleep (its scheduler is paused, as vLLM's sleep mode leaves it): a request would wait until it wakes"
+        return None
+
     def _generate(self, prompts: list[list[int]], params, lora_request):
         from vllm.inputs import TokensPrompt
 
+        reason = self.unavailable()
+        if reason is not None:
+            raise EngineUnavailable(f"lora-doctor sent no request: {reason}")
         requests = [TokensPrompt(prompt_token_ids=ids) for ids in prompts]
-        with engine_operation("generate"):
-            if self.core is self.llm:
-                return self._generate_on_core(requests, params, lora_request)
-            return self.llm.generate(requests, params, lora_request=lora_request, use_tqdm=False)
+        with engine_operation("generate", timed=False):
+            return self._generate_on_core(requests, params, lora_request)
 
     def _generate_on_core(self, requests, params, lora_request):
-        """What `vllm.LLM.generate` does, on a bare `LLMEngine`: queue the requests, step until they finish."""
-        order = {}
-        for position, request in enumerate(requests):
-            self._request_ids += 1
-            external = f"lora-doctor-{self._request_ids}"
-            internal = self.core.add_request(external, request, params, lora_request=lora_request)
-            # Outputs carry the id the caller gave; vLLM adds a random suffix inside the engine.
-            order[external] = order[internal] = position
-        finished = {}
-        while len(finished) < len(requests):
-            for output in self.core.step():
-                if output.finished and output.request_id in order:
-                    finished[order[output.request_id]] = output
+        """What `vllm.LLM.generate` does, with a deadline: queue the requests on the `LLMEngine`, step
+        it until they finish. No progress on them for `timeout` seconds (a request the engine dropped,
+        an engine that stopped stepping): they are aborted and `EngineStalled` raised. Outputs of the
+        caller's own requests (a trainer's) that finish meanwhile are handed back to its next step."""
+        from vllm.sampling_params import RequestOutputKind
+
+        core = self.core
+        params = params.clone()
+        params.output_kind = RequestOutputKind.FINAL_ONLY  # as vllm.LLM asks: one output per request
+        order: dict[str, int] = {}
+        external: dict[int, str] = {}
+        finished: dict[int, object] = {}
+        others: list = []
+        stall = Stall(self.timeout, f"{len(requests)} request(s)")
+        try:
+            for position, request in enumerate(requests):
+                external[position] = f"lora-doctor-{next(_REQUEST_IDS)}"
+                internal = core.add_request(external[position], request, params, lora_request=lora_request)
+                # Outputs carry the id the caller gave; vLLM adds a random suffix inside the engine.
+                order[external[position]] = order[internal] = position
+            while len(finished) < len(requests):
+                with engine_call("a step of the engine"):
+                    outputs = core.step()
+                for output in outputs:
+                    position = order.get(output.request_id)
+                    if position is None:
+                        if output.finished:
+                            others.append(output)
+                    elif output.finished:
+                        finished[position] = output
+                stall.observe((len(finished), _tokens_so_far(core, order)))
+        except BaseException:
+            _abort(core, [name for position, name in external.items() if position not in finished])
+            raise
+        finally:
+            _hand_back(core, others)
         return [finished[position] for position in range(len(requests))]
 
     def close(self) -> None:
@@ -554,15 +601,70 @@ class Engine:
 
 
 @contextmanager
-def engine_operation(what: str) -> Iterator[None]:
+def engine_operation(what: str, timed: bool = True) -> Iterator[None]:
     """An operation of the running engine: its failure is the environment's (exit 3), never a crash of
-    lora-doctor (exit 4) nor the user's input (exit 2); out of memory is named as such."""
+    lora-doctor (exit 4) nor the user's input (exit 2); out of memory is named as such. `timed`: one
+    call the command's watchdog times (engine/deadline.py)."""
     try:
-        yield
+        with engine_call(what) if timed else nullcontext():
+            yield
     except LoraDoctorError:
         raise
     except Exception as error:
         raise engine_problem(what, error) from None
+
+
+def _tokens_so_far(core, order: dict[str, int]) -> int:
+    """Tokens the engine has produced so far for lora-doctor's unfinished requests (its progress):
+    generated, and, with the scheduler in this process, prompt tokens computed (a long prompt's
+    prefill chunks produce no token)."""
+    states = getattr(getattr(core, "output_processor", None), "request_states", {})
+    scheduler = getattr(getattr(getattr(core, "engine_core", None), "engine_core", None), "scheduler", None)
+    scheduled = getattr(scheduler, "requests", {})
+    total = 0
+    for name in order:
+        state = states.get(name)
+        if state is not None:
+            total += state.detokenizer.num_output_tokens() + (not state.is_prefilling)
+        request = scheduled.get(name)
+        if request is not None:
+            total += request.num_computed_tokens
+    return total
+
+
+def _abort(core, names: list[str]) -> None:
+    """Remove lora-doctor's unfinished requests from the engine: none reaches the caller's next step
+    (vllm.LLM sorts its outputs by numeric request id: a leftover of lora-doctor's would break it)."""
+    if names:
+        try:
+            core.abort_request(names)
+        except Exception:  # an engine too broken to abort: the error that brought us here is the one to tell
+            pass
+
+
+def _hand_back(core, outputs: list) -> None:
+    """The caller's own finished outputs that lora-doctor's loop stepped past: its next step returns
+    them (and the engine counts as having unfinished requests until then), as if they finished then."""
+    if not outputs:
+        return
+    pending = list(outputs)
+    overridden = {name: vars(core)[name] for name in ("step", "has_unfinished_requests") if name in vars(core)}
+    step, unfinished = core.step, core.has_unfinished_requests
+
+    def restore() -> None:
+        for name in ("step", "has_unfinished_requests"):
+            if name in overridden:
+                setattr(core, name, overridden[name])
+            else:
+                delattr(core, name)
+
+    def step_handing_back():
+        restore()
+        handed, pending[:] = list(pending), []
+        return handed + step()
+
+    core.step = step_handing_back
+    core.has_unfinished_requests = lambda: bool(pending) or unfinished()
 
 
 def _dense_logprobs(flat, vocab_size: int) -> torch.Tensor:

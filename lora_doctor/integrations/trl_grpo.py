@@ -17,6 +17,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 from ..callback import LoraDoctorCallback
+from ..engine.deadline import DEFAULT_ENGINE_TIMEOUT
 from ..engine.driver import WORKER_EXTENSION
 from ..errors import BadInput
 from ..live import RouteRecorder
@@ -47,12 +48,13 @@ def engine_options(*, worker_extension: bool = True):
         vllm_generation.LLM = build
 
 
-def add_probe(trainer, *, every_n_steps: int | None = None, **options) -> LoraDoctorCallback:
+def add_probe(trainer, *, every_n_steps: int | None = None, engine_timeout: float = DEFAULT_ENGINE_TIMEOUT, **options) -> LoraDoctorCallback:
     """Probe TRL's engine against the policy right after the syncs, through a callback on `trainer`.
 
     `every_n_steps` defaults to the sync cadence and must be a multiple of it (a probe between syncs
     would compare the engine with a policy that has moved since). `options` go to
-    `LoraDoctorCallback` (prompts, stop_on_failure, ...).
+    `LoraDoctorCallback` (prompts, stop_on_failure, ...). `engine_timeout`: the longest, in seconds,
+    TRL's engine may make no progress on a probe's requests (see `lora_doctor.probe`).
     """
     args = trainer.args
     if not getattr(args, "use_vllm", False) or args.vllm_mode != "colocate":
@@ -67,6 +69,7 @@ def add_probe(trainer, *, every_n_steps: int | None = None, **options) -> LoraDo
         lora_request=None,
         every_n_steps=every,
         route=lambda: RouteRecorder(trainer.vllm_generation.llm, "generate"),
+        engine_timeout=engine_timeout,
         **options,
     )
     trainer.add_callback(callback)
