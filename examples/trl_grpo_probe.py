@@ -18,6 +18,7 @@ from pathlib import Path
 
 import lora_doctor  # noqa: F401  (first: sets OpenMP's passive waiting before torch loads)
 from lora_doctor.integrations import trl_grpo
+from lora_doctor.output import write_file
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 BASE = FIXTURES / "tiny-qwen2"
@@ -105,14 +106,15 @@ def report(trainer, probe, json_path: str | None) -> int:
         print(f"trl {result.name}: {result.verdict} α={result.effective_scale:.3f} kl_mean={result.kl_mean:.2e}")
     if json_path:
         logged = [entry for entry in trainer.state.log_history if any(key.startswith("lora_doctor/") for key in entry)]
-        Path(json_path).write_text(
+        write_file(
+            json_path,
             json.dumps(
                 {
                     "global_step": trainer.state.global_step,
                     "results": [asdict(result) for result in probe.results],
                     "logged": logged,
                 }
-            )
+            ),
         )
     return 0 if all(result.ok for result in probe.results) else 1
 

@@ -31,6 +31,7 @@ from .measure.verdict import FAIL, Thresholds, overall_verdict
 from .plans.builtin import DEFAULT_PLAN, Plan, get_plan
 from .plans.sync import Sync
 from .preflight import ADAPTER_REFUSED, PreflightReport, inspect_checkpoint
+from .random_state import preserves_random_state
 from .result import PhaseResult, Report
 
 # Pre-flight problems after which engine-vs-reference figures mean nothing, so the check stops
@@ -41,6 +42,7 @@ from .result import PhaseResult, Report
 BLOCKING_FINDINGS = frozenset({"nan_inf", "dora", "engine_name_mismatch"})
 
 
+@preserves_random_state
 @out_of_memory_is_environment("run the check")
 def check(checkpoint: str | Path, *, plan: str = DEFAULT_PLAN, **options) -> Report:
     """Run `plan` on a real vLLM engine and measure it against HF + PEFT after every phase.
@@ -122,6 +124,7 @@ def stopped_report(ckpt: Checkpoint, plan: Plan, preflight: PreflightReport, blo
 class Checker:
     """A checkpoint, its reference and one engine, ready to replay any number of plans."""
 
+    @preserves_random_state  # building the engine reseeds the process's generators
     def __init__(
         self,
         checkpoint: str | Path,
@@ -211,6 +214,7 @@ class Checker:
             self.engine.close()  # the caller never gets a Checker to close
             raise
 
+    @preserves_random_state
     def run(self, plan: Plan | str) -> Report:
         """Replay one plan (a `Plan`, or a name `check --plan` takes) and judge every phase it probes."""
         if isinstance(plan, str):

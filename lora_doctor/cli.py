@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
@@ -13,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from .errors import INTERNAL_ERROR_EXIT_CODE, BadInput, LoraDoctorError, memory_problem, one_line, out_of_memory
-from .output import save_crash
+from .output import save_crash, write_file, write_files
 
 app = typer.Typer(
     help="Catch LoRA weight-sync bugs between an RL trainer and its vLLM rollout engine.\n\n"
@@ -151,8 +152,9 @@ def report(
     if output_format == "terminal" and output is None:
         render_terminal(saved, _stdout_console())
     elif output_format == "terminal":
-        with output.open("w") as handle:
-            render_terminal(saved, Console(file=handle, width=140))
+        console = Console(file=io.StringIO(), width=140)
+        render_terminal(saved, console)
+        _write(console.file.getvalue(), output)
     else:
         _write(renderers[output_format](saved), output or Path("-"))
     raise typer.Exit(saved.exit_code)
@@ -223,23 +225,29 @@ def audit(
 
 
 def _emit(report, *, quiet: bool, all_modules: bool, json_path: Optional[Path], report_dir: Optional[Path]) -> None:
-    """The terminal report (on stderr when the JSON goes to stdout), the JSON, the report folder."""
+    """The terminal report (on stderr when the JSON goes to stdout), the JSON, the report folder.
+
+    Everything is rendered before the first file is written: a renderer that fails (exit 4) leaves
+    the files of an earlier run as they were, never a report.json of this run that says otherwise.
+    """
     from .report import render_json, render_terminal
 
+    json_text = render_json(report) if json_path is not None else None
+    folder_texts = _report_dir_texts(report) if report_dir is not None else None
     if not quiet:
         render_terminal(report, stderr if json_path == Path("-") else _stdout_console(), all_modules=all_modules)
-    if json_path is not None:
-        _write(render_json(report), json_path)
-    if report_dir is not None:
-        _write_report_dir(report, report_dir)
+    if json_text is not None:
+        _write(json_text, json_path)
+    if folder_texts is not None:
+        write_files(report_dir, folder_texts)
 
 
 def _write(text: str, path: Path) -> None:
-    """Write to a file, or to stdout for '-'."""
+    """Write to a file (whole, or not at all), or to stdout for '-'."""
     if path == Path("-"):
         sys.stdout.write(text)
     else:
-        path.write_text(text)
+        write_file(path, text)
 
 
 def _stdout_console() -> Console:
@@ -266,13 +274,10 @@ def _check_report_dir(path: Optional[Path]) -> None:
         raise BadInput(f"--report {path}: folder {path.parent} does not exist")
 
 
-def _write_report_dir(report, folder: Path) -> None:
+def _report_dir_texts(report) -> dict[str, str]:
     from .report import render_html, render_json, render_markdown
 
-    folder.mkdir(exist_ok=True)
-    (folder / "report.json").write_text(render_json(report))
-    (folder / "report.md").write_text(render_markdown(report))
-    (folder / "report.html").write_text(render_html(report))
+    return {"report.json": render_json(report), "report.md": render_markdown(report), "report.html": render_html(report)}
 
 
 def _parse_thresholds(items: list[str]) -> dict[str, float]:

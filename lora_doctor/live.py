@@ -21,9 +21,11 @@ from .measure.prompts import load_prompts
 from .measure.reference import Reference
 from .measure.verdict import UNRESOLVED, Thresholds
 from .plans.builtin import DEFAULT_PLAN
+from .random_state import preserves_random_state
 from .result import PhaseResult, Report
 
 
+@preserves_random_state
 def gate(checkpoint: str | Path, *, plan: str = DEFAULT_PLAN, **options) -> Report:
     """Run `check` and raise `ProblemDetected` (exit code 1) unless every phase is healthy.
 
@@ -40,6 +42,7 @@ def gate(checkpoint: str | Path, *, plan: str = DEFAULT_PLAN, **options) -> Repo
     return report
 
 
+@preserves_random_state
 def probe(
     llm,
     model,

@@ -4,6 +4,10 @@ vLLM, torch and transformers write to the process's file descriptors directly (p
 C++ warnings such as the NUMA-binding notice, logging set up before ours), so quieting their loggers
 is not enough: during the work, descriptors 1 and 2 point at a log file, and lora-doctor writes its
 progress to a copy of the original stderr.
+
+Report files are written whole or not at all: every text is rendered before the first file is
+touched, and each file goes to a temporary name in its own folder, then is renamed into place, so a
+failed renderer or a kill mid-write leaves the previous files as they were.
 """
 
 from __future__ import annotations
@@ -65,6 +69,37 @@ def engine_output_to_log(enabled: bool = True) -> Iterator[Captured]:
         user_stderr.close()
         if not kept:
             Path(name).unlink(missing_ok=True)
+
+
+def write_file(path: str | Path, text: str) -> None:
+    """Replace `path` with `text` at once: a temporary file in the same folder, renamed into place."""
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temporary, _default_mode())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def write_files(folder: str | Path, texts: dict[str, str]) -> None:
+    """Write already rendered `texts` ({file name: text}) into `folder` (created if missing), each with `write_file`."""
+    folder = Path(folder)
+    folder.mkdir(exist_ok=True)
+    for name, text in texts.items():
+        write_file(folder / name, text)
+
+
+def _default_mode() -> int:
+    """The mode `open()` gives a new file (mkstemp's is 0600: a report is no secret)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def save_crash(error: BaseException) -> Path:

@@ -334,10 +334,12 @@ class Engine:
         request = LoRARequest(f"lora-doctor-{int_id}", int_id, str(path), load_inplace=load_inplace)
         try:
             self.core.add_lora(request)
-        except Exception as error:  # vLLM raises ValueError / RuntimeError subclasses of its own
+        except Exception as error:
             if out_of_memory(error):
                 raise memory_problem(f"load the adapter {named}", error) from None
-            raise BadInput(f"the engine refused the adapter {named}: {one_line(error)} (see 'lora-doctor inspect')") from None
+            if adapter_refused(error):
+                raise BadInput(f"the engine refused the adapter {named}: {one_line(error)} (see 'lora-doctor inspect')") from None
+            raise engine_problem(f"load the adapter {named}", error) from None
         return request
 
     def _check_rank(self, path: Path, named: Path) -> None:
@@ -357,11 +359,13 @@ class Engine:
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached KV block (what a trainer calls after each weight or adapter sync)."""
-        self.core.reset_prefix_cache()
+        with engine_operation("reset its prefix cache"):
+            self.core.reset_prefix_cache()
 
     def loaded_adapters(self) -> set[int]:
         """The ids of the adapters the engine holds now."""
-        return set(self.core.list_loras())
+        with engine_operation("list its loaded adapters"):
+            return set(self.core.list_loras())
 
     @property
     def options(self) -> dict:
@@ -665,6 +669,35 @@ def _hand_back(core, outputs: list) -> None:
 
     core.step = step_handing_back
     core.has_unfinished_requests = lambda: bool(pending) or unfinished()
+
+
+def adapter_refused(error: BaseException) -> bool:
+    """Whether vLLM's `add_lora` failed on the adapter itself (exit 2), not as an engine (exit 3).
+
+    vLLM refuses an adapter with a ValueError (its config against the engine's LoRA settings, its
+    modules, its tensors' shapes), a client error of its own (`LoRAAdapterNotFoundError`), or the
+    error of reading its files (OSError, safetensors' error). Anything else, a dead engine
+    (`EngineDeadError`) included, is the engine's failure.
+    """
+    from vllm.exceptions import VLLMClientError, VLLMServerError
+
+    for cause in _causes(error):
+        if isinstance(cause, VLLMServerError):
+            return False
+        if isinstance(cause, (TimeoutError, ConnectionError)):
+            return False  # OSErrors of the engine's own processes and pipes, not of the adapter's files
+        if isinstance(cause, (ValueError, OSError, VLLMClientError)) or type(cause).__name__ == "SafetensorError":
+            return True
+    return False
+
+
+def _causes(error: BaseException) -> Iterator[BaseException]:
+    """The error and the errors it was raised from (vLLM wraps a file's error in its own)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
 
 
 def _dense_logprobs(flat, vocab_size: int) -> torch.Tensor:

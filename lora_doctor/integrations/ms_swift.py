@@ -27,6 +27,7 @@ from pathlib import Path
 from ..callback import LoraDoctorCallback
 from ..errors import BadInput
 from ..live import RouteRecorder
+from ..output import write_file
 
 CALLBACK_NAME = "lora_doctor"
 PLUGIN = Path(__file__).resolve().parent / "swift_plugin" / "lora_doctor_swift.py"
@@ -74,7 +75,7 @@ class SwiftProbe(LoraDoctorCallback):
         probes = len(self.results)
         control = super().on_pre_optimizer_step(args, state, control, **kwargs)
         if self.results_path and len(self.results) > probes:
-            Path(self.results_path).write_text(json.dumps([asdict(result) for result in self.results]))
+            write_file(self.results_path, json.dumps([asdict(result) for result in self.results]))
         return control
 
 

@@ -10,7 +10,8 @@ import importlib
 import importlib.util
 import inspect
 import math
-import traceback
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,11 +51,69 @@ class Plan:
             raise BadInput(f"plan {self.name} measured nothing: it never called sync.probe(name)")
 
     def _user_frame(self, error: BaseException) -> str | None:
-        """`file:line` of the innermost frame of the custom plan's source in the error's traceback."""
-        if self.source is None:
+        """`file:line` in the custom plan's source when the error is the plan's, else None (lora-doctor's).
+
+        The plan's: its own code raised it (the innermost frame of the plan or of lora-doctor is the
+        plan's; library code it called counts as its own), or it called a `sync` operation with an
+        argument of a type the operation does not take. An error raised inside lora-doctor's code
+        otherwise is lora-doctor's, as under a built-in plan. A plan file inside the lora_doctor
+        package is lora-doctor's code.
+        """
+        if self.source is None or _inside_lora_doctor(self.source):
             return None
-        frames = [f for f in traceback.extract_tb(error.__traceback__) if Path(f.filename).resolve() == Path(self.source).resolve()]
-        return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else None
+        plan_file = Path(self.source).resolve()
+        owners = []  # per traceback entry: "plan", "lora_doctor" or None (a library)
+        tb = error.__traceback__
+        while tb is not None:
+            path = Path(tb.tb_frame.f_code.co_filename).resolve()
+            owners.append(("plan" if path == plan_file else "lora_doctor" if _inside_lora_doctor(path) else None, tb))
+            tb = tb.tb_next
+        ours = [(owner, tb) for owner, tb in owners if owner is not None]
+        plan_frames = [tb for owner, tb in ours if owner == "plan"]
+        if not plan_frames:
+            return None
+        last = plan_frames[-1]
+        where = f"{last.tb_frame.f_code.co_filename}:{last.tb_lineno}"
+        if ours[-1][0] == "plan":
+            return where
+        called = next((tb for owner, tb in ours[ours.index(("plan", last)) + 1 :]), None)
+        misuse = _wrong_argument(called.tb_frame) if called is not None else None
+        return f"{where} ({misuse})" if misuse else None
+
+
+LORA_DOCTOR_DIR = Path(__file__).resolve().parents[1]
+
+
+def _inside_lora_doctor(path: str | Path) -> bool:
+    return Path(path).resolve().is_relative_to(LORA_DOCTOR_DIR)
+
+
+def _wrong_argument(frame) -> str | None:
+    """For the frame of a `Sync` operation: the argument whose value its annotation does not admit."""
+    method = getattr(Sync, frame.f_code.co_name, None)
+    if method is None or getattr(method, "__code__", None) is not frame.f_code:
+        return None
+    hints = typing.get_type_hints(method)
+    for name, hint in hints.items():
+        if name != "return" and name in frame.f_locals and not _admits(hint, frame.f_locals[name]):
+            return f"{frame.f_code.co_name}: {name}={frame.f_locals[name]!r} is not {_hint_name(hint)}"
+    return None
+
+
+def _admits(hint, value) -> bool:
+    """Whether `value` is of the annotated type (a union: any of its members; `float` also takes an int)."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return any(_admits(member, value) for member in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    origin = typing.get_origin(hint) or hint
+    return not isinstance(origin, type) or isinstance(value, origin)
+
+
+def _hint_name(hint) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint)
 
 
 def swift_colocate_lora(sync: Sync) -> None:

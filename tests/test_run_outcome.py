@@ -1,0 +1,64 @@
+"""What fails after start-up gets the exit code of whoever failed: the plan's own code or its misuse
+of the sync handle 2, lora-doctor's code 4 (under a custom plan as under a built-in one), an adapter
+vLLM refuses 2, the engine failing (dead included) 3."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+from conftest import CHECKPOINT, ROOT, assert_one_line_error, run_cli, run_cli_process
+
+pytestmark = pytest.mark.slow  # every case starts an engine
+
+PLANS = ROOT / "tests" / "outcome_plans.py"
+
+
+def crashed(run, needle: str) -> None:
+    """Exit 4 naming `needle`; the saved traceback and the engine log it names are removed."""
+    assert run.exit_code == 4, run.stderr
+    assert needle in run.stderr, run.stderr
+    saved = Path(re.search(r"traceback is in (\S+)", run.stderr).group(1))
+    text = saved.read_text()
+    saved.unlink()
+    log = re.search(r"engine log: (\S+)", text)
+    if log:
+        Path(log.group(1)).unlink(missing_ok=True)
+
+
+# A custom plan, a built-in one, and a built-in one named as a custom plan (its file is lora-doctor's code).
+@pytest.mark.parametrize("plan", [f"{PLANS}:merges", "merged", "lora_doctor.plans.builtin:merged"])
+def test_lora_doctors_own_failure_under_a_plan_is_a_crash(plan, tmp_path, monkeypatch):
+    # lora-doctor's merge failing as a bug would, reached through the plan's `sync.load_merged()`:
+    # the same exit 4 under a custom plan (it was 2, "plan failed") as under a built-in one.
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr("lora_doctor.plans.sync.merge_in_dtype", broken)
+    run = run_cli("check", CHECKPOINT, "--plan", plan, "--json", tmp_path / "r.json")
+    crashed(run, "internal error: ZeroDivisionError")
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_an_adapter_the_engine_refuses_is_bad_input(tmp_path):
+    run = run_cli("check", CHECKPOINT, "--plan", f"{PLANS}:adds_a_broken_adapter", "--json", tmp_path / "r.json")
+    assert_one_line_error(run, 2, "the engine refused the adapter", unwritten=tmp_path / "r.json")
+
+
+@pytest.mark.parametrize(
+    ("plan", "needle"),
+    [("adds_the_adapter_to_a_dead_engine", "failed to load the adapter"), ("probes_a_dead_engine", "failed to list its loaded adapters")],
+)
+def test_a_dead_engine_under_a_plan_is_the_environment(plan, needle, tmp_path):
+    # The process's temporary folder, removed after: the engine's log (kept on exit 3) and what the killed workers leave.
+    own_tmp = Path(tempfile.mkdtemp(prefix="dead-"))
+    try:
+        run = run_cli_process("check", CHECKPOINT, "--plan", f"{PLANS}:{plan}", "-tp", "2", "--json", tmp_path / "r.json", timeout=900, env={"TMPDIR": str(own_tmp)})
+    finally:
+        shutil.rmtree(own_tmp, ignore_errors=True)
+    assert run.exit_code == 3, run.stderr
+    assert needle in run.stderr, run.stderr
+    assert not (tmp_path / "r.json").exists()
