@@ -7,7 +7,7 @@ import traceback
 from collections import Counter
 from pathlib import Path
 
-from conftest import BASE, CHECKPOINT, run_cli
+from conftest import BASE, CHECKPOINT, assert_one_line_error, run_cli
 
 WATCHED = {
     (CHECKPOINT / "adapter_config.json").resolve(): "adapter config",
@@ -59,3 +59,11 @@ def test_one_default_check_reads_each_checkpoint_file_once(tmp_path, monkeypatch
     assert reads["sync merge", "adapter config"] <= 1 and reads["sync merge", "adapter header"] <= 1, reads
     assert reads["adapter added", "adapter config"] <= 1 and reads["adapter added", "adapter header"] == 0, reads
     assert not {what for who, what in reads if who in ("sync merge", "adapter added") and what.startswith("base")}, reads
+
+
+def test_the_position_limit_is_the_base_configs_as_the_checkpoint_read_it(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("word " * 300 + "\n")
+    report = tmp_path / "report.json"
+    run = run_cli("check", CHECKPOINT, "--prompts", prompts, "--json", report)
+    assert_one_line_error(run, 2, "more than the model's 256", unwritten=report)
