@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -42,23 +43,31 @@ def merge_in_dtype(w0: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype) ->
     return (w0.to(dtype) + delta.to(dtype)).to(dtype)
 
 
-def opened(adapter: str | Path | Checkpoint) -> tuple[Path, dict, LoraSpec, AdapterInventory]:
+class OpenedAdapter(NamedTuple):
+    """An adapter folder's config, validated spec and inventory (headers), read once."""
+
+    adapter_dir: Path
+    config: dict
+    spec: LoraSpec
+    inventory: AdapterInventory
+
+
+def opened(adapter: str | Path | Checkpoint | OpenedAdapter) -> OpenedAdapter:
     """An adapter's folder, config, spec and inventory: those a `Checkpoint` already holds, else read
     from the folder `adapter`."""
+    if isinstance(adapter, OpenedAdapter):
+        return adapter
     if isinstance(adapter, Checkpoint):
-        return adapter.adapter_dir, adapter.config, adapter.spec, adapter.adapter()
+        return OpenedAdapter(adapter.adapter_dir, adapter.config, adapter.spec, adapter.adapter())
     adapter_dir = Path(adapter)
     config = read_json(adapter_dir / ADAPTER_CONFIG)
-    return adapter_dir, config, spec_from_config(config, adapter_dir), read_adapter(adapter_dir)
+    return OpenedAdapter(adapter_dir, config, spec_from_config(config, adapter_dir), read_adapter(adapter_dir))
 
 
-def load_lora_factors(adapter: str | Path | Checkpoint) -> dict[str, LoraFactors]:
+def load_lora_factors(adapter: str | Path | Checkpoint | OpenedAdapter) -> dict[str, LoraFactors]:
     """Module name of the base model (e.g. "model.layers.0.self_attn.q_proj") → its LoRA factors, of an
-    opened `Checkpoint` or an adapter folder."""
-    return _lora_factors(*opened(adapter))
-
-
-def _lora_factors(adapter_dir: Path, _config: dict, spec: LoraSpec, inventory: AdapterInventory) -> dict[str, LoraFactors]:
+    opened `Checkpoint` or adapter, or an adapter folder."""
+    adapter_dir, _config, spec, inventory = opened(adapter)
     if spec.use_dora:
         raise BadInput(f"{adapter_dir}: DoRA adapters are not supported (ΔW is not scaling·B·A)")
     values = inventory.read([t for factors in inventory.linear.values() for t in factors.values()])
@@ -87,7 +96,7 @@ def load_merge_factors(adapter: str | Path | Checkpoint, base: BaseInventory) ->
     adapter_dir, config, spec, inventory = read = opened(adapter)
     names = NameMap(base.tensors, engine_naming(base.architecture))
     merged: dict[str, list[LoraFactors]] = {}
-    for module, lora in _lora_factors(*read).items():
+    for module, lora in load_lora_factors(read).items():
         if base.tied_head(module):
             key = base.embedding_key(module)
             lora = LoraFactors(A=lora.B.T, B=lora.A.T, scaling=lora.scaling, fan_in_fan_out=not lora.fan_in_fan_out)

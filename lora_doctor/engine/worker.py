@@ -24,7 +24,7 @@ from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
 from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 
 from ..adapter.inventory import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BaseInventory, read_base
-from ..adapter.lora_delta import LoraFactors, load_lora_factors, merge_in_dtype
+from ..adapter.lora_delta import LoraFactors, load_lora_factors, merge_in_dtype, opened
 from ..adapter.names import NameMap, engine_naming
 from ..errors import BadInput, EnvironmentProblem
 from ..measure.layer_figures import STAT_KEYS
@@ -33,6 +33,9 @@ from .capture import PromptLogprobCapture
 # Weights are streamed in column blocks of at most this many elements per matrix,
 # so memory stays bounded on large layers.
 _BLOCK_ELEMENTS = 1 << 22
+
+# Adapters whose config and header a worker keeps (a check reads two: its own and --previous).
+_ADAPTERS_KEPT = 4
 
 # The way out when the per-module read cannot place an engine layout: the logit figures still work.
 _LOGITS_ONLY = "run with --no-module-read for the logit figures only"
@@ -92,7 +95,6 @@ class LoraDoctorWorker(PromptLogprobCapture):
             result["module"] = adapter_names.get(result["module"], result["module"])
         return results
 
-
     def _lora_doctor_base(self, base_dir: str) -> BaseInventory:
         """The base's inventory (its config and weights' headers), read once per engine: the engine serves this base."""
         cache = self.__dict__.setdefault("_lora_doctor_bases", {})
@@ -101,24 +103,28 @@ class LoraDoctorWorker(PromptLogprobCapture):
         return cache[base_dir]
 
     def _lora_doctor_factors(self, base_dir: str, adapter_dir: str) -> tuple[dict[str, LoraFactors], dict[str, str]]:
-        """An adapter's factors and module names, keyed by the base's module names; read once per engine
-        and adapter, again only when its files changed (a trainer rewrites its adapter folder in place)."""
+        """An adapter's factors keyed by the base's module names, and the adapter's name of each. Its
+        config and header are read once per engine and adapter, again only when its files changed (a
+        trainer rewrites its adapter folder in place); the factors' values at every call (not kept)."""
         folder = Path(adapter_dir)
         stamp = tuple(_stamp(folder / name) for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS))
         cache = self.__dict__.setdefault("_lora_doctor_adapters", {})
-        key = (base_dir, adapter_dir)
-        if key not in cache or cache[key][0] != stamp:
-            # The shards are named by the base checkpoint, the factors by the adapter: join them on the
-            # base's names, then report in the adapter's (the reference's and the report's vocabulary).
-            base = self._lora_doctor_base(base_dir)
-            names = NameMap(base.tensors, engine_naming(base.architecture))
-            factors, adapter_names = {}, {}
-            for module, lora in load_lora_factors(folder).items():
-                base_name = (names.base_key(module) or f"{module}.weight").removesuffix(".weight")
-                factors[base_name] = lora
-                adapter_names[base_name] = module
-            cache[key] = (stamp, factors, adapter_names)
-        return cache[key][1], cache[key][2]
+        if adapter_dir not in cache or cache[adapter_dir][0] != stamp:
+            # A trainer's engine lives for the whole run and a probe snapshots each step's adapter into
+            # a folder of its own: keep the few a check reads (its adapter and --previous), not all.
+            while len(cache) >= _ADAPTERS_KEPT:
+                cache.pop(next(iter(cache)))
+            cache[adapter_dir] = (stamp, opened(folder))
+        base = self._lora_doctor_base(base_dir)
+        names = NameMap(base.tensors, engine_naming(base.architecture))
+        # The shards are named by the base checkpoint, the factors by the adapter: join them on the
+        # base's names, then report in the adapter's (the reference's and the report's vocabulary).
+        factors, adapter_names = {}, {}
+        for module, lora in load_lora_factors(cache[adapter_dir][1]).items():
+            base_name = (names.base_key(module) or f"{module}.weight").removesuffix(".weight")
+            factors[base_name] = lora
+            adapter_names[base_name] = module
+        return factors, adapter_names
 
 
 def _stamp(path: Path) -> tuple | None:
