@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .adapter.checkpoint import Checkpoint, load_checkpoint
+from .adapter.checkpoint import Checkpoint, load_checkpoint, load_previous, open_checkpoint
 from .adapter.dtypes import COMPUTE_DTYPES
 from .engine.deadline import DEFAULT_ENGINE_TIMEOUT, check_timeout
 from .engine.driver import Engine, check_engine_options
@@ -44,7 +44,7 @@ BLOCKING_FINDINGS = frozenset({"nan_inf", "dora", "engine_name_mismatch"})
 
 @preserves_random_state
 @out_of_memory_is_environment("run the check")
-def check(checkpoint: str | Path, *, plan: str = DEFAULT_PLAN, **options) -> Report:
+def check(checkpoint: str | Path | Checkpoint, *, plan: str = DEFAULT_PLAN, **options) -> Report:
     """Run `plan` on a real vLLM engine and measure it against HF + PEFT after every phase.
 
     `options` are those of `Checker`. Returns the report; raises `BadInput` (exit 2) or
@@ -54,19 +54,21 @@ def check(checkpoint: str | Path, *, plan: str = DEFAULT_PLAN, **options) -> Rep
     chosen = get_plan(plan)
     # Before the reference and the engine are loaded: the plan cannot run without it.
     _require_previous(chosen, options.get("previous"))
-    preflight = inspect_checkpoint(checkpoint, base=options.get("base"))
+    # Opened once (every field of its config validated, its files read once) and handed on.
+    checkpoint = open_checkpoint(checkpoint, options.get("base"))
+    preflight = inspect_checkpoint(checkpoint)
     untrained = preflight.by_code("untrained_adapter")
     if untrained:
         # Nothing to measure is no measured problem (1) and no healthy sync either (0): the input
         # cannot be checked, like any checkpoint that cannot be used (2).
         raise BadInput(
-            f"nothing to measure in {checkpoint}: every lora_B is zero (an untrained adapter: step 0, or a run that "
+            f"nothing to measure in {checkpoint.adapter_dir}: every lora_B is zero (an untrained adapter: step 0, or a run that "
             f"never trained), so ΔW = 0 and every sync path serves the base alike; {untrained[0].fix}"
         )
     blockers = measurement_blockers(preflight, chosen)
     if blockers:
         # Measuring an adapter the engine cannot hold meaningfully would only report garbage.
-        ckpt = load_checkpoint(checkpoint, options.get("base"))
+        ckpt = load_checkpoint(checkpoint)
         dtype = options.get("dtype") or default_dtype(current_platform(), ckpt.base().dtype or "float32")
         thresholds = options.get("thresholds") or Thresholds.for_dtype(dtype).override(options.get("threshold_overrides") or {})
         return stopped_report(ckpt, chosen, preflight, blockers, thresholds, dtype)
@@ -127,10 +129,10 @@ class Checker:
     @preserves_random_state  # building the engine reseeds the process's generators
     def __init__(
         self,
-        checkpoint: str | Path,
+        checkpoint: str | Path | Checkpoint,
         *,
         base: str | Path | None = None,
-        previous: str | Path | None = None,
+        previous: str | Path | Checkpoint | None = None,
         prompts: str | Path | list[str] | None = None,
         max_new_tokens: int = 32,
         dtype: str | None = None,
@@ -155,8 +157,9 @@ class Checker:
         self.engine_options = dict(engine_options or {})
         if self.engine_options:
             check_engine_options(self.engine_options)
-        self.preflight = preflight or inspect_checkpoint(checkpoint, base=base)
-        self.checkpoint = load_checkpoint(checkpoint, base)
+        checkpoint = open_checkpoint(checkpoint, base)
+        self.preflight = preflight or inspect_checkpoint(checkpoint)
+        self.checkpoint = load_checkpoint(checkpoint)
         platform = current_platform()
         base_inventory = self.checkpoint.base()
         # A check computes in what the trainer's engine computes in, unless asked otherwise.
@@ -167,9 +170,9 @@ class Checker:
         if quantized:
             raise BadInput(quantized)
         self.dtype = dtype
-        check_parallel_fit(self.checkpoint.base_dir, tensor_parallel_size)
+        check_parallel_fit(self.checkpoint, tensor_parallel_size)
         # The older adapter state must apply to the same base.
-        self.previous = load_checkpoint(previous, self.checkpoint.base_dir) if previous is not None else None
+        self.previous = load_previous(previous, self.checkpoint) if previous is not None else None
         texts = load_prompts(prompts)
         try:
             self.thresholds = thresholds or Thresholds.for_dtype(dtype).override(threshold_overrides or {})

@@ -234,8 +234,8 @@ def audit(
     exported = model_tensors(export_dir)
     # Every ΔW the merge writes, by the base's module name: the linear LoRA's, and the embedding's
     # (its LoRA, trainable tokens, the LoRA of a head tied to it).
-    factors = {key.removesuffix(".weight"): lora for key, lora in load_merge_factors(ckpt.adapter_dir, ckpt.base()).items()}
-    expected = dict(model_tensors(ckpt.base_dir), **ckpt.adapter().trained_copies())
+    factors = {key.removesuffix(".weight"): lora for key, lora in load_merge_factors(ckpt, ckpt.base()).items()}
+    expected = dict(ckpt.base().tensors, **ckpt.adapter().trained_copies())
     pairs, absent = _pair(exported, expected, factors, export_dir, ckpt.base_dir)
     limits, margin = _thresholds(pairs, thresholds or {})
 

@@ -14,21 +14,17 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from .adapter.checkpoint import LoraSpec, find_adapter_dir, pattern_key, resolve_base, spec_from_config
+from .adapter.checkpoint import Checkpoint, LoraSpec, open_checkpoint, pattern_key
 from .adapter.dtypes import HALF_PRECISION
 from .adapter.inventory import (
-    ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     EMBEDDING_NAMES,
     OUTPUT_NAMES,
     PEFT_PREFIX,
     AdapterInventory,
     BaseInventory,
-    read_adapter,
-    read_base,
-    read_json,
 )
-from .adapter.names import CONNECTOR, OTHER, TOWER, ModuleNames, NameMap, engine_naming
+from .adapter.names import CONNECTOR, OTHER, TOWER, ModuleNames, NameMap
 from .adapter.weight_files import TensorInfo
 from .engine.serving import BASE_MODIFYING_INITS, EMBEDDING_LORA_ARCHITECTURES, UNSUPPORTED_FEATURES, vllm_lora_ranks
 from .errors import BadInput
@@ -104,25 +100,21 @@ class PreflightReport:
 
 
 def inspect_checkpoint(
-    path: str | Path, base: str | Path | None = None, max_lora_rank: int | None = None
+    path: str | Path | Checkpoint, base: str | Path | None = None, max_lora_rank: int | None = None
 ) -> PreflightReport:
-    """Inspect a PEFT LoRA checkpoint against its base model without starting an engine.
+    """Inspect a PEFT LoRA checkpoint (a folder, or a `Checkpoint` already opened) against its base model
+    without starting an engine.
 
-    Raises `BadInput` for what cannot be inspected at all (missing path, no adapter_config.json,
-    unreadable safetensors, base not found); everything else becomes a `Finding`."""
+    Raises `BadInput` for what cannot be inspected at all (missing path, no adapter_config.json, a bad
+    field in it, unreadable safetensors, base not found); everything else becomes a `Finding`."""
     if max_lora_rank is not None and max_lora_rank <= 0:
         raise BadInput(f"--max-lora-rank must be a positive integer, got {max_lora_rank}")
-    adapter_dir = find_adapter_dir(Path(path))
-    config = read_json(adapter_dir / ADAPTER_CONFIG)
-    if str(config.get("peft_type") or "LORA").upper() != "LORA":
-        raise BadInput(f"{adapter_dir}: peft_type is {config.get('peft_type')!r}; only LoRA adapters are supported")
-    spec = spec_from_config(config, adapter_dir)
-    base_model = str(base) if base is not None else config.get("base_model_name_or_path") or ""
-    base_dir = resolve_base(base_model, adapter_dir, explicit=base is not None)
-    base_inventory = read_base(base_dir)
-    adapter = read_adapter(adapter_dir)
+    checkpoint = open_checkpoint(path, base)
+    spec, config, adapter_dir, base_dir, base_model = checkpoint.spec, checkpoint.config, checkpoint.adapter_dir, checkpoint.base_dir, checkpoint.base_model
+    base_inventory = checkpoint.base()
+    adapter = checkpoint.adapter()
 
-    ctx = _Context(spec, config, adapter, base_inventory, max_lora_rank)
+    ctx = _Context(spec, config, adapter, base_inventory, max_lora_rank, checkpoint.names)
     findings: list[Finding] = []
     for check in (
         _check_modules_to_save,
@@ -147,8 +139,8 @@ def inspect_checkpoint(
 
     adapter_dtypes = sorted({t.dtype_name for factors in adapter.lora_modules.values() for t in factors.values()})
     summary = {
-        "path": str(adapter_dir.resolve()),
-        "base_path": str(base_dir.resolve()),
+        "path": str(adapter_dir),
+        "base_path": str(base_dir),
         "base_model": base_model,
         "architectures": list(ctx.architectures),
         "r": spec.r,
@@ -172,6 +164,7 @@ class _Context:
     adapter: AdapterInventory
     base: BaseInventory
     max_lora_rank: int | None
+    names: NameMap
 
     @property
     def adapter_dir(self) -> Path:
@@ -184,10 +177,6 @@ class _Context:
     @property
     def architectures(self) -> tuple[str, ...]:
         return tuple(self.base.config.get("architectures") or ())
-
-    @cached_property
-    def names(self) -> NameMap:
-        return NameMap(self.base.tensors, engine_naming(self.base.architecture))
 
     @cached_property
     def module_names(self) -> dict[str, ModuleNames]:

@@ -1,75 +1,64 @@
-"""Resolve and validate a LoRA checkpoint and its base model; read its LoRA spec."""
+"""Open a LoRA checkpoint once: its validated spec, its adapter inventory, its base model's inventory and
+config, and the name map between them, each read once and kept by one `Checkpoint` that every part of a
+check is handed (pre-flight, the checker, the sync, the measurer, the reference, the audit)."""
 
 from __future__ import annotations
 
-import math
-import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from ..errors import BadInput
-from .inventory import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterInventory, BaseInventory, read_adapter, read_base, read_json
+from .inventory import ADAPTER_WEIGHTS, AdapterInventory, BaseInventory, read_adapter, read_base, read_json
+from .spec import ADAPTER_CONFIG, PEFT_DEFAULT_ALPHA, LoraSpec, pattern_key, spec_from_config
 
-# PEFT's LoraConfig default when a config leaves lora_alpha out.
-PEFT_DEFAULT_ALPHA = 8
+__all__ = ["ADAPTER_CONFIG", "PEFT_DEFAULT_ALPHA", "Checkpoint", "LoraSpec", "load_checkpoint", "open_checkpoint", "pattern_key", "spec_from_config"]
 
-
-@dataclass(frozen=True)
-class LoraSpec:
-    """What the adapter config says about the LoRA (PEFT semantics)."""
-
-    r: int
-    lora_alpha: float
-    use_rslora: bool
-    target_modules: list[str]
-    rank_pattern: dict = field(default_factory=dict)
-    alpha_pattern: dict = field(default_factory=dict)
-    modules_to_save: list[str] = field(default_factory=list)
-    use_dora: bool = False
-    fan_in_fan_out: bool = False
-
-    @property
-    def max_rank(self) -> int:
-        """The largest rank of any module (r, or a numeric `rank_pattern` override)."""
-        pattern = [int(v) for v in self.rank_pattern.values() if isinstance(v, (int, float))]
-        return max([self.r, *pattern])
-
-    @property
-    def scaling(self) -> float:
-        """PEFT's `s`: alpha/r, or alpha/sqrt(r) with rsLoRA."""
-        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
-
-    def scaling_for(self, module: str) -> float:
-        """The scaling PEFT gives `module`, with rank_pattern / alpha_pattern overrides."""
-        rank = self.rank_pattern.get(pattern_key(self.rank_pattern, module), self.r)
-        alpha = self.alpha_pattern.get(pattern_key(self.alpha_pattern, module), self.lora_alpha)
-        return alpha / (math.sqrt(rank) if self.use_rslora else rank)
-
-
-def pattern_key(patterns: dict, module: str) -> str | None:
-    """PEFT's `get_pattern_key` (the same rule as vLLM's PEFTHelper._match_pattern): the first key that
-    matches a dotted suffix of the name; None when none does."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return key
-    return None
+# What tells two base models apart when their folders differ (a copy of the same model agrees on all).
+BASE_IDENTITY = ("model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size")
 
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A PEFT adapter folder and the local base model it applies to."""
+    """A PEFT adapter folder and the local base model it applies to, each file read once: the
+    inventories and the name map are read on first use and kept."""
 
     adapter_dir: Path
     base_dir: Path
     base_model: str
     spec: LoraSpec
     module_names: list[str]
+    config: dict = field(default_factory=dict, compare=False, repr=False)  # adapter_config.json as written
 
     def adapter(self) -> AdapterInventory:
-        return read_adapter(self.adapter_dir)
+        return self.adapter_inventory
 
     def base(self) -> BaseInventory:
+        return self.base_inventory
+
+    @cached_property
+    def adapter_inventory(self) -> AdapterInventory:
+        return read_adapter(self.adapter_dir)
+
+    @cached_property
+    def base_inventory(self) -> BaseInventory:
         return read_base(self.base_dir)
+
+    @cached_property
+    def names(self):
+        """The adapter's, the base's and the engine's names of every module (names.NameMap)."""
+        from .names import NameMap, engine_naming
+
+        base = self.base_inventory
+        return NameMap(base.tensors, engine_naming(base.architecture))
+
+    def check_fits_base(self) -> None:
+        """`BadInput` unless every LoRA module has both factors and a base weight of their shape."""
+        adapter = self.adapter_inventory
+        incomplete = sorted(m for m, factors in adapter.lora_modules.items() if set(factors) != {"A", "B"})
+        if incomplete:
+            raise BadInput(f"{adapter.file}: {incomplete[0]} has lora_A or lora_B but not both")
+        check_fits_base(adapter, self.base_inventory, self.names)
 
     def summary(self) -> dict:
         """The checkpoint as the JSON report records it."""
@@ -94,27 +83,64 @@ class Checkpoint:
         return self.base_dir
 
 
-def load_checkpoint(path: str | Path, base: str | Path | None = None) -> Checkpoint:
-    """Find the adapter in `path`, resolve the base, and check that they fit together."""
+def open_checkpoint(path: str | Path | Checkpoint, base: str | Path | None = None) -> Checkpoint:
+    """Find the adapter in `path`, validate its config (every bad field is `BadInput`) and resolve its
+    base; nothing is loaded. A `Checkpoint` is returned as it is (it was opened with its base)."""
+    if isinstance(path, Checkpoint):
+        return path
     adapter_dir = find_adapter_dir(Path(path))
     config = read_json(adapter_dir / ADAPTER_CONFIG)
-    if config.get("peft_type", "LORA").upper() != "LORA":
-        raise BadInput(f"{adapter_dir}: peft_type is {config.get('peft_type')!r}; only LoRA adapters are supported")
     spec = spec_from_config(config, adapter_dir)
-    base_model = str(base) if base is not None else config.get("base_model_name_or_path") or ""
-    base_dir = resolve_base(base_model, adapter_dir, explicit=base is not None)
-    adapter = read_adapter(adapter_dir)
-    incomplete = sorted(m for m, factors in adapter.lora_modules.items() if set(factors) != {"A", "B"})
-    if incomplete:
-        raise BadInput(f"{adapter.file}: {incomplete[0]} has lora_A or lora_B but not both")
-    check_fits_base(adapter, read_base(base_dir))
-    return Checkpoint(
-        adapter_dir=adapter_dir.resolve(),
-        base_dir=base_dir.resolve(),
-        base_model=base_model,
-        spec=spec,
-        module_names=sorted(adapter.linear),
-    )
+    base_model = str(base) if base is not None else spec.base_model_name_or_path or ""
+    return _opened(adapter_dir, config, spec, base_model, resolve_base(base_model, adapter_dir, explicit=base is not None))
+
+
+def _opened(adapter_dir: Path, config: dict, spec: LoraSpec, base_model: str, base_dir: Path) -> Checkpoint:
+    checkpoint = Checkpoint(adapter_dir=adapter_dir.resolve(), base_dir=base_dir.resolve(), base_model=base_model, spec=spec, module_names=[], config=config)
+    object.__setattr__(checkpoint, "module_names", sorted(checkpoint.adapter_inventory.linear))
+    return checkpoint
+
+
+def load_checkpoint(path: str | Path | Checkpoint, base: str | Path | None = None) -> Checkpoint:
+    """`open_checkpoint`, and check that the adapter fits its base (`BadInput` when it does not)."""
+    checkpoint = open_checkpoint(path, base)
+    checkpoint.check_fits_base()
+    return checkpoint
+
+
+def load_previous(path: str | Path | Checkpoint, checkpoint: Checkpoint) -> Checkpoint:
+    """An older state of `checkpoint`'s adapter, opened on `checkpoint`'s base. When its own config names
+    a base that is a local folder, that base must be the same model: an adapter trained on another base
+    is no earlier state of this run (`BadInput` naming both)."""
+    if isinstance(path, Checkpoint):
+        previous = path
+    else:
+        adapter_dir = find_adapter_dir(Path(path))
+        config = read_json(adapter_dir / ADAPTER_CONFIG)
+        spec = spec_from_config(config, adapter_dir)
+        own = _local_base(spec.base_model_name_or_path, adapter_dir)
+        if own is not None and own.resolve() != checkpoint.base_dir:
+            theirs, ours = read_json(own / "config.json"), checkpoint.base_inventory.config
+            differ = [key for key in BASE_IDENTITY if theirs.get(key) != ours.get(key)]
+            if differ:
+                key = differ[0]
+                raise BadInput(
+                    f"--previous {adapter_dir.resolve()} was trained on base {own.resolve()} ({key} {theirs.get(key)!r}), not on "
+                    f"{checkpoint.base_dir} ({key} {ours.get(key)!r}), the base of {checkpoint.adapter_dir}: pass an older checkpoint of the same run"
+                )
+        previous = _opened(adapter_dir, config, spec, str(checkpoint.base_dir), checkpoint.base_dir)
+    previous.check_fits_base()
+    return previous
+
+
+def _local_base(named: str | None, adapter_dir: Path) -> Path | None:
+    """The local folder of the base an adapter's config names; None when it names none there."""
+    if not named:
+        return None
+    try:
+        return resolve_base(named, adapter_dir, explicit=False)
+    except BadInput:
+        return None
 
 
 def find_adapter_dir(path: Path) -> Path:
@@ -136,30 +162,6 @@ def find_adapter_dir(path: Path) -> Path:
     raise BadInput(f"{path} has no {ADAPTER_CONFIG}: pass a PEFT adapter folder or a trainer checkpoint that holds one")
 
 
-def spec_from_config(config: dict, adapter_dir: Path) -> LoraSpec:
-    try:
-        r = int(config["r"])
-        alpha = float(config.get("lora_alpha", PEFT_DEFAULT_ALPHA))
-    except (KeyError, TypeError, ValueError):
-        raise BadInput(f"{adapter_dir / ADAPTER_CONFIG}: missing or invalid 'r' / 'lora_alpha'") from None
-    if r <= 0:
-        raise BadInput(f"{adapter_dir / ADAPTER_CONFIG}: r must be positive, got {r}")
-    targets = config.get("target_modules") or []
-    if isinstance(targets, str):
-        targets = [targets]
-    return LoraSpec(
-        r=r,
-        lora_alpha=alpha,
-        use_rslora=bool(config.get("use_rslora", False)),
-        target_modules=sorted(targets),
-        rank_pattern=dict(config.get("rank_pattern") or {}),
-        alpha_pattern=dict(config.get("alpha_pattern") or {}),
-        modules_to_save=list(config.get("modules_to_save") or []),
-        use_dora=bool(config.get("use_dora", False)),
-        fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
-    )
-
-
 def resolve_base(base_model: str, adapter_dir: Path, explicit: bool) -> Path:
     if not base_model:
         raise BadInput(f"{adapter_dir / ADAPTER_CONFIG} names no base model; pass --base PATH")
@@ -177,13 +179,13 @@ def resolve_base(base_model: str, adapter_dir: Path, explicit: bool) -> Path:
     )
 
 
-def check_fits_base(adapter: AdapterInventory, base: BaseInventory) -> None:
+def check_fits_base(adapter: AdapterInventory, base: BaseInventory, names=None) -> None:
     """Every linear adapter module has a base weight of its shape. Names are matched the way vLLM matches
     them (names.py); a module under a prefix the engine does not map is matched by its path inside its
     block here and left to the pre-flight's `engine_name_mismatch` finding, which names all three names."""
     from .names import NameMap, engine_naming
 
-    names = NameMap(base.tensors, engine_naming(base.architecture))
+    names = names or NameMap(base.tensors, engine_naming(base.architecture))
     for module, factors in sorted(adapter.linear.items()):
         resolved = names.resolve(module)
         weight = base.module_weight(module, resolved)

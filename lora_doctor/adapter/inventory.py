@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from ..errors import BadInput
+from .spec import ADAPTER_CONFIG  # noqa: F401 (re-exported: its one home is spec.py)
 from .weight_files import TensorInfo, model_tensors, read_header
 
-ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # PEFT's key prefix in a saved adapter: the wrapper's `base_model.model.` around the trainer's model.
 PEFT_PREFIX = "base_model.model."

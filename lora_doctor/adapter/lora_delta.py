@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from ..errors import BadInput
-from .checkpoint import spec_from_config
-from .inventory import ADAPTER_CONFIG, BaseInventory, read_adapter, read_json
+from .checkpoint import Checkpoint, spec_from_config
+from .inventory import ADAPTER_CONFIG, AdapterInventory, BaseInventory, read_adapter, read_json
+from .spec import LoraSpec
 
 
 @dataclass(frozen=True)
@@ -41,13 +43,33 @@ def merge_in_dtype(w0: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype) ->
     return (w0.to(dtype) + delta.to(dtype)).to(dtype)
 
 
-def load_lora_factors(adapter_dir: str | Path) -> dict[str, LoraFactors]:
-    """Module name of the base model (e.g. "model.layers.0.self_attn.q_proj") → its LoRA factors."""
-    adapter_dir = Path(adapter_dir)
-    spec = spec_from_config(read_json(adapter_dir / ADAPTER_CONFIG), adapter_dir)
+class OpenedAdapter(NamedTuple):
+    """An adapter folder's config, validated spec and inventory (headers), read once."""
+
+    adapter_dir: Path
+    config: dict
+    spec: LoraSpec
+    inventory: AdapterInventory
+
+
+def opened(adapter: str | Path | Checkpoint | OpenedAdapter) -> OpenedAdapter:
+    """An adapter's folder, config, spec and inventory: those a `Checkpoint` already holds, else read
+    from the folder `adapter`."""
+    if isinstance(adapter, OpenedAdapter):
+        return adapter
+    if isinstance(adapter, Checkpoint):
+        return OpenedAdapter(adapter.adapter_dir, adapter.config, adapter.spec, adapter.adapter())
+    adapter_dir = Path(adapter)
+    config = read_json(adapter_dir / ADAPTER_CONFIG)
+    return OpenedAdapter(adapter_dir, config, spec_from_config(config, adapter_dir), read_adapter(adapter_dir))
+
+
+def load_lora_factors(adapter: str | Path | Checkpoint | OpenedAdapter) -> dict[str, LoraFactors]:
+    """Module name of the base model (e.g. "model.layers.0.self_attn.q_proj") → its LoRA factors, of an
+    opened `Checkpoint` or adapter, or an adapter folder."""
+    adapter_dir, _config, spec, inventory = opened(adapter)
     if spec.use_dora:
         raise BadInput(f"{adapter_dir}: DoRA adapters are not supported (ΔW is not scaling·B·A)")
-    inventory = read_adapter(adapter_dir)
     values = inventory.read([t for factors in inventory.linear.values() for t in factors.values()])
     return {
         module: LoraFactors(
@@ -60,7 +82,7 @@ def load_lora_factors(adapter_dir: str | Path) -> dict[str, LoraFactors]:
     }
 
 
-def load_merge_factors(adapter_dir: str | Path, base: BaseInventory) -> dict[str, LoraFactors]:
+def load_merge_factors(adapter: str | Path | Checkpoint, base: BaseInventory) -> dict[str, LoraFactors]:
     """Every ΔW a merge of the adapter writes into the base (PEFT's `merge_and_unload`), by the base's
     weight key: the linear LoRA modules', the input embedding's LoRA, the trainable tokens' rows, and the
     LoRA of an output head the base ties to its embedding (PEFT merges it into the one shared weight,
@@ -71,13 +93,10 @@ def load_merge_factors(adapter_dir: str | Path, base: BaseInventory) -> dict[str
     one-hot rows of the vocabulary times (new rows − the base's)."""
     from .names import NameMap, engine_naming
 
-    adapter_dir = Path(adapter_dir)
-    config = read_json(adapter_dir / ADAPTER_CONFIG)
-    spec = spec_from_config(config, adapter_dir)
-    inventory = read_adapter(adapter_dir)
+    adapter_dir, config, spec, inventory = read = opened(adapter)
     names = NameMap(base.tensors, engine_naming(base.architecture))
     merged: dict[str, list[LoraFactors]] = {}
-    for module, lora in load_lora_factors(adapter_dir).items():
+    for module, lora in load_lora_factors(read).items():
         if base.tied_head(module):
             key = base.embedding_key(module)
             lora = LoraFactors(A=lora.B.T, B=lora.A.T, scaling=lora.scaling, fan_in_fan_out=not lora.fan_in_fan_out)

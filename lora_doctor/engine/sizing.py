@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from pathlib import Path
 
 from ..adapter.checkpoint import Checkpoint
 from ..adapter.dtypes import COMPUTE_DTYPES
-from ..adapter.inventory import read_json
 from ..errors import BadInput
 from .driver import EngineConfig
 from .platform import kv_cache_bytes_needed
@@ -62,7 +60,7 @@ def memory_needed(ckpt: Checkpoint, dtype: str, tokens: int) -> tuple[int, int]:
     return weights, kv_cache_bytes_needed(layers, kv_heads, head_dim, size, tokens)
 
 
-def check_parallel_fit(base_dir: Path, tensor_parallel_size: int) -> None:
+def check_parallel_fit(ckpt: Checkpoint, tensor_parallel_size: int) -> None:
     """Refuse a tensor-parallel size the model cannot be split into, before anything loads.
 
     vLLM splits attention heads and the MLP's intermediate rows evenly across ranks; key/value
@@ -70,7 +68,7 @@ def check_parallel_fit(base_dir: Path, tensor_parallel_size: int) -> None:
     """
     if tensor_parallel_size == 1:
         return
-    config = read_json(base_dir / "config.json")
+    config = ckpt.base().config
     config = config.get("text_config", config)
     option = f"--tensor-parallel-size {tensor_parallel_size}"
     heads = config.get("num_attention_heads")

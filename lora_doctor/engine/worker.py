@@ -23,9 +23,9 @@ from vllm.lora.layers import (
 from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
 from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 
-from ..adapter.lora_delta import LoraFactors, load_lora_factors, merge_in_dtype
-from ..adapter.names import name_map
-from ..adapter.weight_files import model_tensors
+from ..adapter.inventory import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BaseInventory, read_base
+from ..adapter.lora_delta import LoraFactors, load_lora_factors, merge_in_dtype, opened
+from ..adapter.names import NameMap, engine_naming
 from ..errors import BadInput, EnvironmentProblem
 from ..measure.layer_figures import STAT_KEYS
 from .capture import PromptLogprobCapture
@@ -33,6 +33,9 @@ from .capture import PromptLogprobCapture
 # Weights are streamed in column blocks of at most this many elements per matrix,
 # so memory stays bounded on large layers.
 _BLOCK_ELEMENTS = 1 << 22
+
+# Adapters whose config and header a worker keeps (a check reads two: its own and --previous).
+_ADAPTERS_KEPT = 4
 
 # The way out when the per-module read cannot place an engine layout: the logit figures still work.
 _LOGITS_ONLY = "run with --no-module-read for the logit figures only"
@@ -80,15 +83,8 @@ class LoraDoctorWorker(PromptLogprobCapture):
         slot = slots.index(lora_int_id) if lora_int_id is not None and lora_int_id in slots else None
         mapper = getattr(model, "hf_to_vllm_mapper", None)
         # Renames only, as vLLM's own LoRA loader does: stacking would turn q_proj into qkv_proj.
-        base = _BaseWeights(Path(base_dir), mapper.get_rename_mapper() if mapper else None)
-        # The shards are named by the base checkpoint, the factors by the adapter: join them on the
-        # base's names, then report in the adapter's (the reference's and the report's vocabulary).
-        names = name_map(base_dir)
-        factors, adapter_names = {}, {}
-        for module, lora in load_lora_factors(adapter_dir).items():
-            base_name = (names.base_key(module) or f"{module}.weight").removesuffix(".weight")
-            factors[base_name] = lora
-            adapter_names[base_name] = module
+        base = _BaseWeights(self._lora_doctor_base(base_dir).tensors, mapper.get_rename_mapper() if mapper else None)
+        factors, adapter_names = self._lora_doctor_factors(base_dir, adapter_dir)
         packed = _packed_mapping(model)
         results = []
         for name, layer in manager.modules.items():
@@ -98,6 +94,46 @@ class LoraDoctorWorker(PromptLogprobCapture):
         for result in results:
             result["module"] = adapter_names.get(result["module"], result["module"])
         return results
+
+    def _lora_doctor_base(self, base_dir: str) -> BaseInventory:
+        """The base's inventory (its config and weights' headers), read once per engine: the engine serves this base."""
+        cache = self.__dict__.setdefault("_lora_doctor_bases", {})
+        if base_dir not in cache:
+            cache[base_dir] = read_base(Path(base_dir))
+        return cache[base_dir]
+
+    def _lora_doctor_factors(self, base_dir: str, adapter_dir: str) -> tuple[dict[str, LoraFactors], dict[str, str]]:
+        """An adapter's factors keyed by the base's module names, and the adapter's name of each. Its
+        config and header are read once per engine and adapter, again only when its files changed (a
+        trainer rewrites its adapter folder in place); the factors' values at every call (not kept)."""
+        folder = Path(adapter_dir)
+        stamp = tuple(_stamp(folder / name) for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS))
+        cache = self.__dict__.setdefault("_lora_doctor_adapters", {})
+        if adapter_dir not in cache or cache[adapter_dir][0] != stamp:
+            # A trainer's engine lives for the whole run and a probe snapshots each step's adapter into
+            # a folder of its own: keep the few a check reads (its adapter and --previous), not all.
+            while len(cache) >= _ADAPTERS_KEPT:
+                cache.pop(next(iter(cache)))
+            cache[adapter_dir] = (stamp, opened(folder))
+        base = self._lora_doctor_base(base_dir)
+        names = NameMap(base.tensors, engine_naming(base.architecture))
+        # The shards are named by the base checkpoint, the factors by the adapter: join them on the
+        # base's names, then report in the adapter's (the reference's and the report's vocabulary).
+        factors, adapter_names = {}, {}
+        for module, lora in load_lora_factors(cache[adapter_dir][1]).items():
+            base_name = (names.base_key(module) or f"{module}.weight").removesuffix(".weight")
+            factors[base_name] = lora
+            adapter_names[base_name] = module
+        return factors, adapter_names
+
+
+def _stamp(path: Path) -> tuple | None:
+    """What changes when a file is rewritten or replaced (None: absent; the read then says why)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 @dataclass(frozen=True)
@@ -252,8 +288,8 @@ def _base_columns(layer, cols: slice) -> torch.Tensor:
 class _BaseWeights:
     """Slices of the base model's weights, read straight from its safetensors files."""
 
-    def __init__(self, base_dir: Path, mapper=None):
-        self._files = {name: info.path for name, info in model_tensors(base_dir).items()}
+    def __init__(self, tensors: dict, mapper=None):
+        self._files = {name: info.path for name, info in tensors.items()}
         # vLLM module name → checkpoint module name, for models that rename weights on load.
         self._names = {}
         for key in self._files:

@@ -6,8 +6,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ..adapter.checkpoint import Checkpoint
 from ..adapter.lora_delta import load_lora_factors
-from ..adapter.names import name_map
 from ..engine.driver import Engine
 from ..result import ModuleResult, PhaseResult, Sample
 from .decode_path import base_route_kl, measure_decode
@@ -219,20 +219,22 @@ class PhaseMeasurer:
             return False
         if not layers:
             return self.resolution.resolves
-        against_previous = {r.module: r for r in self.layer_results(engine, lora_request, self.previous.adapter_dir)[0]}
+        against_previous = {r.module: r for r in self.layer_results(engine, lora_request, self.previous)[0]}
         stale = [layer for layer in layers if against_previous.get(layer.module) and against_previous[layer.module].verdict == OK]
         for layer in stale:
             if layer.verdict != OK:
                 layer.verdict = STALE
         return len(stale) == len(layers)
 
-    def layer_results(self, engine: Engine, lora_request, adapter_dir: Path | None = None) -> tuple[list[ModuleResult], list[dict]]:
+    def layer_results(self, engine: Engine, lora_request, adapter: Path | Checkpoint | None = None) -> tuple[list[ModuleResult], list[dict]]:
         """Per LoRA-targeted module, what the engine holds (base and adapter slot, read apart)
-        against ΔW; and the targeted modules it has no figures for, with the reason."""
+        against ΔW of `adapter` (the checkpoint's, another opened one, or an adapter folder); and the
+        targeted modules it has no figures for, with the reason."""
         ckpt = self.reference.checkpoint
         lora_id = lora_request.lora_int_id if lora_request is not None else None
-        adapter = adapter_dir or ckpt.adapter_dir
-        per_rank = engine.rpc("lora_doctor_layer_stats", str(ckpt.base_dir), str(adapter), lora_id)
+        adapter = adapter or ckpt
+        adapter_dir = adapter.adapter_dir if isinstance(adapter, Checkpoint) else adapter
+        per_rank = engine.rpc("lora_doctor_layer_stats", str(ckpt.base_dir), str(adapter_dir), lora_id)
         results = []
         zero = set()
         for figures in combine_layer_stats(per_rank):
@@ -243,9 +245,10 @@ class PhaseMeasurer:
             layer.verdict = module_verdict(layer, self.thresholds)
             results.append(layer)
         read = {layer.module for layer in results}
-        unread = sorted(set(load_lora_factors(adapter)) - read)
+        modules = adapter.adapter().linear if isinstance(adapter, Checkpoint) else load_lora_factors(adapter)
+        unread = sorted(set(modules) - read)
         served = engine.rpc("lora_doctor_modules")[0]["modules"] if unread else {}
-        names = name_map(ckpt.base_dir) if unread else None
+        names = ckpt.names if unread else None
         not_read = [{"module": module, "reason": NOT_READ_ZERO if module in zero else _not_read_reason(module, served, names)} for module in unread]
         order = self.reference.module_order
         return sorted(results, key=lambda layer: order.get(layer.module, len(order))), not_read

@@ -105,8 +105,9 @@ def position_limit(ckpt: Checkpoint, token_ids: list[list[int]], max_new_tokens:
     from transformers import AutoConfig
 
     try:
-        limit = getattr(AutoConfig.from_pretrained(str(ckpt.base_dir)).get_text_config(), "max_position_embeddings", None)
-    except (OSError, ValueError):
+        # The base's config.json as the checkpoint read it, made into transformers' config class.
+        limit = getattr(AutoConfig.for_model(**ckpt.base().config).get_text_config(), "max_position_embeddings", None)
+    except (OSError, ValueError, TypeError):
         return None  # the reference's own load says what is wrong with the base
     longest = max(range(len(token_ids)), key=lambda i: len(token_ids[i]))
     needed = len(token_ids[longest]) + max_new_tokens + 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..adapter.checkpoint import Checkpoint
-from ..adapter.inventory import PEFT_PREFIX, read_json
+from ..adapter.inventory import PEFT_PREFIX
 from ..errors import BadInput, memory_problem, out_of_memory
 
 ADAPTER_NAME = "default"
@@ -172,7 +172,7 @@ def _model_class(checkpoint: Checkpoint):
     import transformers
 
 
-    architectures = read_json(checkpoint.base_dir / "config.json").get("architectures") or []
+    architectures = checkpoint.base().config.get("architectures") or []
     named = getattr(transformers, str(architectures[0]), None) if architectures else None
     generative = isinstance(named, type) and issubclass(named, transformers.GenerationMixin)
     return named if generative else transformers.AutoModelForCausalLM
