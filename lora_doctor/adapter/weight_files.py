@@ -227,3 +227,37 @@ def _open(handles: dict, path: Path):
 def _as_tensor(raw: torch.Tensor, info: TensorInfo, rows: int) -> torch.Tensor:
     shape = (rows, *info.shape[1:]) if info.shape else ()
     return raw.view(info.dtype).view(shape)
+
+
+def read_tensor(info: TensorInfo) -> torch.Tensor:
+    """One tensor's value, read from its file into memory of its own (no memory map: the rest of the
+    file stays out of RSS, and the tensor is freed as soon as its last user drops it)."""
+    value = torch.empty(info.nbytes, dtype=torch.uint8)
+    try:
+        with info.path.open("rb", buffering=0) as handle:
+            handle.seek(info.start)
+            if handle.readinto(memoryview(value.numpy())) != info.nbytes:
+                raise BadInput(f"{info.path} ends inside tensor {info.name}: truncated file")
+    except OSError as error:
+        raise BadInput(f"cannot read {info.path} ({error.strerror or error})") from None
+    return value.view(info.dtype).view(info.shape)
+
+
+class StreamedWeights:
+    """Every tensor of a model folder as (name, value), read one at a time when iterated.
+
+    Iterable any number of times and small to pickle (it holds where the tensors are, not their
+    values), so it can be handed to an engine's workers: a full sync then holds one tensor at a time
+    beside the engine instead of a copy of the model. The order is the files', then the names'
+    (sorted), which keeps a layer's weights together as vLLM's layerwise reload wants them.
+    """
+
+    def __init__(self, tensors: dict[str, TensorInfo]):
+        self.tensors = dict(sorted(tensors.items(), key=lambda item: (str(item[1].path), item[0])))
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, info in self.tensors.items():
+            yield name, read_tensor(info)
