@@ -14,6 +14,7 @@ import json
 import queue
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -261,3 +262,48 @@ class StreamedWeights:
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name, info in self.tensors.items():
             yield name, read_tensor(info)
+
+
+# glibc's mallopt parameter for the size above which an allocation gets pages of its own (mmap), which
+# a free hands back to the system; below it, freed memory stays in the heap for reuse.
+_M_MMAP_THRESHOLD = -3
+# What glibc's own threshold grows to at most on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX): where it stands
+# once a process has freed a few large tensors, as every engine start does.
+_GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20
+# A streamed push's tensors (one module's weights, ΔW, the engine's copies of them) are larger.
+_STREAMED_MMAP_THRESHOLD = 2**20
+
+
+@contextmanager
+def freed_tensors_returned() -> Iterator[None]:
+    """While streaming weights one module at a time, give each freed tensor's memory back to the system.
+
+    glibc serves allocations below its mmap threshold (up to 32 MiB once it has adapted) from the heap
+    and keeps what is freed there: a push of thousands of module-sized tensors with interleaved
+    lifetimes fragments it, and the process kept ~0.4 of the model's float32 size after a full sync of
+    a model whose modules are all under 32 MiB (measured: bench/check_model_scale.py, docs/memory.md).
+    The heap's free pages are released before (`malloc_trim`) and after; afterwards the threshold goes
+    back to where glibc's own would stand. No-op without glibc.
+    """
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)  # what the heap kept before (an engine start's): not to be reused piecewise
+        libc.mallopt(_M_MMAP_THRESHOLD, _STREAMED_MMAP_THRESHOLD)
+    try:
+        yield
+    finally:
+        if libc is not None:
+            libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_MMAP_THRESHOLD_MAX)
+            libc.malloc_trim(0)
+
+
+def _glibc():
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None

@@ -309,7 +309,9 @@ class Engine:
         """
         if isinstance(weights, Iterator):
             weights = list(weights)
-        with engine_operation("load weights (a full sync)"):
+        from ..adapter.weight_files import freed_tensors_returned
+
+        with engine_operation("load weights (a full sync)"), freed_tensors_returned():
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
 
     def reload_from_disk(self) -> None:
