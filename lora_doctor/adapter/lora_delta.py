@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -11,7 +12,9 @@ import torch
 from ..errors import BadInput
 from .checkpoint import Checkpoint, spec_from_config
 from .inventory import ADAPTER_CONFIG, AdapterInventory, BaseInventory, read_adapter, read_json
+from .modules import layer_index
 from .spec import LoraSpec
+from .weight_files import StreamedWeights, TensorInfo
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,59 @@ def merge_in_dtype(w0: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype) ->
     merged sync in bf16 is expected to hold this, not the exact W0 + ΔW.
     """
     return (w0.to(dtype) + delta.to(dtype)).to(dtype)
+
+
+class MergedWeights:
+    """The weights of a merged sync, `W0 + scale·ΔW` as a trainer whose weights live in `dtype` merges
+    them (`merge_in_dtype`), as (base key, float32 value), one base weight at a time.
+
+    Each W0 is read from the base's files and each ΔW formed from its LoRA factors only when the
+    weight's turn comes, so the push holds one module's tensors, not a copy of the model or a dense ΔW
+    per module. Iterable any number of times and small to pickle (paths and LoRA factors), as
+    `StreamedWeights`.
+
+    `factors` are `load_merge_factors`'s (by base key); `trained_copies` replace the base's weight
+    (`modules_to_save`: the merge writes the trained copy in its place); `decoder_layers` limits the
+    merge to some decoder layers; `cycles` merge/unmerge rounds before the final merge are the rounding
+    drift of trl #6688.
+    """
+
+    def __init__(
+        self,
+        tensors: dict[str, TensorInfo],
+        factors: dict[str, LoraFactors],
+        dtype: torch.dtype,
+        scale: float = 1.0,
+        decoder_layers: set[int] | None = None,
+        cycles: int = 0,
+        trained_copies: dict[str, torch.Tensor] | None = None,
+    ):
+        self.base = StreamedWeights(tensors)
+        self.factors = factors
+        self.dtype = dtype
+        self.scale = scale
+        self.decoder_layers = decoder_layers
+        self.cycles = cycles
+        self.trained_copies = trained_copies or {}
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, weight in self.base:
+            yield name, self.merged(name, self.trained_copies.get(name, weight))
+
+    def merged(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """What the trainer's merge holds in place of `weight` (base key `name`), in float32."""
+        held = weight.to(self.dtype)
+        lora = self.factors.get(name)
+        if lora is not None and (self.decoder_layers is None or layer_index(name) in self.decoder_layers):
+            step = self.scale * lora.delta()
+            rounded = step.to(self.dtype)
+            for _ in range(self.cycles):
+                held = (held + rounded) - rounded  # each op rounds to `dtype`
+            held = merge_in_dtype(held, step, self.dtype)
+        return held.float()
 
 
 class OpenedAdapter(NamedTuple):

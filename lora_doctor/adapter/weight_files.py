@@ -14,6 +14,7 @@ import json
 import queue
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -227,3 +228,82 @@ def _open(handles: dict, path: Path):
 def _as_tensor(raw: torch.Tensor, info: TensorInfo, rows: int) -> torch.Tensor:
     shape = (rows, *info.shape[1:]) if info.shape else ()
     return raw.view(info.dtype).view(shape)
+
+
+def read_tensor(info: TensorInfo) -> torch.Tensor:
+    """One tensor's value, read from its file into memory of its own (no memory map: the rest of the
+    file stays out of RSS, and the tensor is freed as soon as its last user drops it)."""
+    value = torch.empty(info.nbytes, dtype=torch.uint8)
+    try:
+        with info.path.open("rb", buffering=0) as handle:
+            handle.seek(info.start)
+            if handle.readinto(memoryview(value.numpy())) != info.nbytes:
+                raise BadInput(f"{info.path} ends inside tensor {info.name}: truncated file")
+    except OSError as error:
+        raise BadInput(f"cannot read {info.path} ({error.strerror or error})") from None
+    return value.view(info.dtype).view(info.shape)
+
+
+class StreamedWeights:
+    """Every tensor of a model folder as (name, value), read one at a time when iterated.
+
+    Iterable any number of times and small to pickle (it holds where the tensors are, not their
+    values), so it can be handed to an engine's workers: a full sync then holds one tensor at a time
+    beside the engine instead of a copy of the model. The order is the files', then the names'
+    (sorted), which keeps a layer's weights together as vLLM's layerwise reload wants them.
+    """
+
+    def __init__(self, tensors: dict[str, TensorInfo]):
+        self.tensors = dict(sorted(tensors.items(), key=lambda item: (str(item[1].path), item[0])))
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, info in self.tensors.items():
+            yield name, read_tensor(info)
+
+
+# glibc's mallopt parameter for the size above which an allocation gets pages of its own (mmap), which
+# a free hands back to the system; below it, freed memory stays in the heap for reuse.
+_M_MMAP_THRESHOLD = -3
+# What glibc's own threshold grows to at most on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX): where it stands
+# once a process has freed a few large tensors, as every engine start does.
+_GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20
+# A streamed push's tensors (one module's weights, ΔW, the engine's copies of them) are larger.
+_STREAMED_MMAP_THRESHOLD = 2**20
+
+
+@contextmanager
+def freed_tensors_returned() -> Iterator[None]:
+    """While streaming weights one module at a time, give each freed tensor's memory back to the system.
+
+    glibc serves allocations below its mmap threshold (up to 32 MiB once it has adapted) from the heap
+    and keeps what is freed there: a push of thousands of module-sized tensors with interleaved
+    lifetimes fragments it, and the process kept ~0.4 of the model's float32 size after a full sync of
+    a model whose modules are all under 32 MiB (measured: bench/check_model_scale.py, docs/memory.md).
+    The heap's free pages are released before (`malloc_trim`) and after; afterwards the threshold goes
+    back to where glibc's own would stand. No-op without glibc.
+    """
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)  # what the heap kept before (an engine start's): not to be reused piecewise
+        libc.mallopt(_M_MMAP_THRESHOLD, _STREAMED_MMAP_THRESHOLD)
+    try:
+        yield
+    finally:
+        if libc is not None:
+            libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_MMAP_THRESHOLD_MAX)
+            libc.malloc_trim(0)
+
+
+def _glibc():
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None

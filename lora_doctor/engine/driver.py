@@ -311,9 +311,17 @@ class Engine:
         return getattr(config, "worker_extension_cls", "") == WORKER_EXTENSION
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """A full sync: push base-named weights into the engine (also drops its loaded adapters)."""
-        weights = list(weights)
-        with engine_operation("load weights (a full sync)"):
+        """A full sync: push base-named weights into the engine (also drops its loaded adapters).
+
+        `weights` goes to the workers as it is: a re-iterable that reads one weight at a time
+        (`StreamedWeights`, `MergedWeights`) streams, and pickles small to workers in other processes.
+        A one-shot iterator (a generator) cannot be pickled, so it is gathered into a list first.
+        """
+        if isinstance(weights, Iterator):
+            weights = list(weights)
+        from ..adapter.weight_files import freed_tensors_returned
+
+        with engine_operation("load weights (a full sync)"), freed_tensors_returned():
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
 
     def reload_from_disk(self) -> None:

@@ -91,6 +91,7 @@ class LoraDoctorWorker(PromptLogprobCapture):
             if isinstance(layer, BaseLinearLayerWithLoRA):
                 shards = _shards(name, layer, packed)
                 results += _shard_stats(layer, slot, shards, base, factors, return_tensors)
+                base.release()
         for result in results:
             result["module"] = adapter_names.get(result["module"], result["module"])
         return results
@@ -309,6 +310,11 @@ class _BaseWeights:
 
     def read(self, module: str, rows: slice, cols: slice) -> torch.Tensor:
         return self._slice(module)[rows, cols]
+
+    def release(self) -> None:
+        """Close the files read so far: the pages of a memory-mapped file stay in the process's RSS
+        while it is open, so a read that kept them open would end up holding the whole base."""
+        self._handles.clear()
 
     def _slice(self, module: str):
         file = self._files[f"{module}.weight"]

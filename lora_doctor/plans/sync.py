@@ -25,15 +25,15 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from ..adapter.checkpoint import Checkpoint
 from ..adapter.dtypes import COMPUTE_DTYPES
-from ..adapter.lora_delta import load_merge_factors, merge_in_dtype
-from ..adapter.modules import layer_index
+from ..adapter.lora_delta import LoraFactors, MergedWeights, load_merge_factors
+from ..adapter.weight_files import StreamedWeights
 from ..engine.driver import Engine
 from ..errors import BadInput
 from ..measure.reference import Reference
@@ -58,7 +58,7 @@ class Sync:
         self.previous = previous
         self.reference = reference
         self._measure = measure
-        self._delta: dict[str, torch.Tensor] | None = None
+        self._merge_factors: dict[str, LoraFactors] | None = None
         self.lora_request = None
         self.phases: list[PhaseResult] = []
         self.prompts = prompts or []
@@ -91,24 +91,10 @@ class Sync:
         """
         if dtype is not None and dtype not in COMPUTE_DTYPES:
             raise BadInput(f"load_merged: unknown dtype {dtype!r}; use one of {', '.join(COMPUTE_DTYPES)}")
-        delta = self._deltas()
         precision = COMPUTE_DTYPES[dtype] if dtype is not None else self.engine.llm.llm_engine.model_config.dtype
-
-        copies = self._trained_copies()
-
-        def merged() -> Iterator[tuple[str, torch.Tensor]]:
-            for name, weight in self._base_weights():
-                # A `modules_to_save` module: the merge writes the trained copy in place of the base's.
-                held = copies.get(name, weight).to(precision)
-                if name in delta and _in_layers(name, decoder_layers):
-                    step = scale * delta[name]
-                    rounded = step.to(precision)
-                    for _ in range(cycles):
-                        held = (held + rounded) - rounded  # each op rounds to `precision`
-                    held = merge_in_dtype(held, step, precision)
-                yield name, held.float()
-
-        self.engine.load_weights(merged())
+        base = self.checkpoint.base()
+        weights = MergedWeights(base.tensors, self._factors(), precision, scale, decoder_layers, cycles, self._trained_copies())
+        self.engine.load_weights(weights)
 
     def reload_from_disk(self) -> None:
         """The engine reloads its base from its model folder (what sleep-mode wake-up does)."""
@@ -166,17 +152,17 @@ class Sync:
             raise BadInput(f"add_adapter: {path} is not an adapter folder (no adapter_config.json)")
         return path
 
-    def _base_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        return self.checkpoint.base().weights()
+    def _base_weights(self) -> StreamedWeights:
+        return StreamedWeights(self.checkpoint.base().tensors)
 
-    def _deltas(self) -> dict[str, torch.Tensor]:
-        if self._delta is None:
+    def _factors(self) -> dict[str, LoraFactors]:
+        if self._merge_factors is None:
             # Keyed by the base's weight names: an adapter may name a module otherwise (a multimodal
             # base saved as `model.layers.*` whose adapter says `model.language_model.layers.*`); the
             # embedding's LoRA, trainable tokens and a tied head's LoRA land on the embedding weight.
-            factors = load_merge_factors(self.checkpoint.adapter_dir, self.checkpoint.base())
-            self._delta = {key: lora.delta() for key, lora in factors.items()}
-        return self._delta
+            # Factors, not ΔW: a dense ΔW per module would be a copy of every targeted weight.
+            self._merge_factors = load_merge_factors(self.checkpoint.adapter_dir, self.checkpoint.base())
+        return self._merge_factors
 
     def _trained_copies(self) -> dict[str, torch.Tensor]:
         adapter = self.checkpoint.adapter()
@@ -184,8 +170,3 @@ class Sync:
         values = adapter.read(list(copies.values()))
         return {name: values[info.name] for name, info in copies.items()}
 
-
-def _in_layers(name: str, decoder_layers: set[int] | None) -> bool:
-    if decoder_layers is None:
-        return True
-    return layer_index(name) in decoder_layers

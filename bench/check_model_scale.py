@@ -1,0 +1,205 @@
+"""How a check's peak resident memory grows with the model: `check --plan merged` and `--plan swift-fixed`
+on three random Qwen2-shaped models of increasing size, each with a rank-16 LoRA on every linear layer.
+
+The models are generated on the spot (random weights in float32, the bundled tiny-qwen2's tokenizer and
+vocabulary, so the growth is in the decoder layers), with a random LoRA (B ≠ 0: every ΔW moves the
+weights). Each check runs as a fresh process (`--dtype float32`, the bundled prompts); the RSS of its
+process tree is sampled every 20 ms. Prints per model its parameters, float32 GB, each plan's peak RSS
+and wall time, then the slope: the peak's growth per added float32 GB of weights, between consecutive
+sizes and from the smallest to the largest. docs/memory.md: on CPU the reference and the engine each
+hold a copy (2×); target ≤ 2.5×.
+
+    python bench/check_model_scale.py [--sizes 512x8,768x16,1024x20] [--plans merged,swift-fixed] [--keep DIR]
+
+`--sizes` is hidden size × decoder layers (intermediate size 3 × hidden, head size 64, 4 query heads
+per kv head). `--keep DIR` builds (or reuses) the models in DIR and leaves them there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's lora_doctor, as the checks it runs (cwd = ROOT) use
+FIXTURES = ROOT / "fixtures"
+ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_WAIT_POLICY": "PASSIVE", "VLLM_LOGGING_LEVEL": "ERROR"}
+LORA_RANK = 16
+LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SAMPLE_SECONDS = 0.02
+TARGET_SLOPE = 2.5
+
+
+def build(folder: Path, hidden: int, layers: int) -> tuple[Path, Path, int]:
+    """A random Qwen2-shaped base and a rank-16 LoRA on every linear layer; (base, adapter, parameters)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    base_dir, adapter_dir = folder / f"qwen2-{hidden}x{layers}", folder / f"lora-{hidden}x{layers}"
+    config = AutoConfig.from_pretrained(FIXTURES / "tiny-qwen2")
+    heads = hidden // 64
+    config.update(dict(hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=max(1, heads // 4),
+                       layer_types=["full_attention"] * layers))
+    if not (adapter_dir / "adapter_model.safetensors").is_file():
+        torch.manual_seed(hidden * 1000 + layers)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.save_pretrained(base_dir)
+        for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+            shutil.copy(FIXTURES / "tiny-qwen2" / name, base_dir / name)
+        peft_model = get_peft_model(model, LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=LINEAR))
+        with torch.no_grad():
+            for name, parameter in peft_model.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(std=0.02)
+        peft_model.save_pretrained(adapter_dir)
+        del model, peft_model
+    parameters = sum(_numel(info.shape) for info in _tensors(base_dir))
+    return base_dir, adapter_dir, parameters
+
+
+def _tensors(base_dir: Path):
+    from lora_doctor.adapter.weight_files import model_tensors
+
+    return model_tensors(base_dir).values()
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of a process and all its descendants (psutil when installed, else /proc)."""
+    try:
+        import psutil
+    except ImportError:
+        return _proc_tree_rss(pid)
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    total = 0
+    for process in processes:
+        try:
+            total += process.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def _proc_tree_rss(pid: int) -> int:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        todo += children.get(current, [])
+        try:
+            for line in Path(f"/proc/{current}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
+def run_check(base_dir: Path, adapter_dir: Path, plan: str, report: Path) -> tuple[int, float, float]:
+    """Exit code, wall seconds and the process tree's peak RSS (GB) of one check in a fresh process."""
+    command = [sys.executable, "-m", "lora_doctor", "check", str(adapter_dir), "--base", str(base_dir), "--plan", plan,
+               "--dtype", "float32", "--prompts", str(FIXTURES / "prompts.jsonl"), "--json", str(report), "-q"]
+    started = time.perf_counter()
+    child = subprocess.Popen(command, cwd=ROOT, env=dict(os.environ, **ENV), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak = [0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(SAMPLE_SECONDS):
+            peak[0] = max(peak[0], tree_rss(child.pid))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        _, stderr = child.communicate(timeout=1800)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        sys.exit(f"check --plan {plan} on {base_dir.name} did not finish in 30 minutes")
+    finally:
+        done.set()
+        sampler.join()
+    wall = time.perf_counter() - started
+    if child.returncode not in (0, 1):
+        sys.exit(f"check --plan {plan} on {base_dir.name} failed (exit {child.returncode}): {stderr.decode()[-2000:]}")
+    return child.returncode, wall, peak[0] / 1e9
+
+
+def slope(a: tuple[float, float], b: tuple[float, float]) -> float:
+    """Added peak GB per added float32 GB of weights between two (float32 GB, peak GB) points."""
+    return (b[1] - a[1]) / (b[0] - a[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="512x8,768x16,1024x20", help="hidden×layers of each model, smallest first")
+    parser.add_argument("--plans", default="merged,swift-fixed")
+    parser.add_argument("--keep", type=Path, help="build (or reuse) the models in this folder and keep them")
+    args = parser.parse_args()
+    sizes = [tuple(int(n) for n in size.split("x")) for size in args.sizes.split(",")]
+    if len(sizes) < 2:
+        parser.error("--sizes: at least two models, to measure a slope")
+    plans = args.plans.split(",")
+    folder = args.keep or Path(tempfile.mkdtemp(prefix="lora-doctor-model-scale-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        models = []
+        for hidden, layers in sizes:
+            base_dir, adapter_dir, parameters = _build_apart(folder, hidden, layers)
+            models.append((base_dir, adapter_dir, parameters))
+            print(f"built {base_dir.name}: {parameters / 1e6:.0f}M parameters, {parameters * 4 / 1e9:.2f} GB in float32", flush=True)
+        rows: dict[str, list[tuple[float, float]]] = {plan: [] for plan in plans}
+        print(f"\n{'model':<16}{'params':>8}{'fp32 GB':>9}" + "".join(f"{plan + ' peak':>20}{'wall':>7}{'exit':>5}" for plan in plans))
+        for base_dir, adapter_dir, parameters in models:
+            line = f"{base_dir.name:<16}{parameters / 1e6:>7.0f}M{parameters * 4 / 1e9:>9.2f}"
+            for plan in plans:
+                code, wall, peak = run_check(base_dir, adapter_dir, plan, folder / f"report-{base_dir.name}-{plan}.json")
+                rows[plan].append((parameters * 4 / 1e9, peak))
+                line += f"{peak:>17.2f} GB{wall:>6.0f}s{code:>5}"
+            print(line, flush=True)
+        print(f"\npeak growth per added float32 GB (target ≤ {TARGET_SLOPE}×: the reference's and the engine's copies, then one module at a time)")
+        for plan, points in rows.items():
+            steps = ", ".join(f"{slope(a, b):.2f}×" for a, b in zip(points, points[1:]))
+            overall = slope(points[0], points[-1])
+            print(f"  {plan:<12} consecutive: {steps}; smallest→largest: {overall:.2f}× {'ok' if overall <= TARGET_SLOPE else 'ABOVE TARGET'}")
+    finally:
+        if args.keep is None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _build_apart(folder: Path, hidden: int, layers: int) -> tuple[Path, Path, int]:
+    """Build in a process of its own, so the generator's memory is gone before any check runs."""
+    code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from bench.check_model_scale import build; from pathlib import Path; print(build(Path({str(folder)!r}), {hidden}, {layers})[2])"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, **ENV), capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        sys.exit(f"building the {hidden}x{layers} model failed: {out.stderr[-2000:]}")
+    return folder / f"qwen2-{hidden}x{layers}", folder / f"lora-{hidden}x{layers}", int(out.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    main()
