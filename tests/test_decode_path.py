@@ -115,6 +115,8 @@ def test_inplace_reload_then_reset_is_fresh(cached):
 def test_merged_push_without_reset_reads_stale_blocks(cached):
     (phase,) = cached.run("merged-no-cache-reset").phases
     assert phase.verdict == "stale_cache", phase.explanation
+    # Judged: the logits resolve the LoRA in float32 and the prompts' requests read cached blocks.
+    assert phase.decode_cache_blocks >= 2 and phase.not_measured == {}
     assert phase.kl_mean <= phase.kl_limit
     assert phase.decode_logprob_diff_max > STALE_LOGPROB_DIFF
     assert phase.decode_kl_no_cache <= phase.kl_limit
