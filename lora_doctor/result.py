@@ -74,7 +74,8 @@ class PhaseResult:
     warnings: list[str] = field(default_factory=list)
     # LoRA-targeted modules the per-module read has no figures for, each {"module", "reason"}.
     modules_not_read: list[dict] = field(default_factory=list)
-    # What the engine did not allow measuring (e.g. "layers"), and why.
+    # What the engine or the run did not allow measuring (e.g. "layers"; "stale_cache" when the
+    # logits cannot resolve the LoRA or no prompt reaches the prefix cache), and why.
     not_measured: dict[str, str] = field(default_factory=dict)
     # What the phase measured: "engine" (a sync replayed or probed) or "export" (a merged export on
     # disk, `audit`); it chooses the causes a report names, whatever the phase is called.
@@ -90,6 +91,9 @@ class PhaseResult:
     # The decode KL of the same requests made without reading the prefix cache (measured only when
     # the decode path disagreed): the A/B that tells stale KV blocks apart.
     decode_kl_no_cache: float | None = None
+    # Full KV blocks of the prompts the decode requests can read from the prefix cache (0: prefix
+    # caching off, or no prompt longer than a block; then stale KV blocks cannot reach them).
+    decode_cache_blocks: int | None = None
     # With an adapter loaded: mean KL(W0 ‖ engine) of requests that do not name it (the base route).
     base_route_kl: float | None = None
 

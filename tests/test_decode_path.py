@@ -8,7 +8,7 @@ default) and agree with a fresh load after a reset or with caching off.
 from __future__ import annotations
 
 import pytest
-from conftest import CHECKPOINT, PREVIOUS, assert_one_line_error, run_cli
+from conftest import CHECKPOINT, PREVIOUS, adapter_modules, assert_one_line_error, layer_modules, run_cli
 
 from lora_doctor.checker import engine_summary
 from lora_doctor.plans.builtin import Plan
@@ -86,6 +86,7 @@ def test_the_engine_runs_with_prefix_caching_on_and_the_prompts_reach_it(cached)
     assert report.engine["given"] == {}
     assert report.engine["cache_exercised"] and report.engine["cache_blocks"] >= 2
     assert report.verdict == "pass", explain(report)
+    assert [phase.name for phase in report.phases] == ["full-base", "adapter"]
     for phase in report.phases:
         assert phase.decode_positions > 0
         assert phase.decode_kl_mean <= phase.kl_limit
@@ -98,6 +99,7 @@ def test_inplace_reload_under_the_same_name_and_folder_reads_stale_blocks(cached
     assert phase.verdict == "stale_cache", phase.explanation
     # The weights and the prompt path are right: only the rollouts read the previous adapter's KV.
     assert phase.kl_mean <= phase.kl_limit
+    assert layer_modules(phase.layers) == adapter_modules(CHECKPOINT)
     assert all(layer.verdict == "ok" for layer in phase.layers)
     assert phase.decode_kl_mean > phase.kl_limit
     assert phase.decode_logprob_diff_max > STALE_LOGPROB_DIFF
@@ -113,6 +115,8 @@ def test_inplace_reload_then_reset_is_fresh(cached):
 def test_merged_push_without_reset_reads_stale_blocks(cached):
     (phase,) = cached.run("merged-no-cache-reset").phases
     assert phase.verdict == "stale_cache", phase.explanation
+    # Judged: the logits resolve the LoRA in float32 and the prompts' requests read cached blocks.
+    assert phase.decode_cache_blocks >= 2 and phase.not_measured == {}
     assert phase.kl_mean <= phase.kl_limit
     assert phase.decode_logprob_diff_max > STALE_LOGPROB_DIFF
     assert phase.decode_kl_no_cache <= phase.kl_limit

@@ -8,7 +8,7 @@ under the same name and id with `load_inplace=True`, generating rollouts between
 from __future__ import annotations
 
 import pytest
-from conftest import BASE, CHECKPOINT, PREVIOUS, sync_weights
+from conftest import BASE, CHECKPOINT, PREVIOUS, adapter_modules, layer_modules, sync_weights
 
 from lora_doctor import probe
 from lora_doctor.measure.prompts import DEFAULT_PROMPTS
@@ -77,6 +77,7 @@ def test_a_loop_without_cache_reset_reads_stale_blocks_and_a_reset_fixes_it(llm,
     assert stale.verdict == "stale_cache", stale.explanation
     # The engine holds the new adapter and computes it on the prompt path: only the rollouts are stale.
     assert stale.kl_mean <= stale.kl_limit
+    assert layer_modules(stale.layers) == adapter_modules(CHECKPOINT)
     assert all(layer.verdict == "ok" for layer in stale.layers)
     assert stale.decode_kl_mean > stale.kl_limit >= stale.decode_kl_no_cache
 

@@ -18,9 +18,14 @@ def run(checker, name):
     return checker.run(get_plan(name))
 
 
-@pytest.mark.parametrize("plan", ["swift-fixed", "merged", "verl-adapter"])
-def test_correct_sync_paths_are_ok(checker, plan):
+@pytest.mark.parametrize(
+    ("plan", "phases"),
+    [("swift-fixed", ["full-base", "adapter"]), ("merged", ["full-merged", "full-merged"]), ("verl-adapter", ["adapter", "adapter"])],
+)
+def test_correct_sync_paths_are_ok(checker, plan, phases):
     report = run(checker, plan)
+    # A report without phases would pass every check below (and the overall verdict).
+    assert [p.name for p in report.phases] == phases
     assert report.verdict == "pass", [(p.name, p.verdict, p.explanation) for p in report.phases]
     for phase in report.phases:
         assert phase.effective_scale == pytest.approx(1.0, abs=SCALE_TOLERANCE)
@@ -59,6 +64,7 @@ def test_load_inplace_replaces_a_reused_id(checker):
 def test_bf16_merge_unmerge_drift_is_diverged(checker):
     (phase,) = run(checker, "merged-bf16-drift").phases
     assert phase.verdict == "diverged"
+    assert layer_modules(phase.layers) == adapter_modules(CHECKPOINT)
     for layer in phase.layers:
         assert layer.effective_scale == pytest.approx(1.0, abs=SCALE_TOLERANCE)
         assert layer.verdict == "diverged"
@@ -75,8 +81,10 @@ def test_custom_plan_with_layers_and_dropped_adapter(checker):
     healthy, broken = checker.run(get_plan(f"{ROOT / 'tests' / 'custom_plans.py'}:layer0_merged_without_adapter")).phases
     assert healthy.verdict == "ok"
     assert broken.verdict == "partial"
+    assert layer_modules(broken.layers) == adapter_modules(CHECKPOINT)
     missing = {layer.module for layer in broken.layers if layer.verdict == "missing"}
-    assert missing == {layer.module for layer in broken.layers if ".layers.1." in layer.module}
+    # Both sets empty (no module read) would compare equal: layer 1 has LoRA modules to miss.
+    assert missing and missing == {layer.module for layer in broken.layers if ".layers.1." in layer.module}
 
 
 def test_readme_custom_plan_example_runs(checker):

@@ -69,7 +69,7 @@ def test_markdown_phase_table_rows(report):
     # Phase rows: "| 1 | `full-merged` | no | ✅ ok | 1.000 | …" (ten or more cells; the layer grid has eight).
     rows = {
         line.split("|")[2].strip(): line
-        for line in text.splitlines()
+        for line in text.split("**Decode path**")[0].splitlines()  # the decode table's rows are as wide
         if re.match(r"\| \d+ \| `", line) and line.count("|") >= 11
     }
     assert set(rows) == {"`full-merged`", "`adapter`"}

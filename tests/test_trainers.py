@@ -80,8 +80,11 @@ def test_trl_grpo_colocate_peft_is_ok_at_every_sync(tmp_path):
     # The figures went through the trainer's logging (log history, hence every configured logger).
     assert [entry["step"] for entry in data["logged"]] == [1, 2]
     assert all(entry["lora_doctor/ok"] == 1.0 for entry in data["logged"])
-    # TRL builds its engine with vLLM's default prefix caching (on): the rollouts' decode path agrees.
+    # TRL builds its engine with vLLM's default prefix caching (on) and resets it after every push: the
+    # rollouts' decode path agrees. The probe's prompts fill KV blocks (the built-in set), so step 2's
+    # rollouts would read step 1's blocks had TRL not reset the cache, and the stale cache was judged.
     for result in results:
+        assert result["decode_cache_blocks"] >= 2 and "stale_cache" not in result["not_measured"], result["not_measured"]
         assert result["decode_positions"] > 0 and result["decode_kl_mean"] <= result["kl_limit"]
 
 

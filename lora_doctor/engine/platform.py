@@ -25,7 +25,11 @@ GIB = 1 << 30
 
 
 def current_platform() -> str:
-    """"cuda" on a CUDA (or ROCm) build of vLLM, "cpu" on the CPU build, else vLLM's device type."""
+    """"cuda" on a CUDA (or ROCm) build of vLLM, "cpu" on the CPU build, else vLLM's device type;
+    `EnvironmentProblem` (exit 3) when vLLM cannot be imported."""
+    from .driver import import_vllm
+
+    import_vllm()  # a vLLM that fails to import is the environment's, named in one line
     from vllm.platforms import current_platform as platform
 
     if platform.is_cuda_alike():

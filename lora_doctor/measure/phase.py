@@ -15,6 +15,7 @@ from .layer_figures import combine_layer_stats
 from .logit_pass import CHUNK_POSITIONS, measure_logits, scale_range
 from .metrics import greedy_match
 from .noise import measure_resolution
+from .prompts import cached_blocks
 from .reference import Reference
 from .verdict import (
     ADAPTER_NOT_REQUESTED,
@@ -29,6 +30,7 @@ from .verdict import (
     STALE,
     STALE_CACHE,
     decided_by,
+    decode_verdict,
     describe_modules,
     finite,
     logit_verdict,
@@ -135,8 +137,13 @@ class PhaseMeasurer:
             decode_no_cache = measure_decode(
                 self.reference, engine, self.token_ids, self.max_new_tokens, lora_request, chunk_positions=self.chunk_positions, skip_cache=True
             ).kl_mean
-            verdict = STALE_CACHE if decode_no_cache <= resolution.kl_limit else DECODE_DIVERGED
+            verdict = decode_verdict(decode.kl_mean, decode_no_cache, resolution.kl_limit)
             clock.lap("decode_no_cache")
+        not_measured = {}
+        cache_blocks = cached_blocks(self.token_ids, engine.options["block_size"]) if engine.options["enable_prefix_caching"] else 0
+        unjudged = stale_cache_unjudged(resolution, engine.options, cache_blocks)
+        if unjudged and not zero_lora:
+            not_measured[STALE_CACHE] = unjudged
         if verdict == MISSING and lora_request is None:
             if adapters_loaded is None:
                 adapters_loaded = bool(engine.lora_enabled and engine.loaded_adapters())
@@ -206,7 +213,9 @@ class PhaseMeasurer:
             decode_logprob_diff_max=decode.logprob_diff_max,
             decode_positions=decode.positions,
             decode_kl_no_cache=decode_no_cache,
+            decode_cache_blocks=cache_blocks,
             base_route_kl=route_kl,
+            not_measured=not_measured,
         )
 
     def matches_previous(self, engine: Engine, lora_request, kl_previous: float, layers: list[ModuleResult]) -> bool:
@@ -268,6 +277,27 @@ def _not_read_reason(module: str, served: dict[str, str], names) -> str:
     engine_name = names.engine_name(module)
     layer = served.get(engine_name) or next((cls for name, cls in served.items() if engine_name.startswith(f"{name}.")), None)
     return NOT_READ_ABSENT if layer is None else NOT_READ_UNREADABLE.format(layer=layer)
+
+
+def stale_cache_unjudged(resolution, options: dict, cache_blocks: int) -> str | None:
+    """Why this phase cannot tell rollouts reading stale KV blocks from healthy ones, if so: the
+    decode path is judged only where the logits resolve the LoRA (a stale block moves the rollouts'
+    log-probs by at most what the LoRA does) and where its requests can read a cached block at all.
+    With prefix caching off there is no stale block to see."""
+    if not options["enable_prefix_caching"]:
+        return None
+    if cache_blocks == 0:
+        return (
+            f"no prompt fills a {options['block_size']}-token KV block, so no rollout request read the prefix cache: "
+            "use longer prompts (a shared system prompt and chat template) to check it"
+        )
+    if not resolution.resolves:
+        return (
+            f"the logits cannot resolve this LoRA at this precision (signal/noise {resolution.signal_to_noise:.1f} < "
+            f"{resolution.min_signal_to_noise:g}): KV blocks of an earlier policy move the rollouts' log-probs by less "
+            "than the run's noise, so a stale prefix cache cannot be told from a fresh one; check in float32 to see it"
+        )
+    return None
 
 
 def path_warning(verdict: str, decode_kl: float, route_kl: float | None, kl_limit: float) -> str | None:

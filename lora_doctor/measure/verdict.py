@@ -315,6 +315,16 @@ def _layer_ranges(names: list[str]) -> str:
     return f"{'layer' if len(indices) == 1 else 'layers'} {spans} ({kinds})"
 
 
+def decode_verdict(decode_kl: float, decode_kl_no_cache: float, kl_limit: float) -> str:
+    """Name a phase whose weights and prompt log-probs are right but whose rollouts are not (mean
+    decode KL above `kl_limit`), from the same requests made without reading the prefix cache: they
+    agree, so the cache served blocks of another policy (`stale_cache`); they disagree too, so the
+    engine's generation path itself computes another policy (`decode_diverged`)."""
+    if not decode_kl > kl_limit:
+        return OK
+    return STALE_CACHE if decode_kl_no_cache <= kl_limit else DECODE_DIVERGED
+
+
 def overall_verdict(phase_verdicts: list[str]) -> str:
     return PASS if all(v == OK for v in phase_verdicts) else FAIL
 

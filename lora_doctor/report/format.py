@@ -110,7 +110,9 @@ def resolution_line(resolution: dict) -> str | None:
 
 
 # The decode path (what the rollouts see) beside the prompt path, one row per phase.
-DECODE_COLUMNS = ("#", "phase", "decode KL mean", "decode KL max", "|Δ log-prob| mean", "|Δ log-prob| max", "tokens", "KL without cache", "base route KL")
+DECODE_COLUMNS = (
+    "#", "phase", "decode KL mean", "decode KL max", "|Δ log-prob| mean", "|Δ log-prob| max", "tokens", "cache blocks", "KL without cache", "base route KL",
+)
 
 
 def has_decode(report: Report) -> bool:
@@ -129,8 +131,18 @@ def decode_figures(phase: PhaseResult) -> list[str]:
         fmt(phase.decode_logprob_diff_mean, ".2e"),
         fmt(phase.decode_logprob_diff_max, ".2e"),
         fmt(phase.decode_positions, "d"),
+        fmt(getattr(phase, "decode_cache_blocks", None), "d"),
         fmt(phase.decode_kl_no_cache, ".2e"),
         fmt(phase.base_route_kl, ".2e"),
+    ]
+
+
+def not_measured_lines(report: Report) -> list[str]:
+    """"phase 1 adapter: stale_cache not measured — why", for what each phase could not measure."""
+    return [
+        f"phase {phase.index + 1} {phase.name}: {what} not measured — {why}"
+        for phase in report.phases
+        for what, why in phase.not_measured.items()
     ]
 
 

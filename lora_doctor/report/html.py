@@ -29,6 +29,7 @@ from .format import (
     has_previous,
     layer_grid,
     modules_line,
+    not_measured_lines,
     not_read_lines,
     phase_columns,
     phase_figures,
@@ -238,9 +239,11 @@ def _decode_table(report: Report) -> str:
         '<p class="note">What the rollouts see: the engine\'s log-probs of the tokens it generated, reading the prefix '
         "cache as the plan left it, against the reference teacher-forced on them. KL without cache: the same requests "
         "made without reading the prefix cache (measured when the decode path disagreed). Base route: a request "
-        "without the adapter against W0.</p>"
+        "without the adapter against W0. Cache blocks: full KV blocks of the prompts the rollout requests can read "
+        "from the prefix cache.</p>"
         f'<div class="scroll"><table class="phases"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
-        "</section>"
+        + "".join(f'<p class="note">{esc(line)}</p>' for line in not_measured_lines(report))
+        + "</section>"
     )
 
 

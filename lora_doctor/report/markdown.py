@@ -23,6 +23,7 @@ from .format import (
     has_previous,
     layer_grid,
     modules_line,
+    not_measured_lines,
     not_read_lines,
     parts_summary,
     phase_columns,
@@ -224,9 +225,11 @@ def _decode_section(report: Report) -> list[str]:
         "",
         "**Decode path** — what the rollouts see: the engine's log-probs of the tokens it generated (reading the prefix "
         "cache as the plan left it) against the reference teacher-forced on them; KL without cache: the same requests "
-        "made without reading the prefix cache; base route: a request without the adapter against W0:",
+        "made without reading the prefix cache; cache blocks: full KV blocks of the prompts the rollout requests can read "
+        "from the prefix cache; base route: a request without the adapter against W0:",
         "",
         *_table(list(DECODE_COLUMNS), rows, ["r", "l"] + ["r"] * (len(DECODE_COLUMNS) - 2)),
+        *(["", *[f"- *{md_text(line)}*" for line in not_measured_lines(report)]] if not_measured_lines(report) else []),
     ]
 
 

@@ -17,6 +17,7 @@ from .format import (
     has_decode,
     layer_grid,
     modules_line,
+    not_measured_lines,
     not_read_lines,
     parts_summary,
     phase_figures,
@@ -51,6 +52,8 @@ def render_terminal(report: Report, console: Console, all_modules: bool = False)
         console.print(_phase_table(report))
         if has_decode(report):
             console.print(_decode_table(report))
+        for line in not_measured_lines(report):
+            console.print(line, style="yellow", highlight=False)
     resolution = resolution_line(report.resolution)
     if resolution:
         console.print(resolution, style="dim", highlight=False)
