@@ -1,6 +1,7 @@
 """The contract's corners no other test reaches, each on the real engine: what a phase could not
-judge (a stale prefix cache the logits cannot see, or prompts that never reach the cache), and the
-exit codes of an environment without vLLM (3) and of a crash of lora-doctor after the engine started (4).
+judge (a stale prefix cache the logits cannot see, or prompts that never reach the cache), a check
+that is unresolved (exit 1), and the exit codes of an environment without vLLM or an engine that
+cannot start (3) and of a crash of lora-doctor after the engine started (4).
 """
 
 from __future__ import annotations
@@ -68,6 +69,21 @@ def test_prompts_shorter_than_a_kv_block_say_the_cache_was_not_judged(checker):
         assert phase.verdict == "ok", phase.explanation
         assert phase.decode_cache_blocks == 0
         assert "128-token KV block" in phase.not_measured["stale_cache"]
+
+
+def test_a_check_whose_logits_cannot_resolve_the_lora_and_reads_no_module_is_unresolved_exit_1(tmp_path):
+    # `check`, not only `probe(module_read=False)`: bf16, the 2e-3 LoRA, --no-module-read. Nothing decides,
+    # so the phase is unresolved (a measured problem, exit 1), never ok.
+    out = tmp_path / "r.json"
+    run = run_cli("check", SMALL_BF16, "--dtype", "bfloat16", "--plan", "merged", "--no-module-read", "--json", out)
+    assert run.exit_code == 1, run.stderr
+    report = json.loads(out.read_text())
+    assert report["resolution"]["logits_resolve"] is False and report["verdict"] == "fail"
+    assert [phase["name"] for phase in report["phases"]] == ["full-merged", "full-merged"]
+    for phase in report["phases"]:
+        assert phase["verdict"] == "unresolved" and phase["decided_by"] == "nothing", phase["explanation"]
+        assert phase["layers"] == []
+    assert "unresolved" in run.stdout and "--no-module-read" in run.stdout  # the cause names the fix
 
 
 def test_without_an_importable_vllm_the_check_is_an_environment_problem(tmp_path):

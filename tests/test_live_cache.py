@@ -75,6 +75,8 @@ def test_a_loop_without_cache_reset_reads_stale_blocks_and_a_reset_fixes_it(llm,
 
     stale = probe(llm, loop.model, lora_request=loop.request, prompts=ROLLOUT_PROMPTS)
     assert stale.verdict == "stale_cache", stale.explanation
+    # The probe's result says its prompts reached the cache (two of them fill a 128-token block).
+    assert stale.decode_cache_blocks >= 2 and "stale_cache" not in stale.not_measured
     # The engine holds the new adapter and computes it on the prompt path: only the rollouts are stale.
     assert stale.kl_mean <= stale.kl_limit
     assert layer_modules(stale.layers) == adapter_modules(CHECKPOINT)
