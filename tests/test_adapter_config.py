@@ -48,9 +48,9 @@ def loads(monkeypatch) -> list[str]:
 # The table: each row's edit, and the field the one line must name.
 ROWS = {
     "lora_alpha_zero": ({"lora_alpha": 0}, "lora_alpha is 0: the LoRA can change nothing"),
-    "rank_pattern_zero": ({"rank_pattern": {"q_proj": 0}}, "rank_pattern['q_proj'] is 0"),
+    "rank_pattern_zero": ({"rank_pattern": {"q_proj": 0}}, 'rank_pattern["q_proj"] is 0'),
     "target_modules_int": ({"target_modules": 5}, "target_modules is 5"),
-    "peft_type_null": ({"peft_type": None}, "peft_type is None"),
+    "peft_type_null": ({"peft_type": None}, "peft_type is null"),
 }
 
 
