@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import BASE, CHECKPOINT, LLAMA_RSLORA, assert_one_line_error, run_cli
+from conftest import BASE, CHECKPOINT, LLAMA_RSLORA, PREVIOUS, assert_one_line_error, run_cli
 
 from lora_doctor.adapter.spec import spec_from_config
 from lora_doctor.errors import BadInput
@@ -48,9 +48,9 @@ def loads(monkeypatch) -> list[str]:
 # The table: each row's edit, and the field the one line must name.
 ROWS = {
     "lora_alpha_zero": ({"lora_alpha": 0}, "lora_alpha is 0: the LoRA can change nothing"),
-    "rank_pattern_zero": ({"rank_pattern": {"q_proj": 0}}, "rank_pattern['q_proj'] is 0"),
+    "rank_pattern_zero": ({"rank_pattern": {"q_proj": 0}}, 'rank_pattern["q_proj"] is 0'),
     "target_modules_int": ({"target_modules": 5}, "target_modules is 5"),
-    "peft_type_null": ({"peft_type": None}, "peft_type is None"),
+    "peft_type_null": ({"peft_type": None}, "peft_type is null"),
 }
 
 
@@ -152,3 +152,19 @@ def test_a_config_without_peft_type_or_alpha_reads_as_peft_does():
     config = {k: v for k, v in GOOD.items() if k not in ("peft_type", "lora_alpha")}
     spec = spec_from_config(config, Path("/ckpt"))
     assert spec.lora_alpha == 8 and spec.scaling == 1.0
+
+
+def test_a_previous_adapter_whose_own_base_is_a_copy_of_the_same_model_is_taken(tmp_path):
+    from lora_doctor.adapter.checkpoint import load_checkpoint, load_previous
+
+    previous = tmp_path / "checkpoint-250"
+    shutil.copytree(PREVIOUS, previous)
+    config = json.loads((previous / "adapter_config.json").read_text())
+    # The same model stored in bfloat16, in another folder: the same architecture and shapes.
+    config["base_model_name_or_path"] = str((BASE.parent / "tiny-qwen2-bf16").resolve())
+    (previous / "adapter_config.json").write_text(json.dumps(config))
+    checkpoint = load_checkpoint(CHECKPOINT)
+    opened = load_previous(previous, checkpoint)
+    assert opened.base_dir == checkpoint.base_dir == BASE.resolve()
+    with pytest.raises(BadInput, match="was trained on base"):
+        load_previous(LLAMA_RSLORA, checkpoint)

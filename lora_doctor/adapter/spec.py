@@ -7,6 +7,7 @@ are left to PEFT. No vLLM import.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -72,7 +73,7 @@ def spec_from_config(config: dict, adapter_dir: Path) -> LoraSpec:
     fields = _Fields(config, Path(adapter_dir) / ADAPTER_CONFIG)
     peft_type = config.get("peft_type", "LORA")
     if not isinstance(peft_type, str):
-        raise fields.bad("peft_type", f"is {peft_type!r}: a LoRA adapter's config says \"LORA\"")
+        raise fields.bad("peft_type", f"is {_json(peft_type)}: a LoRA adapter's config says \"LORA\"")
     if peft_type.upper() != "LORA":
         raise BadInput(f"{adapter_dir}: peft_type is {peft_type!r}; only LoRA adapters are supported")
     if "r" not in config:
@@ -81,8 +82,8 @@ def spec_from_config(config: dict, adapter_dir: Path) -> LoraSpec:
     alpha = fields.number("lora_alpha", config.get("lora_alpha", PEFT_DEFAULT_ALPHA))
     if alpha == 0:
         raise fields.bad("lora_alpha", "is 0: the LoRA can change nothing (ΔW = lora_alpha/r·B·A = 0 whatever B and A hold), so there is nothing to measure")
-    rank_pattern = fields.patterns("rank_pattern", lambda key, value: fields.rank(f"rank_pattern[{key!r}]", value))
-    alpha_pattern = fields.patterns("alpha_pattern", lambda key, value: fields.alpha(f"alpha_pattern[{key!r}]", value))
+    rank_pattern = fields.patterns("rank_pattern", lambda key, value: fields.rank(f"rank_pattern[{_json(key)}]", value))
+    alpha_pattern = fields.patterns("alpha_pattern", lambda key, value: fields.alpha(f"alpha_pattern[{_json(key)}]", value))
     return LoraSpec(
         r=r,
         lora_alpha=alpha,
@@ -100,6 +101,14 @@ def spec_from_config(config: dict, adapter_dir: Path) -> LoraSpec:
     )
 
 
+def _json(value) -> str:
+    """A value as the config file writes it (null, true, "q_proj")."""
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
 class _Fields:
     """Readers of one config's fields, each raising `BadInput` that names the file and the field."""
 
@@ -111,12 +120,12 @@ class _Fields:
 
     def rank(self, name: str, value) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise self.bad(name, f"is {value!r}: a LoRA rank is a whole number of at least 1")
+            raise self.bad(name, f"is {_json(value)}: a LoRA rank is a whole number of at least 1")
         return value
 
     def number(self, name: str, value) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise self.bad(name, f"is {value!r}: expected a finite number")
+            raise self.bad(name, f"is {_json(value)}: expected a finite number")
         return float(value)
 
     def alpha(self, name: str, value) -> float:
@@ -128,21 +137,21 @@ class _Fields:
     def flag(self, name: str) -> bool:
         value = self.config.get(name)
         if value is not None and not isinstance(value, bool):
-            raise self.bad(name, f"is {value!r}: expected true or false")
+            raise self.bad(name, f"is {_json(value)}: expected true or false")
         return bool(value)
 
     def regex(self, name: str, pattern: str) -> None:
         try:
             re.compile(pattern)
         except re.error as error:
-            raise self.bad(name, f"{pattern!r} is not a regular expression ({error})") from None
+            raise self.bad(name, f"{_json(pattern)} is not a regular expression ({error})") from None
 
     def patterns(self, name: str, check) -> dict:
         value = self.config.get(name)
         if value is None:
             return {}
         if not isinstance(value, dict):
-            raise self.bad(name, f"is {value!r}: expected an object of module pattern → value")
+            raise self.bad(name, f"is {_json(value)}: expected an object of module pattern → value")
         for key, item in value.items():
             self.regex(name, key)
             check(key, item)
@@ -160,14 +169,14 @@ class _Fields:
             return [value]
         if isinstance(value, (list, tuple, set)) and all(isinstance(item, str) for item in value):
             return sorted(value)
-        raise self.bad("target_modules", f"is {value!r}: expected a list of module names, a regular expression or \"{ALL_LINEAR}\"")
+        raise self.bad("target_modules", f"is {_json(value)}: expected a list of module names, a regular expression or \"{ALL_LINEAR}\"")
 
     def names(self, name: str) -> list[str]:
         value = self.config.get(name)
         if value is None:
             return []
         if not isinstance(value, (list, tuple, set)) or not all(isinstance(item, str) for item in value):
-            raise self.bad(name, f"is {value!r}: expected null or a list of module names")
+            raise self.bad(name, f"is {_json(value)}: expected null or a list of module names")
         return list(value)
 
     def bias(self) -> str:
@@ -175,12 +184,12 @@ class _Fields:
         if value is None:
             return "none"
         if value not in BIAS_CHOICES:
-            raise self.bad("bias", f"is {value!r}: PEFT takes {', '.join(map(repr, BIAS_CHOICES))}")
+            raise self.bad("bias", f"is {_json(value)}: PEFT takes {', '.join(map(_json, BIAS_CHOICES))}")
         return value
 
     def indices(self, name: str, value) -> list[int]:
         if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
-            raise self.bad(name, f"is {value!r}: expected a list of token ids (whole numbers ≥ 0)")
+            raise self.bad(name, f"is {_json(value)}: expected a list of token ids (whole numbers ≥ 0)")
         return value
 
     def token_indices(self) -> list | dict | None:
@@ -191,7 +200,7 @@ class _Fields:
             return None
         if isinstance(value, dict):
             for key, item in value.items():
-                self.indices(f"trainable_token_indices[{key!r}]", item)
+                self.indices(f"trainable_token_indices[{_json(key)}]", item)
             return value
         return self.indices("trainable_token_indices", value)
 
@@ -201,11 +210,11 @@ class _Fields:
             return None
         listed = [value] if isinstance(value, int) and not isinstance(value, bool) else value
         if not isinstance(listed, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in listed):
-            raise self.bad("layers_to_transform", f"is {value!r}: expected null, a layer index or a list of layer indices")
+            raise self.bad("layers_to_transform", f"is {_json(value)}: expected null, a layer index or a list of layer indices")
         return listed
 
     def base_model(self) -> str | None:
         value = self.config.get("base_model_name_or_path")
         if value is not None and not isinstance(value, str):
-            raise self.bad("base_model_name_or_path", f"is {value!r}: expected a model folder or hub name, or null")
+            raise self.bad("base_model_name_or_path", f"is {_json(value)}: expected a model folder or hub name, or null")
         return value
