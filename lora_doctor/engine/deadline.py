@@ -109,7 +109,9 @@ def watchdog(timeout: float, say: TextIO, log: Path | None) -> Iterator[None]:
     call runs past `timeout` + `GRACE_SECONDS`. The block's temporary files go to a folder of its
     own, removed at its end and before such an exit (the engine's own folder, adapters written by
     the plan, vLLM's rendezvous file), since `os._exit` runs no clean-up of the process's."""
-    folder = tempfile.mkdtemp(prefix="lora-doctor-run-")
+    # A short name: the engine's sockets (tensor-parallel ranks) are made in a folder inside it, and
+    # a socket's path must fit in 107 characters.
+    folder = tempfile.mkdtemp(prefix="ld-")
     saved = tempfile.tempdir
     tempfile.tempdir = folder
     done = threading.Event()
