@@ -109,7 +109,10 @@ def watchdog(timeout: float, say: TextIO, log: Path | None) -> Iterator[None]:
     call runs past `timeout` + `GRACE_SECONDS`. The block's temporary files go to a folder of its
     own, removed at its end and before such an exit (the engine's own folder, adapters written by
     the plan, vLLM's rendezvous file), since `os._exit` runs no clean-up of the process's."""
-    folder = tempfile.mkdtemp(prefix="lora-doctor-run-")
+    # A short name: the engine's sockets (tensor-parallel ranks) are made in a folder inside it, and
+    # a socket's path must fit in 107 characters.
+    folder = tempfile.mkdtemp(prefix="ld-")
+    _share_compile_cache(Path(folder))
     saved = tempfile.tempdir
     tempfile.tempdir = folder
     done = threading.Event()
@@ -140,3 +143,15 @@ def watchdog(timeout: float, say: TextIO, log: Path | None) -> Iterator[None]:
         thread.join()
         tempfile.tempdir = saved
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _share_compile_cache(folder: Path) -> None:
+    """torch's compile cache (vLLM's CPU kernels; its precompiled header alone is ~10 s of g++ when
+    cold) is looked up in the temporary folder: the run's folder links to the machine's, so that a
+    check neither rebuilds it nor takes it away (removing the folder removes only the link)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    cache = Path(default_cache_dir())
+    if cache.parent == Path(tempfile.gettempdir()):
+        cache.mkdir(exist_ok=True)
+        (folder / cache.name).symlink_to(cache, target_is_directory=True)
