@@ -85,3 +85,16 @@ def test_the_swift_probe_on_an_engine_it_cannot_read_ends_the_run_with_exit_2(ca
         SwiftProbe(trainer)
     assert stopped.value.code == 2
     assert "needs --use_vllm true --vllm_mode colocate" in capsys.readouterr().err
+
+
+def test_an_exit_2_inside_a_check_leaves_no_engine_log(tmp_path):
+    # The engine started and the plan failed (bad input): the log of the engine's output, which the
+    # one line does not name, is removed. The process gets a temporary folder of its own to look in.
+    own_tmp = Path(tempfile.mkdtemp(prefix="exit-2-"))
+    try:
+        run = run_cli_process("check", CHECKPOINT, "--plan", f"{ROOT / 'tests' / 'bad_plans.py'}:raises", "--json", tmp_path / "r.json", env={"TMPDIR": str(own_tmp)})
+        left = sorted(path.name for path in own_tmp.glob("lora-doctor-*"))
+    finally:
+        shutil.rmtree(own_tmp, ignore_errors=True)
+    assert_one_line_error(run, 2, "RuntimeError: boom", unwritten=tmp_path / "r.json")
+    assert left == []
