@@ -3,9 +3,14 @@
     python examples/gate_before_resume.py output/checkpoint-500 swift-colocate-lora
 """
 
+import os
 import sys
 
-import lora_doctor
+# The script's own choice, before torch loads: OpenMP's idle threads wait passively instead of
+# spinning beside the engine on CPU (importing lora_doctor sets nothing; see the README).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import lora_doctor  # noqa: E402
 
 checkpoint, plan = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "swift-fixed"
 try:

@@ -4,21 +4,25 @@
 
 Trains the bundled fixture policy (tiny-qwen2 + checkpoint-500) for a few GRPO steps; after each of
 TRL's syncs the probe compares the engine with the policy and logs its figures through the trainer.
-Prints one line per probe and exits 1 when a probe fails (the run is stopped there).
+Prints one line per probe and exits 1 when a probe fails (the run is stopped there), 2 when no probe ran.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
-import lora_doctor  # noqa: F401  (first: sets OpenMP's passive waiting before torch loads)
-from lora_doctor.integrations import trl_grpo
-from lora_doctor.output import write_file
+# Before torch loads: OpenMP's idle threads wait passively instead of spinning beside the engine
+# (see lora_doctor/cli.py); the script's own process, so the script sets it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from lora_doctor.integrations import trl_grpo  # noqa: E402
+from lora_doctor.output import write_file  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 BASE = FIXTURES / "tiny-qwen2"
@@ -116,6 +120,10 @@ def report(trainer, probe, json_path: str | None) -> int:
                 }
             ),
         )
+    if not probe.results:
+        # Nothing was measured (no step reached the probe): no healthy sync to report either.
+        print("error: no probe ran (the run ended before its first optimizer step)", file=sys.stderr)
+        return 2
     return 0 if all(result.ok for result in probe.results) else 1
 
 

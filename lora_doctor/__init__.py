@@ -1,38 +1,44 @@
-"""lora-doctor: catch LoRA weight-sync bugs between an RL trainer and its vLLM rollout engine."""
+"""lora-doctor: catch LoRA weight-sync bugs between an RL trainer and its vLLM rollout engine.
 
-import os
+Importing the package changes nothing in the caller's process (no environment variable, no torch
+yet): the API is loaded on first use. On CPU, set `OMP_WAIT_POLICY=PASSIVE` before torch loads (the
+`lora-doctor` command does so for its own process): see `cli.run`.
+"""
 
-# The reference forward and the vLLM engine share this process's cores. With OpenMP's default
-# active waiting, idle worker threads spin and a tiny model's forward was measured 300x slower
-# (0.65 s instead of 2 ms) on a busy 2-core machine; passive waiting avoids that. Read by OpenMP
-# when torch loads, so it must be set before the first `import torch`.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import importlib
 
 __version__ = "0.1.0"
 
-from .checker import Checker, check  # noqa: E402
-from .errors import BadInput, EnvironmentProblem, LoraDoctorError, ProblemDetected  # noqa: E402
-from .export_audit import audit  # noqa: E402
-from .live import gate, probe  # noqa: E402
-from .measure.verdict import Thresholds  # noqa: E402
-from .preflight import inspect_checkpoint  # noqa: E402
-from .result import ModuleResult, PhaseResult, Report, Sample  # noqa: E402
+# Public name → the module that defines it, imported when the name is first used.
+_API = {
+    "Checker": "checker",
+    "check": "checker",
+    "BadInput": "errors",
+    "EnvironmentProblem": "errors",
+    "LoraDoctorError": "errors",
+    "ProblemDetected": "errors",
+    "audit": "export_audit",
+    "gate": "live",
+    "probe": "live",
+    "Thresholds": "measure.verdict",
+    "inspect_checkpoint": "preflight",
+    "ModuleResult": "result",
+    "PhaseResult": "result",
+    "Report": "result",
+    "Sample": "result",
+}
 
-__all__ = [
-    "BadInput",
-    "Checker",
-    "EnvironmentProblem",
-    "LoraDoctorError",
-    "ModuleResult",
-    "PhaseResult",
-    "ProblemDetected",
-    "Report",
-    "Sample",
-    "Thresholds",
-    "__version__",
-    "audit",
-    "check",
-    "gate",
-    "inspect_checkpoint",
-    "probe",
-]
+
+def __getattr__(name: str):
+    if name not in _API:
+        raise AttributeError(f"module 'lora_doctor' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_API])
+
+
+__all__ = sorted([*_API, "__version__"])

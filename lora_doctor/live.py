@@ -132,12 +132,19 @@ class RouteRecorder:
     Wraps `target.method` (TRL: `vllm.LLM.generate`; ms-swift: `LLMEngine.add_request`) on that one
     object; every call made outside `own_requests()` records its `lora_request` keyword (None: the
     rollouts named no adapter). A probe then measures the route the trainer really took.
+
+    The wrapper stays until `close()` (or the end of a `with RouteRecorder(...)` block), which puts
+    the object's method back as it was; a callback that records for a whole run closes it when the
+    run ends.
     """
 
     def __init__(self, target, method: str):
         self.seen = False
         self.lora_request = None
         self._own = 0
+        self._target, self._method = target, method
+        # The object's own attribute, if it had one (else the class's method shows through again).
+        self._own_attribute = vars(target).get(method, _ABSENT) if hasattr(target, "__dict__") else _ABSENT
         original = getattr(target, method)
 
         def recording(*args, **kwargs):
@@ -146,7 +153,25 @@ class RouteRecorder:
                 self.lora_request = kwargs.get("lora_request")
             return original(*args, **kwargs)
 
+        self._recording = recording
         setattr(target, method, recording)
+
+    def close(self) -> None:
+        """Give the object its method back (once; a wrapper someone installed over ours is left alone)."""
+        if self._target is None:
+            return
+        if vars(self._target).get(self._method) is self._recording:
+            if self._own_attribute is _ABSENT:
+                delattr(self._target, self._method)
+            else:
+                setattr(self._target, self._method, self._own_attribute)
+        self._target = None
+
+    def __enter__(self) -> RouteRecorder:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     @contextmanager
     def own_requests(self):
@@ -156,6 +181,9 @@ class RouteRecorder:
             yield
         finally:
             self._own -= 1
+
+
+_ABSENT = object()
 
 
 def _scale(value: float | None) -> str:

@@ -73,26 +73,31 @@ def engine_output_to_log(enabled: bool = True) -> Iterator[Captured]:
 
 def write_file(path: str | Path, text: str) -> None:
     """Replace `path` with `text` at once: a temporary file in the same folder, renamed into place."""
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temporary, _default_mode())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_files(Path(path).parent, {Path(path).name: text}, create=False)
 
 
-def write_files(folder: str | Path, texts: dict[str, str]) -> None:
-    """Write already rendered `texts` ({file name: text}) into `folder` (created if missing), each with `write_file`."""
+def write_files(folder: str | Path, texts: dict[str, str], create: bool = True) -> None:
+    """Write already rendered `texts` ({file name: text}) into `folder` (created if missing): every
+    text to a temporary file first, then each renamed into place, so a failure before the renames
+    leaves every old file as it was, and a kill during them leaves each file whole (old or new)."""
     folder = Path(folder)
-    folder.mkdir(exist_ok=True)
-    for name, text in texts.items():
-        write_file(folder / name, text)
+    if create:
+        folder.mkdir(exist_ok=True)
+    written: dict[Path, str] = {}
+    try:
+        for name, text in texts.items():
+            handle, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+            written[folder / name] = temporary
+            with os.fdopen(handle, "w", encoding="utf-8") as file:
+                file.write(text)
+                file.flush()
+                os.fsync(file.fileno())
+            os.chmod(temporary, _default_mode())
+        for path, temporary in written.items():
+            os.replace(temporary, path)
+    finally:
+        for temporary in written.values():
+            Path(temporary).unlink(missing_ok=True)
 
 
 def _default_mode() -> int:

@@ -13,6 +13,7 @@ import pytest
 from conftest import CHECKPOINT, ROOT, run_cli
 
 from lora_doctor import cli
+from lora_doctor.output import write_files
 
 sys.path.insert(0, str(ROOT / "fixtures"))
 import build_fixtures  # noqa: E402
@@ -81,3 +82,11 @@ def test_a_written_file_has_the_permissions_of_a_new_file(tmp_path):
     reference.write_text("# report\n")
     assert target.read_text() == "# report\n"
     assert target.stat().st_mode == reference.stat().st_mode
+
+
+def test_a_folder_write_that_fails_on_one_file_replaces_none(tmp_path):
+    folder = tmp_path / "report"
+    write_files(folder, {"report.json": "old json", "report.md": "old md"})
+    with pytest.raises(UnicodeEncodeError):
+        write_files(folder, {"report.json": "new json", "report.md": "\ud800 cannot be encoded"})
+    assert contents(folder) == {"report.json": b"old json", "report.md": b"old md"}

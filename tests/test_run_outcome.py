@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import re
 import shutil
+import sys
 import tempfile
+import types
 from pathlib import Path
 
 import pytest
 from conftest import CHECKPOINT, ROOT, assert_one_line_error, run_cli, run_cli_process
 
-pytestmark = pytest.mark.slow  # every case starts an engine
+pytestmark = pytest.mark.slow  # most cases start an engine
 
 PLANS = ROOT / "tests" / "outcome_plans.py"
 
@@ -62,3 +64,37 @@ def test_a_dead_engine_under_a_plan_is_the_environment(plan, needle, tmp_path):
     assert run.exit_code == 3, run.stderr
     assert needle in run.stderr, run.stderr
     assert not (tmp_path / "r.json").exists()
+
+
+def test_the_trl_example_exits_2_when_no_probe_ran(capsys):
+    # A run that ended before its first optimizer step measured nothing: no healthy sync (0) to report.
+    sys.path.insert(0, str(ROOT / "examples"))
+    import trl_grpo_probe
+
+    from lora_doctor.callback import LoraDoctorCallback
+
+    assert trl_grpo_probe.report(None, LoraDoctorCallback(None, None), None) == 2
+    assert "no probe ran" in capsys.readouterr().err
+
+
+def test_the_swift_probe_on_an_engine_it_cannot_read_ends_the_run_with_exit_2(capsys):
+    from lora_doctor.integrations.ms_swift import SwiftProbe
+
+    trainer = types.SimpleNamespace(args=types.SimpleNamespace(use_vllm=True, vllm_mode="server"))
+    with pytest.raises(SystemExit) as stopped:
+        SwiftProbe(trainer)
+    assert stopped.value.code == 2
+    assert "needs --use_vllm true --vllm_mode colocate" in capsys.readouterr().err
+
+
+def test_an_exit_2_inside_a_check_leaves_no_engine_log(tmp_path):
+    # The engine started and the plan failed (bad input): the log of the engine's output, which the
+    # one line does not name, is removed. The process gets a temporary folder of its own to look in.
+    own_tmp = Path(tempfile.mkdtemp(prefix="exit-2-"))
+    try:
+        run = run_cli_process("check", CHECKPOINT, "--plan", f"{ROOT / 'tests' / 'bad_plans.py'}:raises", "--json", tmp_path / "r.json", env={"TMPDIR": str(own_tmp)})
+        left = sorted(path.name for path in own_tmp.glob("lora-doctor-*"))
+    finally:
+        shutil.rmtree(own_tmp, ignore_errors=True)
+    assert_one_line_error(run, 2, "RuntimeError: boom", unwritten=tmp_path / "r.json")
+    assert left == []

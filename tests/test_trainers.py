@@ -152,7 +152,9 @@ def swift_rlhf(version: str, output_dir: Path, extra_env: dict | None = None) ->
 def test_swift_before_the_fix_double_counts_at_the_adapter_sync(tmp_path):
     done, results, logged = swift_rlhf(SWIFT_DOUBLE_COUNTS, tmp_path)
     report(f"ms-swift {SWIFT_DOUBLE_COUNTS}", results, ["full sync, merged", "adapter sync"])
-    assert done.returncode == 0, done.stderr[-3000:]
+    # The run the probe stopped exits 1, as a gate: a script that checks the exit code sees the problem.
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "error: lora-doctor stopped the run at step-502: double_counted" in done.stderr
     # Stopped after the failed probe at step 502: no step 503.
     assert [r["name"] for r in results] == ["step-501", "step-502"]
     first, second = results

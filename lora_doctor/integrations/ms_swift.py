@@ -12,7 +12,8 @@ What ms-swift does, and what the probe therefore uses:
 - the probe uses the `lora_request` ms-swift's own rollouts passed to the engine's `add_request`
   (recorded there); `loaded_lora_request` stands in until a rollout has been seen.
 
-Switch the probe on from the command line with one option (printed by
+A run the probe stopped exits 1 (a failed verdict), 2 or 3 (the probe could not run: bad input, the
+environment), with one line on stderr, as the `lora-doctor` command does. Switch the probe on from the command line with one option (printed by
 `python -m lora_doctor.integrations.ms_swift`): ms-swift imports the files named by
 `--external_plugins`, and lora-doctor's adds its callback to the run.
 """
@@ -21,11 +22,12 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
 from ..callback import LoraDoctorCallback
-from ..errors import BadInput
+from ..errors import BadInput, LoraDoctorError, ProblemDetected
 from ..live import RouteRecorder
 from ..output import write_file
 
@@ -58,7 +60,7 @@ class SwiftProbe(LoraDoctorCallback):
     def __init__(self, *args):
         trainer = args[-1]
         if not getattr(trainer.args, "use_vllm", False) or trainer.args.vllm_mode != "colocate":
-            raise BadInput("lora-doctor's ms-swift probe needs --use_vllm true --vllm_mode colocate: it reads the trainer's own engine")
+            exit_with(BadInput("lora-doctor's ms-swift probe needs --use_vllm true --vllm_mode colocate: it reads the trainer's own engine"))
         sync_every = trainer.args.steps_per_generation * getattr(trainer, "num_iterations", 1)
         every = int(os.environ.get(EVERY_ENV, sync_every))
         super().__init__(
@@ -73,10 +75,30 @@ class SwiftProbe(LoraDoctorCallback):
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         probes = len(self.results)
-        control = super().on_pre_optimizer_step(args, state, control, **kwargs)
+        try:
+            control = super().on_pre_optimizer_step(args, state, control, **kwargs)
+        except LoraDoctorError as error:  # the probe could not run: bad input (2) or the environment (3)
+            exit_with(error)
         if self.results_path and len(self.results) > probes:
             write_file(self.results_path, json.dumps([asdict(result) for result in self.results]))
         return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        # ms-swift ends a stopped run as a finished one (exit 0): a script that gates on the exit code
+        # must see the problem. Raised after the trainer's loop, so ms-swift still saves its state.
+        if self._recorder is not None:
+            self._recorder.close()  # the engine's add_request as ms-swift made it
+            self._recorder = None
+        failed = [result for result in self.results if not result.ok]
+        if self.stop_on_failure and failed:
+            exit_with(ProblemDetected(f"lora-doctor stopped the run at {failed[0].name}: {failed[0].verdict} (α = {failed[0].effective_scale:.3f})"))
+        return control
+
+
+def exit_with(error: LoraDoctorError):
+    """End ms-swift's process with the error's one line and exit code (SystemExit: its `finally` blocks still run)."""
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    raise SystemExit(error.exit_code)
 
 
 if __name__ == "__main__":
