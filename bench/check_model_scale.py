@@ -3,9 +3,10 @@ on three random Qwen2-shaped models of increasing size, each with a rank-16 LoRA
 
 The models are generated on the spot (random weights in float32, the bundled tiny-qwen2's tokenizer and
 vocabulary, so the growth is in the decoder layers), with a random LoRA (B ≠ 0: every ΔW moves the
-weights). Each check runs as a fresh process (`--dtype float32`, the bundled prompts); the RSS of its
-process tree is sampled every 20 ms. Prints per model its parameters, float32 GB, each plan's peak RSS
-and wall time, then the slope: the peak's growth per added float32 GB of weights, between consecutive
+weights). Each check runs as a fresh process (`--dtype float32`, three of the bundled prompts); the
+proportional set size (PSS) of its process tree is sampled every 20 ms. Prints per model its
+parameters, float32 GB, each plan's peaks (the tree's PSS, and the check process's own VmHWM) and
+wall time, then the slope: the peak's growth per added float32 GB of weights, between consecutive
 sizes and from the smallest to the largest. docs/memory.md: on CPU the reference and the engine each
 hold a copy (2×); target ≤ 2.5×.
 
@@ -35,6 +36,7 @@ LORA_RANK = 16
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SAMPLE_SECONDS = 0.02
 TARGET_SLOPE = 2.5
+PROMPTS = 3
 
 
 def build(folder: Path, hidden: int, layers: int) -> tuple[Path, Path, int]:
@@ -79,12 +81,19 @@ def _numel(shape: tuple[int, ...]) -> int:
     return count
 
 
-def tree_rss(pid: int) -> int:
-    """Resident bytes of a process and all its descendants (psutil when installed, else /proc)."""
+# A check's first run on new shapes may have torch compile vLLM's CPU kernels: a compiler's processes are
+# not the check's memory.
+COMPILERS = {"cc1plus", "cc1", "g++", "gcc", "c++", "cc", "as", "ld", "collect2"}
+
+
+def tree_pss(pid: int) -> int:
+    """Proportional set size of a process and all its descendants but compilers, in bytes (psutil when
+    installed, else /proc). PSS, not RSS: a child forked from the check (a subprocess it starts)
+    shares the check's pages, and a sum of RSS counted them twice (4.45 GB measured for a 2.4 GB check)."""
     try:
         import psutil
     except ImportError:
-        return _proc_tree_rss(pid)
+        return sum(_proc_pss(each) for each in _proc_tree(pid))
     try:
         root = psutil.Process(pid)
         processes = [root, *root.children(recursive=True)]
@@ -93,61 +102,73 @@ def tree_rss(pid: int) -> int:
     total = 0
     for process in processes:
         try:
-            total += process.memory_info().rss
+            if process.name() not in COMPILERS:
+                total += process.memory_full_info().pss
         except psutil.Error:
             pass
     return total
 
 
-def _proc_tree_rss(pid: int) -> int:
+def _proc_tree(pid: int) -> list[int]:
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                stat = (entry / "stat").read_text()
+                name, parent = stat[stat.index("(") + 1 : stat.rindex(")")], int(stat.rsplit(")", 1)[1].split()[1])
             except (OSError, IndexError, ValueError):
                 continue
-            children.setdefault(parent, []).append(int(entry.name))
-    total, todo = 0, [pid]
+            if name not in COMPILERS:
+                children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
     while todo:
         current = todo.pop()
+        found.append(current)
         todo += children.get(current, [])
-        try:
-            for line in Path(f"/proc/{current}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-        except OSError:
-            pass
-    return total
+    return found
 
 
-def run_check(base_dir: Path, adapter_dir: Path, plan: str, report: Path) -> tuple[int, float, float]:
-    """Exit code, wall seconds and the process tree's peak RSS (GB) of one check in a fresh process."""
-    command = [sys.executable, "-m", "lora_doctor", "check", str(adapter_dir), "--base", str(base_dir), "--plan", plan,
-               "--dtype", "float32", "--prompts", str(FIXTURES / "prompts.jsonl"), "--json", str(report), "-q"]
-    started = time.perf_counter()
-    child = subprocess.Popen(command, cwd=ROOT, env=dict(os.environ, **ENV), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    peak = [0]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.wait(SAMPLE_SECONDS):
-            peak[0] = max(peak[0], tree_rss(child.pid))
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+def _proc_pss(pid: int) -> int:
     try:
-        _, stderr = child.communicate(timeout=1800)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        sys.exit(f"check --plan {plan} on {base_dir.name} did not finish in 30 minutes")
-    finally:
-        done.set()
-        sampler.join()
-    wall = time.perf_counter() - started
-    if child.returncode not in (0, 1):
-        sys.exit(f"check --plan {plan} on {base_dir.name} failed (exit {child.returncode}): {stderr.decode()[-2000:]}")
-    return child.returncode, wall, peak[0] / 1e9
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def run_check(base_dir: Path, adapter_dir: Path, plan: str, prompts: Path, report: Path) -> tuple[int, float, float, float]:
+    """Exit code, wall seconds, the process tree's peak PSS (GB, sampled) and the check process's own
+    peak RSS (GB, its VmHWM from wait4: exact, the largest of it and the children it waited for) of one
+    check in a fresh process."""
+    command = [sys.executable, "-m", "lora_doctor", "check", str(adapter_dir), "--base", str(base_dir), "--plan", plan,
+               "--dtype", "float32", "--prompts", str(prompts), "--json", str(report), "-q"]
+    started = time.perf_counter()
+    with tempfile.TemporaryFile() as stderr:
+        child = subprocess.Popen(command, cwd=ROOT, env=dict(os.environ, **ENV), stdout=subprocess.DEVNULL, stderr=stderr)
+        peak = [0]
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.wait(SAMPLE_SECONDS):
+                peak[0] = max(peak[0], tree_pss(child.pid))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        timer = threading.Timer(1800, child.kill)  # no run waits forever
+        timer.start()
+        try:
+            _pid, status, usage = os.wait4(child.pid, 0)
+        finally:
+            timer.cancel()
+            done.set()
+            sampler.join()
+        code = os.waitstatus_to_exitcode(status)
+        if code not in (0, 1):
+            stderr.seek(0)
+            sys.exit(f"check --plan {plan} on {base_dir.name} failed (exit {code}): {stderr.read().decode()[-2000:]}")
+    return code, time.perf_counter() - started, peak[0] / 1e9, usage.ru_maxrss / 1e6  # ru_maxrss is in KiB on Linux
 
 
 def slope(a: tuple[float, float], b: tuple[float, float]) -> float:
@@ -173,20 +194,25 @@ def main() -> None:
             base_dir, adapter_dir, parameters = _build_apart(folder, hidden, layers)
             models.append((base_dir, adapter_dir, parameters))
             print(f"built {base_dir.name}: {parameters / 1e6:.0f}M parameters, {parameters * 4 / 1e9:.2f} GB in float32", flush=True)
-        rows: dict[str, list[tuple[float, float]]] = {plan: [] for plan in plans}
-        print(f"\n{'model':<16}{'params':>8}{'fp32 GB':>9}" + "".join(f"{plan + ' peak':>20}{'wall':>7}{'exit':>5}" for plan in plans))
+        # A few of the bundled prompts: the memory does not depend on their number (docs/memory.md).
+        prompts = folder / "prompts.jsonl"
+        prompts.write_text("".join((FIXTURES / "prompts.jsonl").read_text().splitlines(keepends=True)[:PROMPTS]))
+        rows: dict[tuple[str, str], list[tuple[float, float]]] = {(plan, kind): [] for plan in plans for kind in ("tree PSS", "VmHWM")}
+        print(f"\n{'model':<16}{'params':>8}{'fp32 GB':>9}" + "".join(f"{plan + ' tree PSS':>24}{'VmHWM':>9}{'wall':>7}{'exit':>5}" for plan in plans))
         for base_dir, adapter_dir, parameters in models:
             line = f"{base_dir.name:<16}{parameters / 1e6:>7.0f}M{parameters * 4 / 1e9:>9.2f}"
             for plan in plans:
-                code, wall, peak = run_check(base_dir, adapter_dir, plan, folder / f"report-{base_dir.name}-{plan}.json")
-                rows[plan].append((parameters * 4 / 1e9, peak))
-                line += f"{peak:>17.2f} GB{wall:>6.0f}s{code:>5}"
+                code, wall, pss, hwm = run_check(base_dir, adapter_dir, plan, prompts, folder / f"report-{base_dir.name}-{plan}.json")
+                rows[(plan, "tree PSS")].append((parameters * 4 / 1e9, pss))
+                rows[(plan, "VmHWM")].append((parameters * 4 / 1e9, hwm))
+                line += f"{pss:>21.2f} GB{hwm:>6.2f} GB{wall:>5.0f}s{code:>5}"
             print(line, flush=True)
         print(f"\npeak growth per added float32 GB (target ≤ {TARGET_SLOPE}×: the reference's and the engine's copies, then one module at a time)")
-        for plan, points in rows.items():
+        for (plan, kind), points in rows.items():
             steps = ", ".join(f"{slope(a, b):.2f}×" for a, b in zip(points, points[1:]))
             overall = slope(points[0], points[-1])
-            print(f"  {plan:<12} consecutive: {steps}; smallest→largest: {overall:.2f}× {'ok' if overall <= TARGET_SLOPE else 'ABOVE TARGET'}")
+            verdict = "ok" if overall <= TARGET_SLOPE else "ABOVE TARGET"
+            print(f"  {plan:<12} {kind:<9} consecutive: {steps}; smallest→largest: {overall:.2f}× {verdict}")
     finally:
         if args.keep is None:
             shutil.rmtree(folder, ignore_errors=True)

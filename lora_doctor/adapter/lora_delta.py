@@ -14,7 +14,7 @@ from .checkpoint import Checkpoint, spec_from_config
 from .inventory import ADAPTER_CONFIG, AdapterInventory, BaseInventory, read_adapter, read_json
 from .modules import layer_index
 from .spec import LoraSpec
-from .weight_files import StreamedWeights, TensorInfo
+from .weight_files import StreamedWeights, TensorInfo, read_tensor
 
 
 @dataclass(frozen=True)
@@ -32,8 +32,8 @@ class LoraFactors:
         part of lora-doctor uses: the sync's merges, the per-module read and the audit."""
         if self.fan_in_fan_out:
             # The stored weight is (ΔWᵀ): its rows index A's columns, its columns B's rows.
-            return ((self.B[cols].to(dtype) @ self.A[:, rows].to(dtype)) * self.scaling).T
-        return (self.B[rows].to(dtype) @ self.A[:, cols].to(dtype)) * self.scaling
+            return (self.B[cols].to(dtype) @ self.A[:, rows].to(dtype)).mul_(self.scaling).T
+        return (self.B[rows].to(dtype) @ self.A[:, cols].to(dtype)).mul_(self.scaling)
 
 
 def merge_in_dtype(w0: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -83,18 +83,21 @@ class MergedWeights:
         return len(self.base)
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for name, weight in self.base:
-            yield name, self.merged(name, self.trained_copies.get(name, weight))
+        for name, info in self.base.tensors.items():
+            # No local name for W0: it is freed once merged, not kept while the engine takes the result.
+            copy = self.trained_copies.get(name)
+            yield name, self.merged(name, copy if copy is not None else read_tensor(info))
 
     def merged(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         """What the trainer's merge holds in place of `weight` (base key `name`), in float32."""
         held = weight.to(self.dtype)
         lora = self.factors.get(name)
         if lora is not None and (self.decoder_layers is None or layer_index(name) in self.decoder_layers):
-            step = self.scale * lora.delta()
-            rounded = step.to(self.dtype)
-            for _ in range(self.cycles):
-                held = (held + rounded) - rounded  # each op rounds to `dtype`
+            step = lora.delta().mul_(self.scale)  # in place: one ΔW-sized tensor, not two
+            if self.cycles:
+                rounded = step.to(self.dtype)
+                for _ in range(self.cycles):
+                    held = (held + rounded) - rounded  # each op rounds to `dtype`
             held = merge_in_dtype(held, step, self.dtype)
         return held.float()
 
