@@ -8,7 +8,9 @@ from collections import Counter
 from pathlib import Path
 
 from conftest import BASE, CHECKPOINT, assert_one_line_error, run_cli
+from safetensors import safe_open
 
+BASE_TENSORS = len(safe_open(str(BASE / "model.safetensors"), "pt").keys())
 WATCHED = {
     (CHECKPOINT / "adapter_config.json").resolve(): "adapter config",
     (CHECKPOINT / "adapter_model.safetensors").resolve(): "adapter header",
@@ -18,16 +20,16 @@ WATCHED = {
 
 
 def reader() -> str:
-    """Who is reading: the engine's worker (its own process on a real deployment), two readers that
-    still take the adapter folder rather than the opened checkpoint — the sync's merge (plans/sync.py
-    `_deltas` → `load_merge_factors`) and the engine driver's rank check of each folder a plan adds
-    (engine/driver.py `_check_rank`, on the folder the sync publishes, a link to the checkpoint's
-    files) — or lora-doctor's own opening of the checkpoint."""
+    """Who is reading: the engine's worker (its own process on a real deployment), a tensor's value
+    read when its turn comes in a streamed push (`weight_files.read_tensor`: one tensor's bytes, not the
+    header), the engine driver's rank check of each folder a plan adds (engine/driver.py `_check_rank`,
+    on the folder the sync publishes, a link to the checkpoint's files), which still takes a folder,
+    or lora-doctor's own opening of the checkpoint."""
     frames = traceback.extract_stack()
     if any(f.filename.endswith("lora_doctor/engine/worker.py") for f in frames):
         return "engine"
-    if any(f.filename.endswith("lora_doctor/plans/sync.py") and f.name == "_deltas" for f in frames):
-        return "sync merge"
+    if any(f.filename.endswith("lora_doctor/adapter/weight_files.py") and f.name == "read_tensor" for f in frames):
+        return "tensor value"
     if any(f.filename.endswith("lora_doctor/engine/driver.py") and f.name == "_check_rank" for f in frames):
         return "adapter added"
     return "lora-doctor"
@@ -54,9 +56,10 @@ def test_one_default_check_reads_each_checkpoint_file_once(tmp_path, monkeypatch
         assert reads["lora-doctor", what] == 1, (what, reads)
         # Once per engine, not once per phase: the default plan measures two phases.
         assert reads["engine", what] == 1, (what, reads)
-    # Until they are handed the opened checkpoint, the sync's merge reads the adapter once more, and the
-    # driver reads the config of the one adapter the default plan adds.
-    assert reads["sync merge", "adapter config"] <= 1 and reads["sync merge", "adapter header"] <= 1, reads
+    # The default plan pushes the merged weights as the base: each base tensor's value is read once, when
+    # its turn comes (the engine's copy is the push's only whole-model copy); the driver reads the config
+    # of the one adapter the default plan adds.
+    assert 0 < reads["tensor value", "base header"] <= BASE_TENSORS, reads
     assert reads["adapter added", "adapter config"] <= 1 and reads["adapter added", "adapter header"] == 0, reads
     assert not {what for who, what in reads if who in ("sync merge", "adapter added") and what.startswith("base")}, reads
 

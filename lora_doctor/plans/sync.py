@@ -161,7 +161,7 @@ class Sync:
             # base saved as `model.layers.*` whose adapter says `model.language_model.layers.*`); the
             # embedding's LoRA, trainable tokens and a tied head's LoRA land on the embedding weight.
             # Factors, not ΔW: a dense ΔW per module would be a copy of every targeted weight.
-            self._merge_factors = load_merge_factors(self.checkpoint.adapter_dir, self.checkpoint.base())
+            self._merge_factors = load_merge_factors(self.checkpoint, self.checkpoint.base())
         return self._merge_factors
 
     def _trained_copies(self) -> dict[str, torch.Tensor]:
