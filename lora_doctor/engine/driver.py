@@ -224,8 +224,9 @@ class Engine:
         # Another in-process engine (the trainer's) made vLLM's parallel state: closing keeps it.
         self._shared_parallel_state = parallel_state_initialized()
         self._restore_process = _hold_process_state()
-        # A short name: a socket's path must fit in 107 characters.
-        self._files = tempfile.TemporaryDirectory(prefix="lora-doctor-")
+        # A short name (lora-doctor's engine): vLLM's tensor-parallel sockets are made inside it, with a
+        # 36-character name, and a socket's path must fit in 107 characters.
+        self._files = tempfile.TemporaryDirectory(prefix="lde-")
         try:
             platform = current_platform()
             total, free = device_memory(platform)

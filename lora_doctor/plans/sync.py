@@ -89,6 +89,9 @@ class Sync:
         `decoder_layers` limits the merge to some decoder layers. With `cycles`, the weights are merged then
         unmerged that many times before the final merge: the rounding drift of trl #6688.
         """
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            # Checked here, not where the engine's workers form the weights: the plan's misuse, named at its line.
+            raise TypeError(f"load_merged: scale must be a number, got {scale!r}")
         if dtype is not None and dtype not in COMPUTE_DTYPES:
             raise BadInput(f"load_merged: unknown dtype {dtype!r}; use one of {', '.join(COMPUTE_DTYPES)}")
         precision = COMPUTE_DTYPES[dtype] if dtype is not None else self.engine.llm.llm_engine.model_config.dtype
