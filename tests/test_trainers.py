@@ -23,6 +23,8 @@ import pytest
 from conftest import ROOT, subprocess_env
 from processes import run_process
 
+from lora_doctor.measure.prompts import DEFAULT_PROMPTS
+
 # A whole trainer run per test: its own limit (each run is also killed, whole, at RUN_TIMEOUT).
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -173,7 +175,12 @@ def test_swift_fixed_version_is_ok_at_every_sync(tmp_path):
     # At a learning rate that moves the policy measurably between syncs (the recipe's 1e-6 does not:
     # an engine still serving the previous adapter would read ok as well); the shims record how far.
     moves = tmp_path / "policy-kl.json"
-    env = {"LEARNING_RATE": SWIFT_MOVING_LEARNING_RATE, "LORA_DOCTOR_TEST_POLICY_KL": str(moves)}
+    # The probe (and the policy's KL) on the built-in prompts, whose shared system prompt fills KV blocks:
+    # step 502's rollouts would read step 501's blocks had ms-swift not reset the cache after its push.
+    # The recipe's own 13–15-token prompts fill none, and could not show it.
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": text}) + "\n" for text in DEFAULT_PROMPTS))
+    env = {"LEARNING_RATE": SWIFT_MOVING_LEARNING_RATE, "LORA_DOCTOR_TEST_POLICY_KL": str(moves), "LORA_DOCTOR_PROMPTS": str(prompts)}
     done, results, logged = swift_rlhf(SWIFT_FIXED, tmp_path / "run", env)
     report(f"ms-swift {SWIFT_FIXED}", results, ["full sync + adapter", "adapter sync", "adapter sync"])
     assert done.returncode == 0, done.stderr[-3000:]
@@ -191,5 +198,6 @@ def test_swift_fixed_version_is_ok_at_every_sync(tmp_path):
         assert result["effective_scale"] == pytest.approx(1.0, abs=SCALE_TOLERANCE)
         assert result["layers"] and all(layer["verdict"] == "ok" for layer in result["layers"])
         # ms-swift leaves prefix caching at vLLM's default (on) and resets it after every push.
+        assert result["decode_cache_blocks"] >= 2 and "stale_cache" not in result["not_measured"], result["not_measured"]
         assert result["decode_positions"] > 0 and result["decode_kl_mean"] <= result["kl_limit"]
     assert [entry["lora_doctor/ok"] for entry in logged] == [1.0, 1.0, 1.0]
