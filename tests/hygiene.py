@@ -50,8 +50,17 @@ STARTED = time.time()
 
 
 def leftover_files() -> list[str]:
-    """What the run left in its temporary folder, beside pytest's own folders and the compile cache."""
-    return sorted(entry.name for entry in SESSION_TMP.iterdir() if entry.name != COMPILE_CACHE.name and not entry.name.startswith("pytest-of-"))
+    """What the run left in its temporary folder, beside pytest's own folders and the compile cache (a
+    folder with what it holds, so that the name says whose it is)."""
+    left = sorted(entry for entry in SESSION_TMP.iterdir() if entry.name != COMPILE_CACHE.name and not entry.name.startswith("pytest-of-"))
+    return [_described(entry) for entry in left]
+
+
+def _described(entry: Path) -> str:
+    if not entry.is_dir() or entry.is_symlink():
+        return entry.name
+    inside = sorted(str(path.relative_to(entry)) for path in entry.rglob("*"))
+    return f"{entry.name} (holding: {', '.join(inside[:8]) or 'nothing'}{', ...' if len(inside) > 8 else ''})"
 
 
 def leftover_processes() -> list[psutil.Process]:

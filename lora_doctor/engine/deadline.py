@@ -111,6 +111,11 @@ def watchdog(timeout: float, say: TextIO, log: Path | None) -> Iterator[None]:
     the plan, vLLM's rendezvous file), since `os._exit` runs no clean-up of the process's."""
     # A short name: the engine's sockets (tensor-parallel ranks) are made in a folder inside it, and
     # a socket's path must fit in 107 characters.
+    # torch fixes its precompiled headers' folder from the temporary folder when its code cache is first
+    # imported (vLLM imports it): imported before the redirect, it stays the process's own, not this
+    # folder, which a later compile in the same process (a training script's) would make again.
+    import torch._inductor.codecache  # noqa: F401
+
     folder = tempfile.mkdtemp(prefix="ld-")
     _share_compile_cache(Path(folder))
     saved = tempfile.tempdir
@@ -142,7 +147,17 @@ def watchdog(timeout: float, say: TextIO, log: Path | None) -> Iterator[None]:
         done.set()
         thread.join()
         tempfile.tempdir = saved
+        _remove(folder)
+
+
+def _remove(folder: str, attempts: int = 20) -> None:
+    """Remove the block's folder, again if something (a closing engine's file) appeared in it while it
+    was being removed; at most `attempts` tries, 0.1 s apart."""
+    for _ in range(attempts):
         shutil.rmtree(folder, ignore_errors=True)
+        if not os.path.lexists(folder):
+            return
+        time.sleep(0.1)
 
 
 def _share_compile_cache(folder: Path) -> None:
