@@ -112,6 +112,13 @@ class LoraDoctorCallback(TrainerCallback):
             warnings.warn(f"lora-doctor: the probe at step {step} measured nothing: {stalled}", stacklevel=2)
             return not_measured(f"step-{step}", lora_request is not None, str(stalled))
 
+    def on_train_end(self, args, state, control, **kwargs):
+        # The trainer's method as it found it: the recorder's wrapper goes with the run.
+        if self._recorder is not None:
+            self._recorder.close()
+            self._recorder = None
+        return control
+
     def on_step_end(self, args, state, control, **kwargs):
         if self._unlogged is not None:
             # transformers' own `Trainer.log`: the log history plus every logger's `on_log`. Called

@@ -247,6 +247,7 @@ def test_the_callback_probes_the_route_the_trainers_rollouts_took(llm, tmp_path,
     trainer.add_callback(doctor)  # before the rollouts' callback: the recorder is installed first
     trainer.add_callback(SyncThenRollouts())
     trainer.train()
+    assert "generate" not in vars(llm)  # the run's end put the engine's own method back
     assert doctor.routes == ["the trainer's rollouts"]
     (result,) = doctor.results
     assert result.verdict == verdict, result.explanation

@@ -86,9 +86,7 @@ class SwiftProbe(LoraDoctorCallback):
     def on_train_end(self, args, state, control, **kwargs):
         # ms-swift ends a stopped run as a finished one (exit 0): a script that gates on the exit code
         # must see the problem. Raised after the trainer's loop, so ms-swift still saves its state.
-        if self._recorder is not None:
-            self._recorder.close()  # the engine's add_request as ms-swift made it
-            self._recorder = None
+        super().on_train_end(args, state, control, **kwargs)  # the engine's add_request as ms-swift made it
         failed = [result for result in self.results if not result.ok]
         if self.stop_on_failure and failed:
             exit_with(ProblemDetected(f"lora-doctor stopped the run at {failed[0].name}: {failed[0].verdict} (α = {failed[0].effective_scale:.3f})"))
