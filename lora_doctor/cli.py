@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -327,6 +328,9 @@ def main() -> None:
         code = app(standalone_mode=False)
     except LoraDoctorError as error:
         _fail(error, getattr(error, "engine_log", None))
+    except Terminated:
+        stderr.print("terminated")
+        sys.exit(TERMINATED_EXIT_CODE)
     except KeyboardInterrupt:
         stderr.print("interrupted")
         sys.exit(130)
@@ -348,6 +352,23 @@ def main() -> None:
     sys.exit(code if isinstance(code, int) else 0)
 
 
+# A shell's code for a process ended by SIGTERM (128 + 15), kept for a command that cleaned up first.
+TERMINATED_EXIT_CODE = 143
+
+
+class Terminated(BaseException):
+    """SIGTERM (`timeout`, a job scheduler, a CI run being cancelled), raised where the command is:
+    every clean-up on the way out runs (the engine's folder, its log, adapters the plan wrote), where
+    the signal's default action would leave them in the temporary folder. A BaseException, as Ctrl-C's
+    KeyboardInterrupt is, so that no `except Exception` takes it for an error; not a KeyboardInterrupt,
+    which typer turns into a silent exit 130."""
+
+
+def _terminate(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated()
+
+
 def run() -> None:
     """The `lora-doctor` command: `main`, then the process ends at once with its exit code. The engine
     a command built is left to the process's end rather than shut down (its files are removed all the
@@ -362,6 +383,7 @@ def run() -> None:
     from .engine.driver import leave_engines_to_process_exit
 
     leave_engines_to_process_exit()
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         main()
         code = 0

@@ -37,9 +37,10 @@ class Captured:
 def engine_output_to_log(enabled: bool = True) -> Iterator[Captured]:
     """Send everything written to stdout/stderr inside the block to a log file.
 
-    The log is deleted when the block succeeds, and when it raises an error the user's one line does
-    not point it to (bad input, a measured problem); otherwise (the environment's failure, a crash)
-    the log is kept and its path is set on the exception as `engine_log`, for the line to name it.
+    The log is deleted when the block succeeds, when it raises an error the user's one line does not
+    point it to (bad input, a measured problem), and when the process is stopped (Ctrl-C, SIGTERM:
+    not an error); otherwise (the environment's failure, a crash) the log is kept and its path is set
+    on the exception as `engine_log`, for the line to name it.
     """
     if not enabled:
         yield Captured(sys.stderr, None)
@@ -56,7 +57,7 @@ def engine_output_to_log(enabled: bool = True) -> Iterator[Captured]:
     try:
         yield Captured(user_stderr, Path(name))
     except BaseException as error:
-        kept = not isinstance(error, LoraDoctorError) or isinstance(error, EnvironmentProblem)
+        kept = isinstance(error, Exception) and (not isinstance(error, LoraDoctorError) or isinstance(error, EnvironmentProblem))
         if kept:
             error.engine_log = Path(name)
         raise

@@ -1,18 +1,23 @@
 """What fails after start-up gets the exit code of whoever failed: the plan's own code or its misuse
 of the sync handle 2, lora-doctor's code 4 (under a custom plan as under a built-in one), an adapter
-vLLM refuses 2, the engine failing (dead included) 3."""
+vLLM refuses 2, the engine failing (dead included) 3; a check stopped by SIGTERM cleans up, exit 143."""
 
 from __future__ import annotations
 
 import re
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
+import time
 import types
 from pathlib import Path
 
 import pytest
-from conftest import CHECKPOINT, ROOT, assert_one_line_error, run_cli, run_cli_process
+from conftest import CHECKPOINT, ROOT, assert_one_line_error, run_cli, run_cli_process, subprocess_env
+from hygiene import share_compile_cache
+from processes import kill_group
 
 pytestmark = pytest.mark.slow  # most cases start an engine
 
@@ -100,3 +105,29 @@ def test_an_exit_2_inside_a_check_leaves_no_engine_log(tmp_path):
         shutil.rmtree(own_tmp, ignore_errors=True)
     assert_one_line_error(run, 2, "RuntimeError: boom", unwritten=tmp_path / "r.json")
     assert left == []
+
+
+def test_a_check_stopped_by_sigterm_cleans_up_and_exits_143(tmp_path):
+    # SIGTERM is how `timeout`, job schedulers and a cancelled CI run stop a command: its default action
+    # left the command's folder (the engine's, vLLM's rendezvous file) and the engine's log behind.
+    own_tmp = Path(tempfile.mkdtemp(prefix="term-"))
+    share_compile_cache(own_tmp)  # warm kernels: the signal lands in lora-doctor's work, not in g++'s
+    command = [sys.executable, "-m", "lora_doctor", "check", str(CHECKPOINT), "--json", str(tmp_path / "r.json")]
+    process = subprocess.Popen(
+        command, env=subprocess_env({"TMPDIR": str(own_tmp)}), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not any(own_tmp.glob("ld-*/lde-*")):  # the engine is being built
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+        left = sorted(path.name for path in own_tmp.iterdir() if path.name.startswith(("ld-", "lde-", "lora-doctor-", "vllm")))
+    finally:
+        kill_group(process)
+        shutil.rmtree(own_tmp, ignore_errors=True)
+    assert process.returncode == 143, stderr
+    assert stderr.strip().splitlines() == ["terminated"], stderr
+    assert left == []
+    assert not (tmp_path / "r.json").exists()
