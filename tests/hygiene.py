@@ -12,6 +12,7 @@ from __future__ import annotations
 import getpass
 import os
 import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -47,6 +48,17 @@ else:
     os.environ["TMPDIR"] = str(SESSION_TMP)
 tempfile.tempdir = str(SESSION_TMP)
 STARTED = time.time()
+
+
+def _stop_on_sigterm(signum, frame) -> None:
+    """SIGTERM (`timeout`, a cancelled CI run) stops the run as Ctrl-C does: pytest then ends the session
+    and `pytest_unconfigure` removes the run's folder, which the signal's default action left in /tmp."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the run at once
+    raise KeyboardInterrupt
+
+
+if not WORKER:
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
 
 
 def leftover_files() -> list[str]:

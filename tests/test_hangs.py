@@ -9,13 +9,17 @@ a test after them that must still run.
 from __future__ import annotations
 
 import re
+import signal
+import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 
 import psutil
 import pytest
 from conftest import BASE, ROOT, subprocess_env
-from processes import run_process
+from hygiene import MARK
+from processes import kill_group, run_process
 
 # The inner tests' own limit (their fixtures excluded: the engine is built in one).
 INNER_LIMIT = 10
@@ -84,3 +88,40 @@ def test_a_hang_fails_its_test_within_the_limit_and_the_run_goes_on(tmp_path):
     grandchild = int(pid_file.read_text())
     assert not psutil.pid_exists(grandchild) or psutil.Process(grandchild).status() == psutil.STATUS_ZOMBIE
     assert "hygiene: no process left running, nothing left in" in output, output[-4000:]
+
+
+SLEEPING_TEST = '''
+import time
+from pathlib import Path
+
+
+def test_sleeps():
+    Path({started!r}).write_text("started")
+    time.sleep(600)
+'''
+
+
+@pytest.mark.timeout(120)
+def test_a_run_stopped_by_sigterm_removes_its_temporary_folder(tmp_path):
+    # What `timeout` or a cancelled CI run sends: the run's folder goes as at a normal end.
+    started = tmp_path / "started"
+    (tmp_path / "test_inner.py").write_text(SLEEPING_TEST.format(started=str(started)))
+    machine_tmp = tmp_path / "tmp"
+    machine_tmp.mkdir()
+    env = {name: value for name, value in subprocess_env({"PYTHONPATH": str(ROOT / "tests"), "TMPDIR": str(machine_tmp)}).items()
+           if name not in ("PYTEST_ADDOPTS", MARK)}
+    command = [sys.executable, "-m", "pytest", str(tmp_path / "test_inner.py"), "-p", "hygiene", "-p", "no:cacheprovider", "-q"]
+    process = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not started.exists():
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0][-3000:]
+            time.sleep(0.1)
+        assert [path.name for path in machine_tmp.iterdir() if path.name.startswith("lora-doctor-tests-")]  # the run's folder
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        kill_group(process)
+    assert process.returncode == pytest.ExitCode.INTERRUPTED, output[-3000:]
+    # The machine's compile cache (torchinductor_*) is torch's, kept for every later process.
+    assert [path.name for path in machine_tmp.iterdir() if not path.name.startswith("torchinductor_")] == [], output[-3000:]
