@@ -530,10 +530,13 @@ class Engine:
         """Why the engine cannot serve a request now (None: it can). A sleeping engine (TRL's
         `vllm_enable_sleep_mode`, ms-swift's `--sleep_level`) has its scheduler paused: a request
         would be queued and never stepped until the trainer wakes it."""
+        query = getattr(self.core, "is_sleeping", None)
+        if query is None:  # an engine from before sleep mode: it has no paused state to be in
+            return None
         try:
-            asleep = self.core.is_sleeping()
-        except Exception as error:  # an engine without the query answers requests as before
-            return None if isinstance(error, (AttributeError, NotImplementedError)) else f"it did not answer whether it sleeps ({one_line(error)})"
+            asleep = query()
+        except Exception as error:  # every client of vLLM 0.32 answers it: one that fails is not sent requests
+            return f"it did not answer whether it sleeps ({one_line(error)})"
         if asleep:
             return "the engine is asleep (its scheduler is paused, as vLLM's sleep mode leaves it): a request would wait until it wakes"
         return None
