@@ -37,6 +37,9 @@ params = SamplingParams(max_tokens=1, prompt_logprobs=-1, detokenize=False)
 llm.generate([TokensPrompt(prompt_token_ids=tokenizer(t).input_ids) for t in texts], params, use_tqdm=False)
 if "--exit-at-once" in sys.argv:  # as lora-doctor's command ends: no interpreter or engine teardown
     import os
+    from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+    destroy_model_parallel()  # and, as lora-doctor does, no vLLM rendezvous file left in /tmp
+    destroy_distributed_environment()
     sys.stdout.flush()
     os._exit(0)
 """
