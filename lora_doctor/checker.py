@@ -20,7 +20,7 @@ from .engine.platform import (
     quantization_problem,
 )
 from .engine.platform import reference_device as choose_reference_device
-from .engine.sizing import check_parallel_fit, engine_config, memory_needed
+from .engine.sizing import check_parallel_fit, engine_config
 from .environment import environment
 from .errors import BadInput, out_of_memory_is_environment
 from .measure.logit_pass import CHUNK_POSITIONS
@@ -183,12 +183,18 @@ class Checker:
         token_ids = tokenize(tokenizer, texts, self.checkpoint)
         limit = position_limit(self.checkpoint, token_ids, max_new_tokens)
 
+        # Sized for every adapter the check loads that it knows of now (a custom plan's own folders
+        # are checked against this rank when they are added).
+        also_loaded = [self.previous] if self.previous is not None else []
+        config = engine_config(self.checkpoint, limit, token_ids, max_new_tokens, dtype, tensor_parallel_size, kv_cache_gib, also_loaded)
+        config = dataclasses.replace(config, options=self.engine_options)
+
         self.seconds: dict[str, float] = {}
         started = time.perf_counter()
         self.say("loading the reference (transformers + PEFT)")
-        weights, kv = memory_needed(self.checkpoint, dtype, sum(len(ids) + max_new_tokens for ids in token_ids))
         _total, free = device_memory(platform)
-        device = choose_reference_device(platform, reference_device, device_free=free, engine_bytes=weights + kv + CUDA_HEADROOM_BYTES, reference_bytes=weights)
+        engine_bytes = config.weights_bytes + config.kv_bytes_needed + CUDA_HEADROOM_BYTES  # what the engine will take
+        device = choose_reference_device(platform, reference_device, device_free=free, engine_bytes=engine_bytes, reference_bytes=config.weights_bytes)
         self.reference = Reference(self.checkpoint, COMPUTE_DTYPES[dtype], device=device)
         if self.previous is not None:
             self.reference.load_previous(self.previous)
@@ -200,11 +206,6 @@ class Checker:
 
         started = time.perf_counter()
         self.say("starting the vLLM engine")
-        # Sized for every adapter the check loads that it knows of now (a custom plan's own folders
-        # are checked against this rank when they are added).
-        also_loaded = [self.previous] if self.previous is not None else []
-        config = engine_config(self.checkpoint, limit, token_ids, max_new_tokens, dtype, tensor_parallel_size, kv_cache_gib, also_loaded)
-        config = dataclasses.replace(config, options=self.engine_options)
         self.token_ids, self.max_new_tokens = token_ids, max_new_tokens
         self.engine = Engine(self.checkpoint.base_dir, config, timeout=engine_timeout)
         try:

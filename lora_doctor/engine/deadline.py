@@ -109,13 +109,13 @@ def watchdog(timeout: float, say: TextIO, log: Path | None) -> Iterator[None]:
     call runs past `timeout` + `GRACE_SECONDS`. The block's temporary files go to a folder of its
     own, removed at its end and before such an exit (the engine's own folder, adapters written by
     the plan, vLLM's rendezvous file), since `os._exit` runs no clean-up of the process's."""
-    # A short name: the engine's sockets (tensor-parallel ranks) are made in a folder inside it, and
-    # a socket's path must fit in 107 characters.
     # torch fixes its precompiled headers' folder from the temporary folder when its code cache is first
     # imported (vLLM imports it): imported before the redirect, it stays the process's own, not this
     # folder, which a later compile in the same process (a training script's) would make again.
     import torch._inductor.codecache  # noqa: F401
 
+    # A short name: the engine's sockets (tensor-parallel ranks) are made in a folder inside it, and
+    # a socket's path must fit in 107 characters.
     folder = tempfile.mkdtemp(prefix="ld-")
     _share_compile_cache(Path(folder))
     saved = tempfile.tempdir
