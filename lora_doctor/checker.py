@@ -12,11 +12,11 @@ from .adapter.dtypes import COMPUTE_DTYPES
 from .engine.deadline import DEFAULT_ENGINE_TIMEOUT, check_timeout
 from .engine.driver import Engine, check_engine_options
 from .engine.platform import (
-    CUDA_HEADROOM_BYTES,
     check_dtype,
     current_platform,
     default_dtype,
     device_memory,
+    engine_device_bytes,
     quantization_problem,
 )
 from .engine.platform import reference_device as choose_reference_device
@@ -193,7 +193,7 @@ class Checker:
         started = time.perf_counter()
         self.say("loading the reference (transformers + PEFT)")
         _total, free = device_memory(platform)
-        engine_bytes = config.weights_bytes + config.kv_bytes_needed + CUDA_HEADROOM_BYTES  # what the engine will take
+        engine_bytes = engine_device_bytes(config.weights_bytes, config.kv_cache_gib, config.kv_bytes_needed)  # what the engine will take
         device = choose_reference_device(platform, reference_device, device_free=free, engine_bytes=engine_bytes, reference_bytes=config.weights_bytes)
         self.reference = Reference(self.checkpoint, COMPUTE_DTYPES[dtype], device=device)
         if self.previous is not None:

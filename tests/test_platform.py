@@ -122,6 +122,23 @@ def test_the_reference_goes_to_the_gpu_only_when_it_fits_beside_the_engine():
         choose(CUDA, "gpu")
 
 
+def test_the_reference_is_placed_beside_the_engine_the_memory_plan_starts():
+    # The KV cache the CUDA plan gives (twice what the prompts need, at least 1 GiB, or --kv-cache-gib)
+    # is what the reference's choice counts, not the bare need: a card with room for the need but not
+    # for the plan keeps the reference on the CPU.
+    card, weights, needed = 80 * GIB, 16 * GIB, 3 * GIB
+    for kv_cache_gib in (None, 4):
+        plan = decisions.memory_plan(CUDA, kv_cache_gib, weights_bytes=weights, kv_bytes_needed=needed, device_total=card, device_free=card)
+        engine = decisions.engine_device_bytes(weights, kv_cache_gib, needed)
+        assert engine == weights + plan.engine_args["kv_cache_memory_bytes"] + decisions.CUDA_HEADROOM_BYTES
+    engine = decisions.engine_device_bytes(weights, None, needed)
+    assert engine == weights + 6 * GIB + decisions.CUDA_HEADROOM_BYTES
+    just_short = engine + weights + decisions.CUDA_HEADROOM_BYTES - 1
+    assert decisions.reference_device(CUDA, "auto", device_free=just_short, engine_bytes=engine, reference_bytes=weights) == "cpu"
+    assert decisions.reference_device(CUDA, "auto", device_free=just_short + 1, engine_bytes=engine, reference_bytes=weights) == "cuda"
+    assert decisions.engine_device_bytes(weights, None, 0) == weights + GIB + decisions.CUDA_HEADROOM_BYTES  # at least 1 GiB
+
+
 def test_a_reference_device_that_cannot_be_is_refused_before_anything_loads(tmp_path):
     run = run_cli("check", CHECKPOINT, "--reference-device", "cuda", "--json", tmp_path / "r.json")
     assert run.exit_code == 2, run.stderr

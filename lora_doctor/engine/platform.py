@@ -116,6 +116,18 @@ def kv_cache_bytes_needed(layers: int, kv_heads: int, head_dim: int, dtype_bytes
     return 2 * layers * kv_heads * head_dim * dtype_bytes * tokens
 
 
+def cuda_kv_bytes(kv_cache_gib: float | None, kv_bytes_needed: int) -> int:
+    """The KV cache a CUDA engine is given: --kv-cache-gib, else twice what the check's prompts need,
+    at least 1 GiB. The one budget the memory plan starts the engine with and the reference's device
+    is chosen beside."""
+    return int(kv_cache_gib * GIB) if kv_cache_gib is not None else max(GIB, 2 * kv_bytes_needed)
+
+
+def engine_device_bytes(weights_bytes: int, kv_cache_gib: float | None, kv_bytes_needed: int) -> int:
+    """What a CUDA engine takes of its device: weights + its KV cache + headroom (`memory_plan`)."""
+    return weights_bytes + cuda_kv_bytes(kv_cache_gib, kv_bytes_needed) + CUDA_HEADROOM_BYTES
+
+
 def memory_plan(
     platform: str,
     kv_cache_gib: float | None,
@@ -143,10 +155,10 @@ def memory_plan(
         gib = kv_cache_gib if kv_cache_gib is not None else int(environment_gib) if environment_gib else default_cpu_gib
         gib = int(math.ceil(gib))  # the variable takes whole GiB
         return MemoryPlan(engine_args={}, environment={"VLLM_CPU_KVCACHE_SPACE": str(gib)}, kv_cache_gib=float(gib))
-    kv_bytes = int(kv_cache_gib * GIB) if kv_cache_gib is not None else max(GIB, 2 * kv_bytes_needed)
+    kv_bytes = cuda_kv_bytes(kv_cache_gib, kv_bytes_needed)
     args: dict = {"kv_cache_memory_bytes": kv_bytes}
     if device_total:
-        needed = weights_bytes + kv_bytes + CUDA_HEADROOM_BYTES
+        needed = engine_device_bytes(weights_bytes, kv_cache_gib, kv_bytes_needed)
         free = device_free if device_free is not None else device_total
         if needed > free:
             raise EnvironmentProblem(
