@@ -33,19 +33,12 @@ from .adapter.inventory import ties_embeddings
 from .adapter.lora_delta import LoraFactors, load_merge_factors, merge_in_dtype
 from .adapter.modules import layer_index, module_kind
 from .adapter.weight_files import TensorInfo, model_tensors, read_chunks
+from .catalog import DIVERGED, EXPORT_PHASE, FAIL, OK, PARTIAL, SCALED
+from .catalog import explanation as catalog_explanation
 from .environment import environment
 from .errors import BadInput, out_of_memory_is_environment
 from .measure.bf16_sums import bf16_sums
 from .measure.verdict import (
-    DIVERGED,
-    DOUBLE_COUNTED,
-    EXPORT_PHASE,
-    FAIL,
-    MISSING,
-    NON_FINITE,
-    OK,
-    PARTIAL,
-    SCALED,
     Thresholds,
     describe_modules,
     layer_verdict,
@@ -72,16 +65,6 @@ MARGIN_NAME = "export_rounding_margin"
 # How many differing untouched tensors the report names.
 SHOWN_DIFFERENCES = 5
 _LORA_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-EXPLANATIONS = {
-    OK: "the export holds the checkpoint's policy W0 + ΔW (as far as its dtype can hold ΔW)",
-    DOUBLE_COUNTED: "the export holds the LoRA twice (W0 + 2ΔW): the merge was applied to weights that were already merged",
-    MISSING: "the export holds the base without the LoRA (W0): the merge wrote the base unchanged",
-    SCALED: "the export holds the LoRA at the wrong scale (W0 + c·ΔW): the merge computed the LoRA scaling differently from PEFT",
-    PARTIAL: "only some LoRA modules are merged right in the export (a merge that skipped or misnamed modules)",
-    DIVERGED: "the export's weights are W0 + c·ΔW at no scale c: another base or adapter, or corrupted tensors",
-    NON_FINITE: "NaN or Inf values in the adapter's ΔW or in the export's weights: no figure can be measured there",
-}
 
 Progress = Callable[[str], None]
 
@@ -431,7 +414,7 @@ def _module_order(module: str) -> tuple:
 
 
 def _explain(verdict: str, scale: float | None, layers: list[ModuleResult], differences: list[_Difference], spec) -> str:
-    explanation = EXPLANATIONS[verdict]
+    explanation = catalog_explanation(verdict, EXPORT_PHASE)
     if verdict == SCALED and scale is not None:
         hint = scale_hint(scale, spec.r, spec.lora_alpha, spec.use_rslora)
         explanation = f"{explanation}: α = {scale:.3f}" + (f" {hint}" if hint else "")

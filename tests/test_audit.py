@@ -256,20 +256,21 @@ def test_chunked_reading_returns_the_tensors(tmp_path):
 
 
 def test_an_export_names_an_export_cause_not_an_engine_one():
-    from lora_doctor.measure.verdict import CAUSES, EXPORT_CAUSES, cause_for
+    from lora_doctor.catalog import CATALOG, cause_for
     from lora_doctor.result import PhaseResult
 
     def phase(name: str, measured: str = "engine") -> PhaseResult:
         return PhaseResult(0, name, False, "missing", "", 0.0, None, None, None, None, None, measured=measured)
 
-    assert cause_for(phase("export", measured="export")) == EXPORT_CAUSES["missing"] and "merge" in EXPORT_CAUSES["missing"]
-    assert cause_for(phase("after-wake-up")) == CAUSES["missing"]
+    missing = CATALOG["missing"]
+    assert cause_for(phase("export", measured="export")) == missing.audit_cause and "merge" in missing.audit_cause
+    assert cause_for(phase("after-wake-up")) == missing.cause
     # A custom plan may name a phase "export": it measured an engine, and gets the engine's causes.
-    assert cause_for(phase("export")) == CAUSES["missing"]
+    assert cause_for(phase("export")) == missing.cause
 
 
 def test_an_audit_report_saved_before_phases_said_what_they_measured_still_names_export_causes():
-    from lora_doctor.measure.verdict import EXPORT_CAUSES, cause_for
+    from lora_doctor.catalog import CATALOG, cause_for
     from lora_doctor.result import SCHEMA_VERSION, Report
 
     saved = {
@@ -279,6 +280,6 @@ def test_an_audit_report_saved_before_phases_said_what_they_measured_still_names
                     "effective_scale": 0.0, "kl_at_scale": None, "kl_mean": None, "kl_max": None,
                     "top1_agreement": None, "greedy_match": None}],
     }
-    assert cause_for(Report.from_dict(saved).phases[0]) == EXPORT_CAUSES["missing"]
+    assert cause_for(Report.from_dict(saved).phases[0]) == CATALOG["missing"].audit_cause
     saved["plan"]["name"] = "merged"
-    assert cause_for(Report.from_dict(saved).phases[0]) != EXPORT_CAUSES["missing"]
+    assert cause_for(Report.from_dict(saved).phases[0]) != CATALOG["missing"].audit_cause

@@ -7,7 +7,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from ..measure.verdict import cause_for
+from ..catalog import FAIL, OK, PASS, cause_for
 from ..result import PhaseResult, Report
 from .format import (
     DECODE_COLUMNS,
@@ -25,7 +25,7 @@ from .format import (
     wrong_layers,
 )
 
-VERDICT_STYLE = {"ok": "bold green", "pass": "bold green", "fail": "bold red"}
+VERDICT_STYLE = {OK: "bold green", PASS: "bold green", FAIL: "bold red"}
 
 
 def _style(verdict: str) -> str:
