@@ -6,7 +6,6 @@ import dataclasses
 import time
 from pathlib import Path
 
-from . import __version__
 from .adapter.checkpoint import Checkpoint, load_checkpoint, load_previous, open_checkpoint
 from .adapter.dtypes import COMPUTE_DTYPES
 from .engine.deadline import DEFAULT_ENGINE_TIMEOUT, check_timeout
@@ -33,6 +32,7 @@ from .plans.sync import Sync
 from .preflight import ADAPTER_REFUSED, PreflightReport, inspect_checkpoint
 from .random_state import preserves_random_state
 from .result import PhaseResult, Report
+from .version import __version__
 
 # Pre-flight problems after which engine-vs-reference figures mean nothing, so the check stops
 # before loading anything: NaN/Inf factors make both forwards NaN (any verdict would be noise);

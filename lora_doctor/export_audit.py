@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy
 import torch
 
-from . import __version__
 from .adapter.checkpoint import load_checkpoint
 from .adapter.inventory import ties_embeddings
 from .adapter.lora_delta import LoraFactors, load_merge_factors, merge_in_dtype
@@ -47,6 +46,7 @@ from .measure.verdict import (
     scale_hint,
 )
 from .result import ModuleResult, PhaseResult, Report
+from .version import __version__
 
 PHASE = EXPORT_PHASE
 # Bytes of one tensor per read. The export and the base are read in turn; from a cold page cache,
