@@ -26,7 +26,7 @@ def test_checker_is_reachable_by_every_documented_path_and_runs_a_plan_by_name(c
 def test_inspect_and_audit_are_top_level_functions():
     findings = lora_doctor.inspect_checkpoint(CHECKPOINT)
     assert findings.exit_code == 0 and findings.checkpoint["lora_modules"] == 14
-    assert lora_doctor.audit.__module__ == "lora_doctor.export_audit"
+    assert lora_doctor.audit.__module__ == "lora_doctor.export_audit.run"
 
 
 def test_one_version_and_no_module_imports_the_package_for_it():

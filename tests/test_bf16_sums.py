@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lora_doctor.adapter.lora_delta import merge_in_dtype
-from lora_doctor.measure.bf16_sums import bf16_sums
+from lora_doctor.export_audit.bf16_sums import bf16_sums
 
 
 def torch_sums(merged: torch.Tensor, base: torch.Tensor, delta: torch.Tensor) -> list[float]:
@@ -88,7 +88,7 @@ def test_a_vllm_engine_starts_in_a_process_that_ran_the_compiled_pass():
 
     script = (
         "import torch\n"
-        "from lora_doctor.measure.bf16_sums import bf16_sums\n"
+        "from lora_doctor.export_audit.bf16_sums import bf16_sums\n"
         "x = torch.zeros(4, 4)\n"
         "bf16_sums(x.to(torch.bfloat16), x.to(torch.bfloat16), x)\n"
         "from lora_doctor.engine.driver import Engine, EngineConfig\n"
@@ -102,7 +102,7 @@ def test_a_vllm_engine_starts_in_a_process_that_ran_the_compiled_pass():
 
 
 def test_widen_in_python_matches_torch():
-    from lora_doctor.measure.bf16_sums import _widen
+    from lora_doctor.export_audit.bf16_sums import _widen
 
     values = torch.tensor([1.0, -2.5, 3.140625, 1e-30], dtype=torch.bfloat16)
     for value, bits in zip(values.float().tolist(), values.view(torch.uint16).tolist(), strict=True):
