@@ -7,6 +7,10 @@ represent (the check's per-module figures, measured against that kept part; iden
     effective_scale = <W_m − W0, ΔW> / <D, ΔW>          1 merged once, 2 twice, 0 not merged
     residual        = ‖W_m − W0 − effective_scale·D‖ / ‖D‖   what no multiple of the merge explains
     divergence      = ‖W_m − E‖ / ‖D‖
+    rounding        = eps·‖W0‖ / ‖D‖    one ulp of every element of the export's dtype, over ‖D‖
+
+`rounding` is the check's unit (`measure/layer_figures.py`, over ‖ΔW‖ there): two correct roundings of
+the same merge differ by at most that, so the audit's limits grow by `Thresholds.rounding_margin` of it.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ class ModuleFigures:
     effective_scale: float
     residual: float
     divergence: float
-    rounding_floor: float
+    rounding_floor: float  # ‖E − (W0 + ΔW)‖ / ‖D‖: what this merge's own rounding moved
+    rounding: float  # eps·‖W0‖ / ‖D‖
     merge: str = "in the export's dtype"  # which correct merge the export is judged against
 
 
@@ -60,6 +65,8 @@ class ModuleSums:
         self.factors = factors
         self.gram = torch.zeros(3, 3, dtype=torch.float64)
         self.gram_once: torch.Tensor | None = None  # a float32 base's bf16 export merged in float32
+        self.base_squares = 0.0  # ‖W0‖²
+        self.eps = 0.0  # of the export's dtype
         # ΔW's rows [start, end) = scaling · left[start:end] @ right: `LoraFactors.delta` as one GEMM into
         # a reused buffer (the GEMM's alpha gives the same float32 values as multiplying afterwards).
         if factors.fan_in_fan_out:
@@ -71,13 +78,17 @@ class ModuleSums:
     def add_rows(self, start: int, end: int, merged: torch.Tensor, w0: torch.Tensor) -> None:
         """Rows [start, end) of the export's weight and the base's."""
         delta = self._delta_rows(start, end)
+        self.eps = torch.finfo(merged.dtype).eps
         if merged.dtype == torch.bfloat16 and w0.dtype in (torch.bfloat16, torch.float32):
-            self.gram += gram_of(bf16_sums(merged, w0, delta))
+            *sums, base_squares = bf16_sums(merged, w0, delta)
+            self.gram += gram_of(sums)
+            self.base_squares += base_squares
             if w0.dtype == torch.float32:
                 if self.gram_once is None:
                     self.gram_once = torch.zeros(3, 3, dtype=torch.float64)
-                self.gram_once += gram_of(bf16_sums(merged, w0, delta, once=True))
+                self.gram_once += gram_of(bf16_sums(merged, w0, delta, once=True)[:6])
             return
+        self.base_squares += float(torch.linalg.vector_norm(w0, dtype=torch.float64)) ** 2
         expected = merge_in_dtype(w0, delta, merged.dtype)
         precision = torch.float64 if merged.dtype.itemsize >= 4 else torch.float32
         vectors = torch.empty(3, *delta.shape, dtype=precision)
@@ -114,11 +125,12 @@ class ModuleSums:
             residual=math.sqrt(max(ee - 2 * shift * eD + shift * shift * DD, 0.0) / DD),
             divergence=math.sqrt(ee / DD),
             rounding_floor=math.sqrt(max(DD - 2 * DX + XX, 0.0) / DD),
+            rounding=self.eps * math.sqrt(self.base_squares / DD),
             merge=merge,
         )
 
 
 def gram_of(sums: tuple[float, ...]) -> torch.Tensor:
-    """The 3×3 Gram matrix of (e, D, ΔW) from `bf16_sums`."""
+    """The 3×3 Gram matrix of (e, D, ΔW) from the first six sums of `bf16_sums`."""
     ee, eD, eX, DD, DX, XX = sums
     return torch.tensor([[ee, eD, eX], [eD, DD, DX], [eX, DX, XX]], dtype=torch.float64)

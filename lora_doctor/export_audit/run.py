@@ -25,13 +25,6 @@ from .stream import Progress, one_compute_thread, stream
 from .tensors import Difference, Pair, pair_tensors
 
 PHASE = EXPORT_PHASE
-# In a low-precision export every element of W_m is rounded, so residual and divergence have a floor:
-# the module's rounding floor ρ = ‖E − (W0 + ΔW)‖ / ‖D‖ (0.16–0.23 for a bf16 merge at
-# ‖ΔW‖/‖W0‖ = 1e-2, ~1e-5 in float32). A correct export rounded another way (W0 + ΔW rounded once,
-# rather than PEFT's rounding of each part) measured up to 1.2ρ, a merge applied twice 0.7ρ; so the
-# per-module divergence limit is max(layer_divergence, ROUNDING_MARGIN·ρ).
-ROUNDING_MARGIN = 2.0
-MARGIN_NAME = "export_rounding_margin"
 # How many differing untouched tensors the report names.
 SHOWN_DIFFERENCES = 5
 _LORA_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -61,14 +54,14 @@ def audit(
     factors = {key.removesuffix(".weight"): lora for key, lora in load_merge_factors(ckpt, ckpt.base()).items()}
     expected = dict(ckpt.base().tensors, **ckpt.adapter().trained_copies())
     pairs, absent = pair_tensors(exported, expected, factors, export_dir, ckpt.base_dir)
-    limits, margin = _thresholds(pairs, thresholds or {})
+    limits = _thresholds(pairs, thresholds or {})
 
     streaming = time.perf_counter()
     with one_compute_thread():
         figures, differences = stream(pairs, factors, say)
     streaming = time.perf_counter() - streaming
     differences = absent + differences
-    layers = [_layer(f, limits, margin) for f in sorted(figures, key=lambda f: _module_order(f.module))]
+    layers = [_layer(f, limits) for f in sorted(figures, key=lambda f: _module_order(f.module))]
     verdict = refine_with_layers(OK, [layer.verdict for layer in layers])
     if differences and verdict == OK:
         verdict = DIVERGED
@@ -115,7 +108,7 @@ def audit(
         environment=environment(),
         checkpoint=summary,
         plan={"name": "audit", "summary": "a merged export on disk compared with base + adapter (no engine)", "phases": [PHASE]},
-        thresholds={**limits.as_dict(), MARGIN_NAME: margin},
+        thresholds=limits.as_dict(),
         phases=[phase],
         verdict=final,
         exit_code=1 if final == FAIL else 0,
@@ -123,21 +116,22 @@ def audit(
     )
 
 
-def _thresholds(pairs: list[Pair], overrides: dict[str, float]) -> tuple[Thresholds, float]:
-    """Defaults for the lowest precision among the export's LoRA-targeted weights, then overrides;
-    and the rounding margin (overridable as `export_rounding_margin`)."""
+def _thresholds(pairs: list[Pair], overrides: dict[str, float]) -> Thresholds:
+    """Defaults for the lowest precision among the export's LoRA-targeted weights, then overrides."""
     dtypes = {pair.export.dtype for pair in pairs if pair.module is not None}
     name = "bfloat16" if torch.bfloat16 in dtypes else "float16" if torch.float16 in dtypes else "float32"
-    overrides = dict(overrides)
-    margin = overrides.pop(MARGIN_NAME, ROUNDING_MARGIN)
     try:
-        return Thresholds.for_dtype(name).override(overrides), margin
+        return Thresholds.for_dtype(name).override(overrides)
     except ValueError as error:
-        raise BadInput(f"--threshold: {error} or {MARGIN_NAME}") from None
+        raise BadInput(f"--threshold: {error}") from None
 
 
-def _layer(figures: ModuleFigures, limits: Thresholds, margin: float) -> ModuleResult:
-    allowed = limits.override({"layer_divergence": max(limits.layer_divergence, margin * figures.rounding_floor)})
+def _layer(figures: ModuleFigures, limits: Thresholds) -> ModuleResult:
+    # In a low-precision export every element of W_m is rounded: a correct export rounded in another
+    # order than the merge judged against (W0 + ΔW rounded once, or each part rounded as PEFT does)
+    # differs from it by up to an ulp per element. So, as for a check's base, residual and divergence
+    # may reach `rounding_margin` ulps of every element (`rounding`, over ‖D‖) above `layer_divergence`.
+    allowed = limits.override({"layer_divergence": limits.layer_divergence + limits.rounding_margin * figures.rounding})
     values = (figures.effective_scale, figures.residual, figures.divergence)
     return ModuleResult(figures.module, *values, verdict=layer_verdict(*values, allowed))
 

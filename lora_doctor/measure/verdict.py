@@ -63,7 +63,9 @@ class Thresholds:
     # Per module, the base's residual limit adds this many `rounding`s (one ulp of every element over
     # ‖ΔW‖): two correct roundings of the same merge differ by at most one ulp per element, so a base
     # beyond that is not any merge of W0 + ΔW. Measured: merges in another order left 0.13–0.37 of it
-    # (‖ΔW‖/‖W0‖ 5e-4 to 1e-2).
+    # (‖ΔW‖/‖W0‖ 5e-4 to 1e-2). An audit adds as many to an export module's residual and divergence
+    # limit, its `rounding` over the kept part of ΔW: a bf16 export's correct merges left 0.03–0.08 of
+    # ‖D‖ against rounding 0.76–3.0, a double merge saved in bf16 0.36–1.25 beside its α of 2.
     rounding_margin: float = 1.0
     # A merged sync that keeps less than this part of ΔW (bf16 rounds away what is below half an ulp
     # of W0) gets a warning: it is what the trainer's merge holds, so not a failed sync, but a policy
