@@ -5,7 +5,8 @@ adapter, an rsLoRA scaling confusion, a stale prefix cache; audits ok, partial, 
 bf16 merged once and twice). Their terminal (default and `--all-modules`), Markdown and HTML views
 were written by `tests/data/reports/render.py` before the verdict catalog and the audit moved:
 what those moves touch must not change a byte of what a user reads. The JSON view of each is the
-saved file itself.
+saved file itself. One report was added with a fix: a non_finite audit, whose NaN figures a saved JSON
+holds as null, crashed the terminal view (exit 4); its Markdown and HTML views are the earlier renderers'.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
 from lora_doctor.report import render_json
 
@@ -47,3 +49,10 @@ def test_view_is_byte_identical(path, view):
 @pytest.mark.parametrize("path", SAVED, ids=[path.stem for path in SAVED])
 def test_json_view_is_the_saved_report(path):
     assert render_json(render.load(path)) == path.read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("path", SAVED, ids=[path.stem for path in SAVED])
+def test_the_report_command_prints_each_saved_report_with_its_exit_code(path):
+    run = run_cli("report", path)
+    assert run.exit_code == render.load(path).exit_code, run.stderr
+    assert run.stdout.splitlines()[0].startswith("lora-doctor ")
