@@ -1,8 +1,8 @@
 """The renderers on saved reports: every view byte-identical to the one committed beside the report.
 
 `tests/data/reports/*.json` are real check and audit runs on the fixtures (a double count, a stale
-adapter, an rsLoRA scaling confusion, a stale prefix cache; audits ok, partial, missing, scaled,
-bf16 merged once and twice). Their terminal (default and `--all-modules`), Markdown and HTML views
+adapter, an rsLoRA scaling confusion, a stale prefix cache, a check stopped at the pre-flight; audits
+ok, partial, missing, scaled, non_finite, bf16 merged once and twice). Their terminal (default and `--all-modules`), Markdown and HTML views
 were written by `tests/data/reports/render.py` before the verdict catalog and the audit moved:
 what those moves touch must not change a byte of what a user reads. The JSON view of each is the
 saved file itself. One report was added with a fix: a non_finite audit, whose NaN figures a saved JSON
