@@ -7,7 +7,7 @@ yet): the API is loaded on first use. On CPU, set `OMP_WAIT_POLICY=PASSIVE` befo
 
 import importlib
 
-__version__ = "0.1.0"
+from .version import __version__ as __version__
 
 # Public name → the module that defines it, imported when the name is first used.
 _API = {

@@ -7,7 +7,8 @@ from contextlib import nullcontext
 
 from transformers import Trainer, TrainerCallback
 
-from .engine.deadline import DEFAULT_ENGINE_TIMEOUT, EngineStalled, check_timeout
+from . import defaults
+from .engine.deadline import EngineStalled, check_timeout
 from .live import not_measured, probe
 from .result import PhaseResult
 
@@ -40,15 +41,15 @@ class LoraDoctorCallback(TrainerCallback):
         llm,
         *,
         lora_request=None,
-        every_n_steps: int = 1,
-        prompts=None,
+        every_n_steps: int = defaults.EVERY_N_STEPS,
+        prompts=defaults.PROMPTS,
         tokenizer=None,
         base_dir=None,
-        stop_on_failure: bool = True,
-        max_new_tokens: int = 16,
-        module_read: bool = True,
+        stop_on_failure: bool = defaults.STOP_ON_FAILURE,
+        max_new_tokens: int = defaults.PROBE_MAX_NEW_TOKENS,
+        module_read: bool = defaults.MODULE_READ,
         route=None,
-        engine_timeout: float = DEFAULT_ENGINE_TIMEOUT,
+        engine_timeout: float = defaults.ENGINE_TIMEOUT,
     ):
         self.trainer = trainer
         self.llm = llm

@@ -6,10 +6,10 @@ import dataclasses
 import time
 from pathlib import Path
 
-from . import __version__
+from . import defaults
 from .adapter.checkpoint import Checkpoint, load_checkpoint, load_previous, open_checkpoint
 from .adapter.dtypes import COMPUTE_DTYPES
-from .engine.deadline import DEFAULT_ENGINE_TIMEOUT, check_timeout
+from .engine.deadline import check_timeout
 from .engine.driver import Engine, check_engine_options
 from .engine.platform import (
     check_dtype,
@@ -28,11 +28,12 @@ from .measure.phase import PhaseMeasurer, Progress
 from .measure.prompts import cached_blocks, load_prompts, load_tokenizer, position_limit, tokenize
 from .measure.reference import Reference
 from .measure.verdict import FAIL, Thresholds, overall_verdict
-from .plans.builtin import DEFAULT_PLAN, Plan, get_plan
+from .plans.builtin import Plan, get_plan
 from .plans.sync import Sync
 from .preflight import ADAPTER_REFUSED, PreflightReport, inspect_checkpoint
 from .random_state import preserves_random_state
 from .result import PhaseResult, Report
+from .version import __version__
 
 # Pre-flight problems after which engine-vs-reference figures mean nothing, so the check stops
 # before loading anything: NaN/Inf factors make both forwards NaN (any verdict would be noise);
@@ -44,7 +45,7 @@ BLOCKING_FINDINGS = frozenset({"nan_inf", "dora", "engine_name_mismatch"})
 
 @preserves_random_state
 @out_of_memory_is_environment("run the check")
-def check(checkpoint: str | Path | Checkpoint, *, plan: str = DEFAULT_PLAN, **options) -> Report:
+def check(checkpoint: str | Path | Checkpoint, *, plan: str = defaults.PLAN, **options) -> Report:
     """Run `plan` on a real vLLM engine and measure it against HF + PEFT after every phase.
 
     `options` are those of `Checker`. Returns the report; raises `BadInput` (exit 2) or
@@ -80,11 +81,11 @@ _VALIDATED = ("dtype", "max_new_tokens", "tensor_parallel_size", "kv_cache_gib",
 
 
 def validate_options(
-    dtype: str | None = None,
-    max_new_tokens: int = 32,
-    tensor_parallel_size: int = 1,
-    kv_cache_gib: int | None = None,
-    engine_timeout: float = DEFAULT_ENGINE_TIMEOUT,
+    dtype: str | None = defaults.DTYPE,
+    max_new_tokens: int = defaults.MAX_NEW_TOKENS,
+    tensor_parallel_size: int = defaults.TENSOR_PARALLEL_SIZE,
+    kv_cache_gib: int | None = defaults.KV_CACHE_GIB,
+    engine_timeout: float = defaults.ENGINE_TIMEOUT,
 ) -> None:
     """Options that cannot work, refused before anything is read or loaded (dtype None: the default)."""
     check_timeout(engine_timeout)
@@ -133,20 +134,20 @@ class Checker:
         *,
         base: str | Path | None = None,
         previous: str | Path | Checkpoint | None = None,
-        prompts: str | Path | list[str] | None = None,
-        max_new_tokens: int = 32,
-        dtype: str | None = None,
+        prompts: str | Path | list[str] | None = defaults.PROMPTS,
+        max_new_tokens: int = defaults.MAX_NEW_TOKENS,
+        dtype: str | None = defaults.DTYPE,
         thresholds: Thresholds | None = None,
         threshold_overrides: dict[str, float] | None = None,
-        tensor_parallel_size: int = 1,
-        kv_cache_gib: int | None = None,
-        module_read: bool = True,
+        tensor_parallel_size: int = defaults.TENSOR_PARALLEL_SIZE,
+        kv_cache_gib: int | None = defaults.KV_CACHE_GIB,
+        module_read: bool = defaults.MODULE_READ,
         chunk_positions: int = CHUNK_POSITIONS,
         progress: Progress | None = None,
         preflight: PreflightReport | None = None,
         engine_options: dict | None = None,
-        reference_device: str = "auto",
-        engine_timeout: float = DEFAULT_ENGINE_TIMEOUT,
+        reference_device: str = defaults.REFERENCE_DEVICE,
+        engine_timeout: float = defaults.ENGINE_TIMEOUT,
     ):
         self.say = progress or (lambda _message: None)
         validate_options(

@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from . import defaults
 from .errors import INTERNAL_ERROR_EXIT_CODE, BadInput, LoraDoctorError, memory_problem, one_line, out_of_memory
 from .output import save_crash, write_file, write_files
 
@@ -42,25 +43,25 @@ QUIET_OPTION = typer.Option(False, "--quiet", "-q", help="No terminal report, on
 def check(
     checkpoint: Path = CHECKPOINT_ARGUMENT,
     base: Optional[Path] = BASE_OPTION,
-    plan: str = typer.Option("swift-colocate-lora", "--plan", help="Sync plan to replay: a name from 'lora-doctor plans', or FILE.py:FUNCTION / MODULE:FUNCTION for your own."),
+    plan: str = typer.Option(defaults.PLAN, "--plan", help="Sync plan to replay: a name from 'lora-doctor plans', or FILE.py:FUNCTION / MODULE:FUNCTION for your own."),
     previous: Optional[Path] = typer.Option(None, "--previous", help="An older checkpoint of the same run: tells a stale adapter from a wrong one."),
-    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompts file: .jsonl with a \"prompt\" field, or one prompt per line. Default: built-in math questions."),
-    max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Length of the greedy continuations compared."),
+    prompts: Optional[Path] = typer.Option(defaults.PROMPTS, "--prompts", help="Prompts file: .jsonl with a \"prompt\" field, or one prompt per line. Default: built-in math questions."),
+    max_new_tokens: int = typer.Option(defaults.MAX_NEW_TOKENS, "--max-new-tokens", help="Length of the greedy continuations compared."),
     dtype: Optional[str] = typer.Option(
-        None,
+        defaults.DTYPE,
         "--dtype",
         help="float32 (tight thresholds), bfloat16 or float16. Default: what the trainer's engine computes in: the base's own "
         "dtype; a float32 base in bfloat16 on CUDA (vLLM's LoRA kernels there take no float32), in float32 on the CPU build.",
     ),
-    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", "-tp", help="vLLM tensor-parallel ranks."),
+    tensor_parallel_size: int = typer.Option(defaults.TENSOR_PARALLEL_SIZE, "--tensor-parallel-size", "-tp", help="vLLM tensor-parallel ranks."),
     kv_cache_gib: Optional[int] = typer.Option(
-        None,
+        defaults.KV_CACHE_GIB,
         "--kv-cache-gib",
         help="KV cache of the engine, in GiB (at least 1), on the CPU build and on CUDA alike. Default: on the CPU build "
         "VLLM_CPU_KVCACHE_SPACE if set, else 1 (the option wins over the variable); on CUDA twice what the prompts need, at least 1.",
     ),
     reference_device: str = typer.Option(
-        "auto",
+        defaults.REFERENCE_DEVICE,
         "--reference-device",
         help="Where the HF + PEFT reference runs: cpu, cuda, or auto (the GPU when it fits there beside the engine, else "
         "the CPU). The report says where it ran.",
@@ -73,11 +74,11 @@ def check(
     report_dir: Optional[Path] = REPORT_OPTION,
     exit_zero: bool = EXIT_ZERO_OPTION,
     all_modules: bool = ALL_MODULES_OPTION,
-    no_module_read: bool = typer.Option(False, "--no-module-read", help="Skip reading the engine's weights per module (logits only)."),
+    no_module_read: bool = typer.Option(not defaults.MODULE_READ, "--no-module-read", help="Skip reading the engine's weights per module (logits only)."),
     quiet: bool = QUIET_OPTION,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the engine's own logs and progress bars (vLLM, torch, transformers) instead of keeping them in a log file."),
     engine_timeout: float = typer.Option(
-        600.0,
+        defaults.ENGINE_TIMEOUT,
         "--engine-timeout",
         help="The longest, in seconds, the engine may make no progress on lora-doctor's requests (engine start excluded); "
         "past it the check ends with exit 3, naming the stall and the engine log.",
@@ -186,11 +187,11 @@ def inspect(
 @app.command()
 def plans() -> None:
     """List the built-in sync plans."""
-    from .plans.builtin import DEFAULT_PLAN, PLANS
+    from .plans.builtin import PLANS
 
     console = Console()
     for plan in PLANS.values():
-        default = " (default)" if plan.name == DEFAULT_PLAN else ""
+        default = " (default)" if plan.name == defaults.PLAN else ""
         console.print(f"[bold]{plan.name}[/]{default}: {plan.summary}")
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
+from . import defaults
 from .adapter.checkpoint import Checkpoint, spec_from_config
 from .adapter.dtypes import dtype_name
 from .checker import check
-from .engine.deadline import DEFAULT_ENGINE_TIMEOUT
 from .engine.driver import WORKER_EXTENSION, Engine
 from .engine.platform import V1, model_runner, module_read_problem, quantization_problem, runner_note, uncaptured_chunk_positions
 from .errors import BadInput, ProblemDetected
@@ -20,13 +20,12 @@ from .measure.phase import PhaseMeasurer
 from .measure.prompts import load_prompts
 from .measure.reference import Reference
 from .measure.verdict import UNRESOLVED, Thresholds
-from .plans.builtin import DEFAULT_PLAN
 from .random_state import preserves_random_state
 from .result import PhaseResult, Report
 
 
 @preserves_random_state
-def gate(checkpoint: str | Path, *, plan: str = DEFAULT_PLAN, **options) -> Report:
+def gate(checkpoint: str | Path, *, plan: str = defaults.PLAN, **options) -> Report:
     """Run `check` and raise `ProblemDetected` (exit code 1) unless every phase is healthy.
 
     For the top of a training script: refuse to resume when the configured sync path would corrupt
@@ -48,14 +47,14 @@ def probe(
     model,
     *,
     lora_request=None,
-    prompts: str | Path | list[str] | None = None,
+    prompts: str | Path | list[str] | None = defaults.PROMPTS,
     tokenizer=None,
     base_dir: str | Path | None = None,
     thresholds: Thresholds | None = None,
-    max_new_tokens: int = 16,
-    module_read: bool = True,
+    max_new_tokens: int = defaults.PROBE_MAX_NEW_TOKENS,
+    module_read: bool = defaults.MODULE_READ,
     name: str = "probe",
-    engine_timeout: float = DEFAULT_ENGINE_TIMEOUT,
+    engine_timeout: float = defaults.ENGINE_TIMEOUT,
 ) -> PhaseResult:
     """Measure a trainer's engine against its PEFT policy, touching neither's weights.
 

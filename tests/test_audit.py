@@ -35,6 +35,9 @@ def exports(tmp_path_factory) -> dict[str, Path]:
         "small-adapter": small,
         "bf16-of-float32-merge": build_fixtures.export_merged_in_float32(out / "bf16-of-float32", ckpt_dir=small),
         "bf16-of-float32-merge-twice": build_fixtures.export_merged_in_float32(out / "bf16-of-float32-twice", ckpt_dir=small, times=2),
+        "real-size-bf16-of-float32-merge-twice": build_fixtures.export_merged_in_float32(
+            out / "real-size-bf16-of-float32-twice", ckpt_dir=real_size, times=2
+        ),
     }
 
 
@@ -116,6 +119,18 @@ def test_bf16_export_of_a_real_size_lora_is_ok(exports, tmp_path):
     assert report["thresholds"]["layer_divergence"] == 2e-2
 
 
+def test_the_rounding_margin_is_the_checks_own_threshold(exports, tmp_path):
+    # The audit's thresholds are a check's, by the same names: its rounding margin counts ulps of every
+    # element (`rounding`, over the kept ΔW), as a check's does. Without it, bf16's rounding of a correct
+    # export (residual 0.026–0.033 of ‖D‖ here) exceeds layer_divergence (0.02).
+    from lora_doctor.measure.verdict import Thresholds
+
+    code, report = audit(exports["bf16"], exports["real-size-adapter"], tmp_path)
+    assert (code, set(report["thresholds"])) == (0, set(Thresholds().as_dict()))
+    code, report = audit(exports["bf16"], exports["real-size-adapter"], tmp_path, "--threshold", "rounding_margin=0")
+    assert (code, only_phase(report)["verdict"]) == (1, "diverged")
+
+
 def test_bf16_export_merged_twice_is_double_counted(exports, tmp_path):
     code, report = audit(exports["bf16-merged-twice"], exports["real-size-adapter"], tmp_path)
     phase = only_phase(report)
@@ -137,6 +152,16 @@ def test_bf16_export_of_a_float32_merge_is_judged_against_that_merge(exports, tm
     assert layer_modules(phase["layers"]) == adapter_modules(exports["small-adapter"])
     assert all(layer["effective_scale"] == pytest.approx(scale, abs=0.05) for layer in phase["layers"])
     assert report["checkpoint"]["export"]["merged"] == {"in float32, saved in bf16": 14}
+
+
+def test_a_real_size_lora_merged_twice_in_float32_then_saved_in_bf16_is_double_counted(exports, tmp_path):
+    # ‖ΔW‖/‖W0‖ = 1e-2: what the second merge leaves beyond 2·D against the closest correct merge (0.36–0.49
+    # of ‖D‖) is bf16's rounding, within an ulp of every element (`rounding` 0.76 of ‖D‖). A margin of
+    # twice the merge's own rounding floor (0.33–0.46 here) read it as `diverged`.
+    code, report = audit(exports["real-size-bf16-of-float32-merge-twice"], exports["real-size-adapter"], tmp_path)
+    phase = only_phase(report)
+    assert (code, phase["verdict"]) == (1, "double_counted")
+    assert all(layer["effective_scale"] == pytest.approx(2.0, abs=0.02) for layer in phase["layers"])
 
 
 def test_changed_untouched_tensor_is_named(exports, tmp_path):
@@ -256,20 +281,21 @@ def test_chunked_reading_returns_the_tensors(tmp_path):
 
 
 def test_an_export_names_an_export_cause_not_an_engine_one():
-    from lora_doctor.measure.verdict import CAUSES, EXPORT_CAUSES, cause_for
+    from lora_doctor.catalog import CATALOG, cause_for
     from lora_doctor.result import PhaseResult
 
     def phase(name: str, measured: str = "engine") -> PhaseResult:
         return PhaseResult(0, name, False, "missing", "", 0.0, None, None, None, None, None, measured=measured)
 
-    assert cause_for(phase("export", measured="export")) == EXPORT_CAUSES["missing"] and "merge" in EXPORT_CAUSES["missing"]
-    assert cause_for(phase("after-wake-up")) == CAUSES["missing"]
+    missing = CATALOG["missing"]
+    assert cause_for(phase("export", measured="export")) == missing.audit_cause and "merge" in missing.audit_cause
+    assert cause_for(phase("after-wake-up")) == missing.cause
     # A custom plan may name a phase "export": it measured an engine, and gets the engine's causes.
-    assert cause_for(phase("export")) == CAUSES["missing"]
+    assert cause_for(phase("export")) == missing.cause
 
 
 def test_an_audit_report_saved_before_phases_said_what_they_measured_still_names_export_causes():
-    from lora_doctor.measure.verdict import EXPORT_CAUSES, cause_for
+    from lora_doctor.catalog import CATALOG, cause_for
     from lora_doctor.result import SCHEMA_VERSION, Report
 
     saved = {
@@ -279,6 +305,6 @@ def test_an_audit_report_saved_before_phases_said_what_they_measured_still_names
                     "effective_scale": 0.0, "kl_at_scale": None, "kl_mean": None, "kl_max": None,
                     "top1_agreement": None, "greedy_match": None}],
     }
-    assert cause_for(Report.from_dict(saved).phases[0]) == EXPORT_CAUSES["missing"]
+    assert cause_for(Report.from_dict(saved).phases[0]) == CATALOG["missing"].audit_cause
     saved["plan"]["name"] = "merged"
-    assert cause_for(Report.from_dict(saved).phases[0]) != EXPORT_CAUSES["missing"]
+    assert cause_for(Report.from_dict(saved).phases[0]) != CATALOG["missing"].audit_cause

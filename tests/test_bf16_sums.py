@@ -8,15 +8,15 @@ import pytest
 import torch
 
 from lora_doctor.adapter.lora_delta import merge_in_dtype
-from lora_doctor.measure.bf16_sums import bf16_sums
+from lora_doctor.export_audit.bf16_sums import bf16_sums
 
 
 def torch_sums(merged: torch.Tensor, base: torch.Tensor, delta: torch.Tensor) -> list[float]:
     expected = merge_in_dtype(base, delta, torch.bfloat16).double()
     e = merged.double() - expected
     kept = expected - base.double()
-    x = delta.double()
-    return [float((a * b).sum()) for a, b in ((e, e), (e, kept), (e, x), (kept, kept), (kept, x), (x, x))]
+    x, w0 = delta.double(), base.double()
+    return [float((a * b).sum()) for a, b in ((e, e), (e, kept), (e, x), (kept, kept), (kept, x), (x, x), (w0, w0))]
 
 
 def weights(rows: int = 300, cols: int = 257, ratio: float = 1e-2, base_dtype=torch.bfloat16, seed: int = 0):
@@ -35,9 +35,10 @@ def test_matches_torch(base_dtype, times, ratio):
     for _ in range(times):
         merged = merge_in_dtype(merged, delta, torch.bfloat16)
     got, want = bf16_sums(merged, base, delta), torch_sums(merged, base, delta)
-    scale = max(abs(value) for value in want)
-    for a, b in zip(got, want):
+    scale = max(abs(value) for value in want[:6])  # ‖W0‖², far larger, is held to its own size
+    for a, b in zip(got[:6], want[:6]):
         assert abs(a - b) <= 1e-6 * scale, (got, want)
+    assert got[6] == pytest.approx(want[6], rel=1e-6)
     if times == 1 and base_dtype == torch.bfloat16:
         assert got[:3] == (0.0, 0.0, 0.0)  # PEFT's merge in bf16 is the expectation, bit for bit
 
@@ -57,7 +58,7 @@ def test_many_blocks_keep_the_residual():
     # A double merge's residual is a difference of sums ~1e-3 apart: float32 totals over ~4M elements lose it.
     base, delta = weights(rows=2048, cols=2048)
     twice = merge_in_dtype(merge_in_dtype(base, delta, torch.bfloat16), delta, torch.bfloat16)
-    (ee, e_kept, _, kept, _, _), want = bf16_sums(twice, base, delta), torch_sums(twice, base, delta)
+    (ee, e_kept, _, kept, _, _, _), want = bf16_sums(twice, base, delta), torch_sums(twice, base, delta)
     residual = ee - 2 * e_kept + kept  # ‖e − D‖²
     assert residual == pytest.approx(want[0] - 2 * want[1] + want[3], rel=1e-3)
 
@@ -88,7 +89,7 @@ def test_a_vllm_engine_starts_in_a_process_that_ran_the_compiled_pass():
 
     script = (
         "import torch\n"
-        "from lora_doctor.measure.bf16_sums import bf16_sums\n"
+        "from lora_doctor.export_audit.bf16_sums import bf16_sums\n"
         "x = torch.zeros(4, 4)\n"
         "bf16_sums(x.to(torch.bfloat16), x.to(torch.bfloat16), x)\n"
         "from lora_doctor.engine.driver import Engine, EngineConfig\n"
@@ -102,7 +103,7 @@ def test_a_vllm_engine_starts_in_a_process_that_ran_the_compiled_pass():
 
 
 def test_widen_in_python_matches_torch():
-    from lora_doctor.measure.bf16_sums import _widen
+    from lora_doctor.export_audit.bf16_sums import _widen
 
     values = torch.tensor([1.0, -2.5, 3.140625, 1e-30], dtype=torch.bfloat16)
     for value, bits in zip(values.float().tolist(), values.view(torch.uint16).tolist(), strict=True):

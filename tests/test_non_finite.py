@@ -4,11 +4,10 @@ read as a LoRA scale; it is the `non_finite` verdict, with the modules that hold
 import math
 from types import SimpleNamespace
 
+from lora_doctor.catalog import CATALOG
 from lora_doctor.measure.metrics import ScaleFit
 from lora_doctor.measure.noise import Resolution
 from lora_doctor.measure.verdict import (
-    CAUSES,
-    EXPORT_CAUSES,
     NON_FINITE,
     OK,
     Thresholds,
@@ -57,4 +56,4 @@ def test_one_non_finite_module_names_the_phase_and_is_listed():
 
 
 def test_non_finite_has_a_cause_for_checks_and_for_exports():
-    assert "NaN" in CAUSES[NON_FINITE] and "NaN" in EXPORT_CAUSES[NON_FINITE]
+    assert "NaN" in CATALOG[NON_FINITE].cause and "NaN" in CATALOG[NON_FINITE].audit_cause

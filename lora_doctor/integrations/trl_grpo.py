@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+from .. import defaults
 from ..callback import LoraDoctorCallback
-from ..engine.deadline import DEFAULT_ENGINE_TIMEOUT
 from ..engine.driver import WORKER_EXTENSION
 from ..errors import BadInput
 from ..live import RouteRecorder
@@ -48,7 +48,7 @@ def engine_options(*, worker_extension: bool = True):
         vllm_generation.LLM = build
 
 
-def add_probe(trainer, *, every_n_steps: int | None = None, engine_timeout: float = DEFAULT_ENGINE_TIMEOUT, **options) -> LoraDoctorCallback:
+def add_probe(trainer, *, every_n_steps: int | None = None, engine_timeout: float = defaults.ENGINE_TIMEOUT, **options) -> LoraDoctorCallback:
     """Probe TRL's engine against the policy right after the syncs, through a callback on `trainer`.
 
     `every_n_steps` defaults to the sync cadence and must be a multiple of it (a probe between syncs

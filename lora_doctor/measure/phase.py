@@ -6,8 +6,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .. import catalog
 from ..adapter.checkpoint import Checkpoint
 from ..adapter.lora_delta import load_lora_factors
+from ..catalog import ADAPTER_NOT_REQUESTED, DECODE_DIVERGED, DIVERGED, MISSING, NON_FINITE, OK, PARTIAL, SCALED, STALE, STALE_CACHE
 from ..engine.driver import Engine
 from ..result import ModuleResult, PhaseResult, Sample
 from .decode_path import base_route_kl, measure_decode
@@ -18,17 +20,6 @@ from .noise import measure_resolution
 from .prompts import cached_blocks
 from .reference import Reference
 from .verdict import (
-    ADAPTER_NOT_REQUESTED,
-    DECODE_DIVERGED,
-    DIVERGED,
-    EXPLANATIONS,
-    MISSING,
-    NON_FINITE,
-    OK,
-    PARTIAL,
-    SCALED,
-    STALE,
-    STALE_CACHE,
     decided_by,
     decode_verdict,
     describe_modules,
@@ -154,7 +145,7 @@ class PhaseMeasurer:
             say(f"phase {index + 1} '{name}': the base route (a request without the adapter)")
             route_kl = base_route_kl(self.reference, engine, self.token_ids)
             clock.lap("base_route")
-        explanation = EXPLANATIONS[verdict]
+        explanation = catalog.explanation(verdict)
         if zero_lora:
             held = (
                 "the engine computes it"

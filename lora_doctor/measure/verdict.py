@@ -1,4 +1,5 @@
-"""Thresholds → verdicts. Every threshold lives here, with the reason for its value."""
+"""Thresholds → verdicts. Every threshold lives here, with the reason for its value; the verdicts' names,
+meanings and causes live in the catalog (`lora_doctor/catalog.py`)."""
 
 from __future__ import annotations
 
@@ -6,100 +7,21 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 
 from ..adapter.modules import layer_index, module_kind
-
-OK = "ok"
-DOUBLE_COUNTED = "double_counted"
-MISSING = "missing"
-STALE = "stale"
-SCALED = "scaled"
-DIVERGED = "diverged"
-PARTIAL = "partial"
-UNRESOLVED = "unresolved"
-NON_FINITE = "non_finite"
-# The decode path's own verdicts (measure/decode_path.py): weights and prompt log-probs agree, the
-# generated tokens' log-probs do not.
-STALE_CACHE = "stale_cache"
-DECODE_DIVERGED = "decode_diverged"
-# The route: an adapter is loaded, the rollouts are requested without it.
-ADAPTER_NOT_REQUESTED = "adapter_not_requested"
-PHASE_VERDICTS = (OK, DOUBLE_COUNTED, MISSING, STALE, SCALED, PARTIAL, DIVERGED, UNRESOLVED, NON_FINITE, STALE_CACHE, DECODE_DIVERGED, ADAPTER_NOT_REQUESTED)
-
-PASS = "pass"
-FAIL = "fail"
-
-EXPLANATIONS = {
-    OK: "the engine computes the checkpoint's policy W0 + ΔW",
-    DOUBLE_COUNTED: "the engine applies the LoRA twice (W0 + 2ΔW): merged weights were loaded as the base "
-    "and the adapter was added on top (ms-swift #8233)",
-    MISSING: "the engine runs the base model without the LoRA (W0): the adapter was dropped or never loaded",
-    STALE: "the engine still holds an older adapter",
-    SCALED: "the engine applies the LoRA at the wrong scale (W0 + c·ΔW)",
-    DIVERGED: "the engine's outputs are not explained by the checkpoint at any LoRA scale",
-    PARTIAL: "only some LoRA modules are wrong in the engine (a sync that skipped or misnamed modules)",
-    NON_FINITE: "NaN or Inf values: in what the engine holds or computes, or in the policy it is compared with",
-    UNRESOLVED: "at this precision the LoRA moves the logits less than the run's own noise, and no per-module "
-    "figure decides: lora-doctor cannot tell a healthy sync from a broken one here",
-    STALE_CACHE: "the weights and the prompt log-probs are right, but the rollouts read KV blocks of an earlier policy "
-    "from the prefix cache: generated the same requests without reading the cache, the engine agrees",
-    DECODE_DIVERGED: "the weights and the prompt log-probs are right, but the generated tokens' log-probs are not, "
-    "with or without the prefix cache: the engine's decode path computes another policy",
-    ADAPTER_NOT_REQUESTED: "an adapter is loaded in the engine but the rollouts are requested without it: the base "
-    "model generates (W0)",
-}
-
-
-# The usual cause of each verdict and what to do about it, printed under the table and in reports.
-CAUSES = {
-    DOUBLE_COUNTED: "merged weights (W0 + ΔW) were pushed as the engine's base and the adapter was then added on top; "
-    "fix: sync the unmerged base (or never add the adapter after a merged sync) — ms-swift >= 4.0.2 (PR #8275)",
-    MISSING: "the engine lost the LoRA: a sleep-mode wake-up or reload restored the base from disk, or the adapter was "
-    "never passed with the generate call; fix: re-sync after every reload and pass the LoRA request",
-    STALE: "a new adapter was synced under an id the engine had already cached, without load_inplace=True; "
-    "fix: use a fresh lora_int_id per sync or load_inplace=True",
-    SCALED: "trainer and engine compute the LoRA scaling differently (rsLoRA alpha/sqrt(r) vs alpha/r, alpha_pattern / "
-    "rank_pattern); fix: make both read the same adapter_config",
-    PARTIAL: "some modules were not synced or were synced under a wrong name (prefix, packed q/k/v or gate/up slices); "
-    "fix: compare the names your sync sends with the engine's module names",
-    UNRESOLVED: "the LoRA is small next to the weights and the check runs in half precision without the per-module "
-    "read; fix: keep the per-module read (drop --no-module-read; build a probed engine with "
-    "worker_extension_cls='lora_doctor.engine.worker.LoraDoctorWorker'), or check in float32",
-    DIVERGED: "weights differ from W0 + ΔW in a way no LoRA scale explains: a different base, precision drift from "
-    "repeated merge/unmerge in bf16, or corrupted tensors; fix: sync from a float32 master copy, check the base",
-    NON_FINITE: "the policy diverged (a NaN/Inf loss or gradient, an overflow in half precision) and its weights were "
-    "synced, or the engine overflowed; fix: never sync a non-finite policy (check the adapter for NaN/Inf before "
-    "each sync), lower the learning rate or the loss scale, resume from the last finite checkpoint",
-    STALE_CACHE: "the prefix cache was not reset after a weight or adapter sync, or an adapter was reloaded in place "
-    "under the same name and folder with prefix caching on (vLLM #42125); fix: call reset_prefix_cache() after "
-    "every sync (as TRL and ms-swift do), or publish each adapter under a new name (TRL's async GRPO)",
-    DECODE_DIVERGED: "the engine's generation path differs from its prompt path (a sampler or logits-processor LoRA "
-    "path, a kernel of the decode step); fix: compare with enable_prefix_caching=False and report it to vLLM with "
-    "the engine options listed",
-    ADAPTER_NOT_REQUESTED: "the generate calls do not pass the LoRA request (ms-swift #9855, miles #2075); fix: pass "
-    "lora_request= to every rollout's generate call",
-}
-
-# The phase an audit of a merged export records: its failures have causes of their own.
-EXPORT_PHASE = "export"
-EXPORT_CAUSES = {
-    DOUBLE_COUNTED: "the LoRA was merged twice: a merge run on an already merged model, or merged weights saved as the "
-    "base and merged again; fix: merge once, from the unmerged base",
-    MISSING: "the export holds the base weights: the merge was not applied or its result was not saved (verl #4553, "
-    "#7285); fix: check that the merge step writes the merged weights",
-    SCALED: "the merge used another scaling than PEFT's (alpha/r for an rsLoRA adapter as in verl PR #4704, or "
-    "rank/alpha patterns ignored); fix: merge with PEFT's merge_and_unload, or the adapter_config's own scaling",
-    PARTIAL: "some modules were not merged or were merged into a wrongly named weight; fix: compare the module names "
-    "the merge writes with the adapter's",
-    DIVERGED: "weights differ from W0 + ΔW in a way no LoRA scale explains, or a tensor the LoRA does not touch "
-    "changed: another base, a corrupted or re-quantized export; fix: merge again from the exact base",
-    NON_FINITE: "the adapter or the export holds NaN/Inf values: a policy whose training diverged was merged, or the "
-    "merge overflowed the export's dtype; fix: merge from the last finite checkpoint",
-}
-
-
-def cause_for(phase) -> str | None:
-    """The usual cause of an unhealthy phase's verdict and its fix (an export's own, for an audit)."""
-    causes = EXPORT_CAUSES if phase.measured == EXPORT_PHASE else CAUSES
-    return causes.get(phase.verdict)
+from ..catalog import (
+    DECODE_DIVERGED,
+    DIVERGED,
+    DOUBLE_COUNTED,
+    FAIL,
+    MISSING,
+    NON_FINITE,
+    OK,
+    PARTIAL,
+    PASS,
+    PHASE_VERDICTS,
+    SCALED,
+    STALE_CACHE,
+    UNRESOLVED,
+)
 
 
 @dataclass(frozen=True)
@@ -141,7 +63,9 @@ class Thresholds:
     # Per module, the base's residual limit adds this many `rounding`s (one ulp of every element over
     # ‖ΔW‖): two correct roundings of the same merge differ by at most one ulp per element, so a base
     # beyond that is not any merge of W0 + ΔW. Measured: merges in another order left 0.13–0.37 of it
-    # (‖ΔW‖/‖W0‖ 5e-4 to 1e-2).
+    # (‖ΔW‖/‖W0‖ 5e-4 to 1e-2). An audit adds as many to an export module's residual and divergence
+    # limit, its `rounding` over the kept part of ΔW: a bf16 export's correct merges left 0.03–0.08 of
+    # ‖D‖ against rounding 0.76–3.0, a double merge saved in bf16 0.36–1.25 beside its α of 2.
     rounding_margin: float = 1.0
     # A merged sync that keeps less than this part of ΔW (bf16 rounds away what is below half an ulp
     # of W0) gets a warning: it is what the trainer's merge holds, so not a failed sync, but a policy

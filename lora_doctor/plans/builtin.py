@@ -258,7 +258,6 @@ PLANS: dict[str, Plan] = {
         Plan("rollout-without-adapter", "adapter loaded, rollouts requested without it (ms-swift #9855, miles #2075)", rollout_without_adapter, adapter_sync=True),
     )
 }
-DEFAULT_PLAN = "swift-colocate-lora"
 
 
 def get_plan(name: str) -> Plan:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 from ..adapter.modules import module_kind
+from ..catalog import OK
 from ..result import PhaseResult, Report
 from .format import esc, finite_or_none, fmt, layer_label
 
@@ -193,7 +194,7 @@ def scale_chart_svg(report: Report) -> str:
             y = y_of(value)
             runs[-1].append((x, y))
             clipped = not (y_min <= value <= y_max)
-            wrong = layer.verdict != "ok"
+            wrong = layer.verdict != OK
             cls = "point" + (" wrong" if wrong else "") + (" clipped" if clipped else "")
             tip = (
                 f"phase {phase.index + 1} {phase.name} · {layer.module}\nα = {fmt(layer.effective_scale, '.4f')} · "

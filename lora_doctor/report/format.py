@@ -6,6 +6,7 @@ import math
 from html import escape
 
 from ..adapter.modules import layer_index, module_kind
+from ..catalog import OK
 from ..result import ModuleResult, PhaseResult, Report
 
 ENVIRONMENT_KEYS = ("python", "torch", "vllm", "transformers", "peft", "device", "reference_device")
@@ -199,7 +200,7 @@ def layer_grid(layers: list[ModuleResult]) -> tuple[list[str], list[tuple[str, d
 
 
 def wrong_layers(phase: PhaseResult) -> list[ModuleResult]:
-    return [layer for layer in phase.layers if layer.verdict != "ok"]
+    return [layer for layer in phase.layers if layer.verdict != OK]
 
 
 def parts_summary(phase: PhaseResult) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from importlib.resources import files
 
-from ..measure.verdict import cause_for
+from ..catalog import HEALTHY, OK, cause_for
 from ..result import ModuleResult, Report
 from .charts import KL_LOG_RANGE, kl_chart_svg, phase_colour, prompt_colour, scale_chart_svg
 from .format import (
@@ -55,7 +55,7 @@ def _headline(report: Report) -> str:
 
 
 def _badge(verdict: str, big: bool = False) -> str:
-    kind = "good" if verdict.lower() in ("ok", "pass") else "bad"
+    kind = "good" if verdict.lower() in HEALTHY else "bad"
     size = " big" if big else ""
     return f'<span class="badge {kind}{size}">{esc(verdict)}</span>'
 
@@ -106,7 +106,7 @@ def _banner(report: Report) -> str:
         verdicts = list(dict.fromkeys(p.verdict for p in bad))
         what = f"{len(bad)} of {len(report.phases)} sync phases wrong " + " ".join(_badge(v) for v in verdicts)
     else:
-        what = f"all {len(report.phases)} sync phases {_badge('ok')}"
+        what = f"all {len(report.phases)} sync phases {_badge(OK)}"
     tool = report.tool or {}
     ckpt = report.checkpoint or {}
     return (
@@ -351,7 +351,7 @@ def _layer_grid_table(layers: list[ModuleResult]) -> str:
             if layer is None:
                 cells.append('<td class="num muted">—</td>')
                 continue
-            cls = "num cell-ok" if layer.verdict == "ok" else "num cell-bad"
+            cls = "num cell-ok" if layer.verdict == OK else "num cell-bad"
             tip = f"{layer.module}: {layer.verdict}, divergence {fmt(layer.divergence, '.2e')}"
             cells.append(f'<td class="{cls}" title="{esc(tip)}">{esc(fmt(layer.effective_scale, ".3f"))}</td>')
         body.append(f"<tr>{''.join(cells)}</tr>")

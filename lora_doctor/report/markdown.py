@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from ..measure.verdict import cause_for
+from ..catalog import HEALTHY, OK, cause_for
 from ..result import PhaseResult, Report
 from .format import (
     DECODE_COLUMNS,
@@ -79,7 +79,7 @@ def _details(summary: str, body: list[str], open_: bool = False) -> list[str]:
 
 
 def _verdict_mark(verdict: str) -> str:
-    if verdict in ("ok", "pass"):
+    if verdict in HEALTHY:
         return f"✅ {verdict}"
     return f"❌ **{verdict}**"
 
@@ -251,7 +251,7 @@ def _layer_section(phase: PhaseResult) -> list[str]:
             layer = row.get(kind)
             if layer is None:
                 cells.append("—")
-            elif layer.verdict == "ok":
+            elif layer.verdict == OK:
                 cells.append(fmt(layer.effective_scale, ".3f"))
             else:
                 cells.append(f"**{fmt(layer.effective_scale, '.3f')}**")

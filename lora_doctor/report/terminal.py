@@ -7,7 +7,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from ..measure.verdict import cause_for
+from ..catalog import FAIL, OK, PASS, cause_for
 from ..result import PhaseResult, Report
 from .format import (
     DECODE_COLUMNS,
@@ -25,7 +25,7 @@ from .format import (
     wrong_layers,
 )
 
-VERDICT_STYLE = {"ok": "bold green", "pass": "bold green", "fail": "bold red"}
+VERDICT_STYLE = {OK: "bold green", PASS: "bold green", FAIL: "bold red"}
 
 
 def _style(verdict: str) -> str:
@@ -128,7 +128,7 @@ def _layer_summary(phase: PhaseResult, full: bool):
         cells = []
         for kind in kinds:
             layer = row.get(kind)
-            cells.append(Text(f"{layer.effective_scale:.3f}", style=_style(layer.verdict)) if layer else Text("—", style="dim"))
+            cells.append(Text(_figure(layer.effective_scale, ".3f"), style=_style(layer.verdict)) if layer else Text("—", style="dim"))
         table.add_row(label, *cells)
     return Group(table, Text(f"{title}: the engine's two parts, {parts_summary(phase)} (base 1 = merged, slot 1 = adapter loaded)"))
 
@@ -142,9 +142,9 @@ def _layer_detail(phase: PhaseResult) -> Table:
             layer.module,
             _figure(layer.base_part, ".4f"),
             _figure(layer.slot_part, ".4f"),
-            f"{layer.effective_scale:.4f}",
-            f"{layer.residual:.2e}",
-            f"{layer.divergence:.2e}",
+            _figure(layer.effective_scale, ".4f"),
+            _figure(layer.residual, ".2e"),
+            _figure(layer.divergence, ".2e"),
             _figure(layer.delta_ratio, ".1e"),
             Text(layer.verdict, style=_style(layer.verdict)),
         )
@@ -152,6 +152,7 @@ def _layer_detail(phase: PhaseResult) -> Table:
 
 
 def _figure(value: float | None, spec: str) -> str:
+    # None: not measured, or a NaN/Inf figure a saved JSON report holds as null (a non_finite module).
     return "—" if value is None else format(value, spec)
 
 

@@ -3,7 +3,8 @@
 For rows of a bf16 export W_m, of the base W0 and of ΔW (float32), a correct merge holds
 E = round(round(W0) + round(ΔW)) (PEFT's merge in bf16: `merge_in_dtype`), or, for a float32 base
 merged in float32 and saved in bf16, E = round(W0 + ΔW). The audit needs, with
-e = W_m − E and D = E − W0, the six sums ‖e‖², ⟨e, D⟩, ⟨e, ΔW⟩, ‖D‖², ⟨D, ΔW⟩ and ‖ΔW‖².
+e = W_m − E and D = E − W0, the six sums ‖e‖², ⟨e, D⟩, ⟨e, ΔW⟩, ‖D‖², ⟨D, ΔW⟩ and ‖ΔW‖², and ‖W0‖² (the
+dtype's rounding scales with it).
 
 Written as torch operations this is about a dozen passes over the rows (conversions, the rounding, two
 differences, five dot products): ~2 GB/s of export + base on one core. Here each element is read
@@ -65,6 +66,7 @@ def _block(merged, base, delta, once):
     kept = np.float32(0.0)
     kept_delta = np.float32(0.0)
     delta_delta = np.float32(0.0)
+    base_base = np.float32(0.0)
     for i in range(delta.size):  # a loop over the whole arrays vectorizes; range(start, stop) did not
         x = delta[i]
         w0 = _widen(base[i])
@@ -77,22 +79,23 @@ def _block(merged, base, delta, once):
         kept += d * d
         kept_delta += d * x
         delta_delta += x * x
-    return ee, e_kept, e_delta, kept, kept_delta, delta_delta
+        base_base += w0 * w0
+    return ee, e_kept, e_delta, kept, kept_delta, delta_delta, base_base
 
 
 @njit(nogil=True, fastmath=_FAST, cache=True)
 def _sums(merged, base, delta, once):
-    totals = np.zeros(6, dtype=np.float64)
+    totals = np.zeros(7, dtype=np.float64)
     for start in range(0, delta.size, _BLOCK):
         stop = min(start + _BLOCK, delta.size)
         sums = _block(merged[start:stop], base[start:stop], delta[start:stop], once)
-        for k in range(6):
+        for k in range(7):
             totals[k] += sums[k]
     return totals
 
 
 def bf16_sums(merged: torch.Tensor, base: torch.Tensor, delta: torch.Tensor, once: bool = False) -> tuple[float, ...]:
-    """(‖e‖², ⟨e, D⟩, ⟨e, ΔW⟩, ‖D‖², ⟨D, ΔW⟩, ‖ΔW‖²) for contiguous rows: `merged` bf16, `base` bf16 or
+    """(‖e‖², ⟨e, D⟩, ⟨e, ΔW⟩, ‖D‖², ⟨D, ΔW⟩, ‖ΔW‖², ‖W0‖²) for contiguous rows: `merged` bf16, `base` bf16 or
     float32, `delta` float32, all of one shape. With `once`, the merge expected is E = round(W0 + ΔW), a
     float32 base merged in float32 and then saved in bf16, instead of PEFT's merge in bf16."""
     if merged.dtype != torch.bfloat16 or delta.dtype != torch.float32 or base.dtype not in (torch.bfloat16, torch.float32):
