@@ -86,31 +86,21 @@ def _numel(shape: tuple[int, ...]) -> int:
 COMPILERS = {"cc1plus", "cc1", "g++", "gcc", "c++", "cc", "as", "ld", "collect2"}
 
 
-def tree_pss(pid: int) -> int:
-    """Proportional set size of a process and all its descendants but compilers, in bytes (psutil when
-    installed, else /proc). PSS, not RSS: a child forked from the check (a subprocess it starts)
-    shares the check's pages, and a sum of RSS counted them twice (4.45 GB measured for a 2.4 GB check)."""
-    try:
-        import psutil
-    except ImportError:
-        return sum(_proc_pss(each) for each in _proc_tree(pid))
-    try:
-        root = psutil.Process(pid)
-        processes = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return 0
-    total = 0
-    for process in processes:
-        try:
-            if process.name() not in COMPILERS:
-                total += process.memory_full_info().pss
-        except psutil.Error:
-            pass
-    return total
+def tree_pss(pid: int) -> int | None:
+    """Proportional set size of a process and all its descendants but compilers, in bytes; None when
+    the tree changed while it was read (a child started, ended or exec'd: then its pages may be counted
+    in both processes, as its parent's and as its own before the exec, and one check's 2.9 GB read as
+    5.3 GB). PSS, not RSS: a child forked from the check (a subprocess it starts) shares the check's
+    pages, and a sum of RSS counted them twice (4.45 GB measured for a 2.4 GB check)."""
+    before = _proc_tree(pid)
+    total = sum(_proc_pss(each) for each, _name in before)
+    return total if _proc_tree(pid) == before else None
 
 
-def _proc_tree(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
+def _proc_tree(pid: int) -> list[tuple[int, str]]:
+    """(pid, command name) of `pid` and its descendants but compilers, from /proc."""
+    children: dict[int, list[tuple[int, str]]] = {}
+    names = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
@@ -118,14 +108,15 @@ def _proc_tree(pid: int) -> list[int]:
                 name, parent = stat[stat.index("(") + 1 : stat.rindex(")")], int(stat.rsplit(")", 1)[1].split()[1])
             except (OSError, IndexError, ValueError):
                 continue
+            names[int(entry.name)] = name
             if name not in COMPILERS:
-                children.setdefault(parent, []).append(int(entry.name))
-    found, todo = [], [pid]
+                children.setdefault(parent, []).append((int(entry.name), name))
+    found, todo = [], [(pid, names.get(pid, ""))]
     while todo:
         current = todo.pop()
         found.append(current)
-        todo += children.get(current, [])
-    return found
+        todo += children.get(current[0], [])
+    return sorted(found)
 
 
 def _proc_pss(pid: int) -> int:
@@ -152,7 +143,9 @@ def run_check(base_dir: Path, adapter_dir: Path, plan: str, prompts: Path, repor
 
         def sample() -> None:
             while not done.wait(SAMPLE_SECONDS):
-                peak[0] = max(peak[0], tree_pss(child.pid))
+                pss = tree_pss(child.pid)
+                if pss is not None:  # a sample read while the tree changed is dropped
+                    peak[0] = max(peak[0], pss)
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()

@@ -14,7 +14,7 @@ from .checkpoint import Checkpoint, spec_from_config
 from .inventory import ADAPTER_CONFIG, AdapterInventory, BaseInventory, read_adapter, read_json
 from .modules import layer_index
 from .spec import LoraSpec
-from .weight_files import StreamedWeights, TensorInfo, read_tensor
+from .weight_files import StreamedWeights, TensorInfo, layer_by_layer, read_tensor
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ class MergedWeights:
         return len(self.base)
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for name, info in self.base.tensors.items():
+        for name, info in layer_by_layer(self.base.tensors):
             # No local name for W0: it is freed once merged, not kept while the engine takes the result.
             copy = self.trained_copies.get(name)
             yield name, self.merged(name, copy if copy is not None else read_tensor(info))
