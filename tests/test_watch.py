@@ -64,7 +64,7 @@ def test_a_wrong_scale_is_flagged_and_escalated_at_once(scale, expected):
     watch = Watch(probe=probe)
     healthy_run(watch, rng)
     record = watch.observe(4, *step_tensors(rng, scale), prompts=["p1", "p2"])
-    assert record.flagged and "leaves 1" in record.reason
+    assert record.flagged and "leaves 1" in record.reason and not record.not_a_scale
     assert record.alpha_hat == pytest.approx(expected, abs=record.alpha_hat_uncertainty)
     assert probe.calls == [(4, ["p1", "p2"])]
     assert record.probe_verdict == "double_counted" and record.probe_seconds is not None
@@ -231,8 +231,8 @@ def test_json_lines_events_and_the_startup_probe(tmp_path, monkeypatch):
     assert {"step", "alpha_hat", "logp_diff_mean", "flagged", "probe_verdict", "seconds", "probe_seconds"} <= set(first)
     assert all(isinstance(value, float) for entry in logged for value in entry.values())
     assert logged[1]["lora_doctor/flagged"] == 1.0 and "lora_doctor/alpha_hat" in logged[0]
-    # A flag the probe found healthy raises the floor instead of stopping the run.
-    assert not watch.should_stop and watch.floor.steps == 2
+    # A flag the probe found healthy does not stop the run, and does not feed the floor either.
+    assert not watch.should_stop and watch.floor.steps == 1
 
 
 def test_not_finite_figures_are_null_in_the_json_line(tmp_path):

@@ -10,9 +10,10 @@ class Floor:
     """The largest gap and per-token noise of the run's healthy steps so far.
 
     The first `calibration_steps` unflagged steps (after the start-up probe confirmed the engine) set
-    it; later unflagged steps, and flagged steps a probe found healthy, raise it: a run's gap grows
-    slowly as its policy moves away from the base (bf16 rounds a larger ΔW differently), and only a
-    jump past it is news.
+    it; later unflagged steps raise it: a run's gap grows slowly as its policy moves away from the
+    base (bf16 rounds a larger ΔW differently), and only a jump past it is news. A flagged step never
+    feeds it, even when its probe reads ok: the probe's resolution is bf16's (a KV block one step
+    stale can pass it), and a floor that took the jump would hide the break from every later step.
     """
 
     calibration_steps: int

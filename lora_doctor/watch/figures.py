@@ -45,6 +45,7 @@ class ScaleFit:
     band: float
     signal_rms: float  # rms of t − b per token: the LoRA's effect on the sampled tokens
     residual_rms: float  # rms of the fit's residual per token
+    explains: float  # the share of ‖e − t‖² the fitted scale explains: 1 − ‖r‖² / ‖e − t‖²
 
 
 def as_array(values) -> np.ndarray:
@@ -129,4 +130,6 @@ def scale_fit(engine: np.ndarray, policy: np.ndarray, base: np.ndarray, keep: np
         clustered = math.sqrt(len(rows) / (len(rows) - 1) * float((scores**2).sum())) / sxx
     floor = noise_rms / math.sqrt(sxx) if noise_rms else 0.0
     error = max(independent, clustered, floor)
-    return ScaleFit(alpha, error, SCALE_BAND_SIGMAS * error, math.sqrt(sxx / n), residual_rms)
+    difference = float((np.where(keep, engine - policy, 0.0) ** 2).sum())
+    explains = 1.0 - float((residual**2).sum()) / difference if difference else 1.0
+    return ScaleFit(alpha, error, SCALE_BAND_SIGMAS * error, math.sqrt(sxx / n), residual_rms, explains)

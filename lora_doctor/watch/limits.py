@@ -19,9 +19,11 @@ MEASURABLE_BAND = 0.5
 # skipped: 0.035 over 0.0056) to 700× (W0 + 2ΔW: 3.8).
 GAP_JUMP = 4.0
 
-# A fit whose residual (per token, rms) is this many times the run's noise floor leaves most of the
-# engine's difference unexplained by any scale of the LoRA: α̂ is then "not a scale".
-NOT_A_SCALE = 4.0
+# On a flagged step, the share of the engine's difference from the policy (‖e − t‖²) that the fitted
+# scale explains: below this, whatever the engine computes is not the LoRA at some scale (a stale
+# engine, a stale cache, a wrong route). Measured on the fixture runs: a double count of the 1e-2
+# adapter 0.69–0.90; a push skipped 0.00–0.06, a stale prefix cache 0.00–0.01.
+SCALE_EXPLAINS = 0.5
 
 # Input checks. A log-prob above this is no log-prob (float rounding of a near-certain token stays
 # under 1e-6 in float32 and bf16 log-softmax); probabilities or logits passed by mistake are far above.

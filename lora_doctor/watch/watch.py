@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from . import figures as fig
 from .calibration import Floor
-from .limits import GAP_JUMP, MEASURABLE_BAND, NOT_A_SCALE, SCALE_BAND_SIGMAS
+from .limits import GAP_JUMP, MEASURABLE_BAND, SCALE_BAND_SIGMAS, SCALE_EXPLAINS
 from .log import append, json_line, log_path
 
 
@@ -39,8 +39,10 @@ class WatchStep:
     # rms per token of t - b (the LoRA's effect on the sampled tokens) and of the scale fit's residual.
     signal_rms: float | None = None
     residual_rms: float | None = None
-    # The scale fit leaves most of the engine's difference unexplained (residual ≥ NOT_A_SCALE × the
-    # run's noise): whatever the engine computes, it is not the LoRA at some scale (stale, cache, route).
+    # The share of the engine's difference from the policy (‖e - t‖²) the fitted scale explains, and,
+    # on a flagged step, whether it is under SCALE_EXPLAINS: whatever the engine computes then, it is
+    # not the LoRA at some scale (a stale engine, a stale cache, a wrong route).
+    scale_explains: float | None = None
     not_a_scale: bool = False
     # True once the run's floor was calibrated (the gap can be judged from then on).
     calibrated: bool = False
@@ -155,9 +157,6 @@ class Watch:
             verdict, seconds = self._run_probe(record.step, prompts)
             record.probe_verdict = verdict
             record.probe_seconds = (record.probe_seconds or 0.0) + seconds
-            if verdict == "ok":
-                # The probe found the engine right: this step's gap is the run's, and the floor takes it.
-                floor.learn(gap.mean, gap.rms)
         elif problem is None and gap.tokens:
             floor.learn(gap.mean, gap.rms)
         self.records.append(record)
@@ -185,20 +184,18 @@ class Watch:
                     )
                 else:
                     record.alpha_hat, record.alpha_hat_uncertainty = fit.alpha, fit.band
-                    record.not_a_scale = bool(floor.steps) and fit.residual_rms >= NOT_A_SCALE * floor.noise_rms
+                    record.scale_explains = fit.explains
                     if abs(fit.alpha - 1.0) > fit.band:
                         record.flagged = True
                         reasons.append(f"α̂ = {fit.alpha:.3g} ± {fit.band:.2g} leaves 1")
-                    if record.not_a_scale:
-                        reasons.append(
-                            f"not a scale: the fit leaves {fit.residual_rms:.2g} per token unexplained "
-                            f"(≥ {NOT_A_SCALE:g}× the run's noise {floor.noise_rms:.2g})"
-                        )
         if floor.calibrated and gap.mean > GAP_JUMP * floor.gap_mean:
             record.flagged = True
             reasons.append(f"gap {gap.mean:.3g} jumped past {GAP_JUMP:g}× the run's floor {floor.gap_mean:.3g}")
         elif not floor.calibrated:
             reasons.append(f"calibrating the gap's floor ({floor.steps} of {floor.calibration_steps} steps)")
+        if record.flagged and record.scale_explains is not None and record.scale_explains < SCALE_EXPLAINS:
+            record.not_a_scale = True
+            reasons.append(f"not a scale: a scale of the LoRA explains {record.scale_explains:.0%} of the engine's difference from the policy")
         record.reason = "; ".join(reasons) or None
 
     def _run_probe(self, step: int, prompts) -> tuple[str | None, float]:
