@@ -15,8 +15,8 @@ The watch (`add_watch`) reads what `_generate_and_score_completions` returns for
 batch: `sampling_per_token_logps` (the engine's log-probs of the sampled tokens, e),
 `old_per_token_logps` (the policy's, t, computed with the weights just pushed; both there while
 `vllm_importance_sampling_correction` is on, TRL's default) and `completion_mask`; the base's (b) is
-`ref_per_token_logps` when `beta > 0` with a PEFT policy and no reference model (the adapter
-disabled), else one no-grad forward of the same batch with the adapter disabled.
+`ref_per_token_logps` when `beta > 0` with a PEFT policy, no reference model and no "ref" adapter (the
+adapter disabled), else one no-grad forward of the same batch with the adapter disabled.
 """
 
 from __future__ import annotations
@@ -112,9 +112,15 @@ def add_watch(
     `log_file` (or LORA_DOCTOR_WATCH_LOG). With `stop_on_failure`, a probe that measured a failure
     stops training after that step.
 
-    The base's log-probs are free with `beta > 0` (TRL's reference is the policy with its adapter
-    disabled); with `beta = 0` (TRL's default) the watch runs that forward itself, no-grad, every
-    `base_every` generation batches (α̂ is measured on those; the gap on every batch).
+    The base's log-probs are free with `beta > 0` when TRL made the LoRA from `peft_config` (its
+    reference is then the policy with the adapter disabled); with `beta = 0` (TRL's default), or a
+    `PeftModel` passed in (TRL's reference is then a frozen copy of its adapter, "ref", not the base),
+    the watch runs that forward itself, no-grad, every `base_every` generation batches (α̂ is measured
+    on those; the gap on every batch).
+
+    With TRL's sleep mode the engine sleeps (level 2: its weights discarded) by the time a batch's
+    log-probs exist: an escalation then sends no request (`unresolved`, the reason in the probe's
+    `not_measured["engine"]`, as `probe` does for a sleeping engine) and the step's flag stands alone.
     """
     args = trainer.args
     _needs_colocate(args, "watch")
