@@ -122,12 +122,22 @@ class LoraDoctorCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._unlogged is not None:
-            # transformers' own `Trainer.log`: the log history plus every logger's `on_log`. Called
-            # on the base class because trainers' overrides (TRL's, ms-swift's) flush their
-            # accumulated step metrics into whatever is logged.
-            Trainer.log(self.trainer, self._unlogged)
+            log_figures(self.trainer, control, self._unlogged)
             self._unlogged = None
         return control
+
+
+def log_figures(trainer, control, values: dict[str, float]) -> None:
+    """`values` into the trainer's log history and every configured logger, from a callback's `on_step_end`.
+
+    transformers' own `Trainer.log` (the log history plus every logger's `on_log`), called on the base
+    class because trainers' overrides (TRL's, ms-swift's) flush their accumulated step metrics into
+    whatever is logged. Its `on_log` clears `control.should_log`, which the trainer's own logging of
+    this step waits for (TRL's `sampling/*`, the loss): it is put back as it was.
+    """
+    should_log = control.should_log
+    Trainer.log(trainer, values)
+    control.should_log = should_log
 
 
 def figures(result: PhaseResult) -> dict[str, float]:

@@ -10,17 +10,33 @@ What TRL does, and what the probe therefore uses:
   optimizer steps, starting with the first; `sync_weights` then calls `reset_prefix_cache()`, and
   the engine keeps vLLM's default prefix caching (on): the probe's rollouts read the cache as TRL's do;
 - the probe uses the `lora_request` TRL's own `llm.generate` calls passed (recorded on the engine).
+
+The watch (`add_watch`) reads what `_generate_and_score_completions` returns for every generation
+batch: `sampling_per_token_logps` (the engine's log-probs of the sampled tokens, e),
+`old_per_token_logps` (the policy's, t, computed with the weights just pushed; both there while
+`vllm_importance_sampling_correction` is on, TRL's default) and `completion_mask`; the base's (b) is
+`ref_per_token_logps` when `beta > 0` with a PEFT policy, no reference model and no "ref" adapter (the
+adapter disabled), else one no-grad forward of the same batch with the adapter disabled.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+import time
+import warnings
+from contextlib import contextmanager, nullcontext
+
+from transformers import TrainerCallback
 
 from .. import defaults
-from ..callback import LoraDoctorCallback
+from ..callback import LoraDoctorCallback, log_figures
+from ..engine.deadline import EngineStalled, check_timeout
 from ..engine.driver import WORKER_EXTENSION
 from ..errors import BadInput
-from ..live import RouteRecorder
+from ..live import RouteRecorder, not_measured, probe
+from ..watch import Watch
+
+# What `_generate_and_score_completions` may return beside the ids that a multimodal forward needs.
+_FORWARD_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "image_sizes", "token_type_ids", "mm_token_type_ids")
 
 
 @contextmanager
@@ -57,8 +73,7 @@ def add_probe(trainer, *, every_n_steps: int | None = None, engine_timeout: floa
     TRL's engine may make no progress on a probe's requests (see `lora_doctor.probe`).
     """
     args = trainer.args
-    if not getattr(args, "use_vllm", False) or args.vllm_mode != "colocate":
-        raise BadInput("lora-doctor's TRL probe needs GRPOConfig(use_vllm=True, vllm_mode='colocate'): it reads the trainer's own engine")
+    _needs_colocate(args, "probe")
     sync_every = args.steps_per_generation * args.num_iterations
     every = every_n_steps or sync_every
     if every % sync_every:
@@ -74,3 +89,259 @@ def add_probe(trainer, *, every_n_steps: int | None = None, engine_timeout: floa
     )
     trainer.add_callback(callback)
     return callback
+
+
+def add_watch(
+    trainer,
+    *,
+    log_file=None,
+    stop_on_failure: bool = defaults.STOP_ON_FAILURE,
+    engine_timeout: float = defaults.ENGINE_TIMEOUT,
+    prompts=None,
+    calibration_steps: int = 3,
+    base_every: int = 1,
+    max_new_tokens: int = defaults.PROBE_MAX_NEW_TOKENS,
+    module_read: bool = defaults.MODULE_READ,
+) -> Watch:
+    """Watch every generation batch of TRL's GRPO run; returns the `Watch` (its `records`, `probes`, `should_stop`).
+
+    Each batch's engine and policy log-probs of the sampled tokens (and the base's) go to
+    `Watch.observe` at the step they feed (`state.global_step + 1`, as the callback counts). The
+    start-up probe runs on the first batch's engine; a flagged batch is probed at once, on its own
+    prompts (`prompts`: these instead, e.g. a file of prompts that fill KV blocks) and the route
+    TRL's rollouts named. Figures go through the trainer's logging; one JSON line per step to
+    `log_file` (or LORA_DOCTOR_WATCH_LOG). With `stop_on_failure`, a probe that measured a failure
+    stops training after that step.
+
+    The base's log-probs are free with `beta > 0` when TRL made the LoRA from `peft_config` (its
+    reference is then the policy with the adapter disabled); with `beta = 0` (TRL's default), or a
+    `PeftModel` passed in (TRL's reference is then a frozen copy of its adapter, "ref", not the base),
+    the watch runs that forward itself, no-grad, every `base_every` generation batches (α̂ is measured
+    on those; the gap on every batch).
+
+    With TRL's sleep mode the engine sleeps (level 2: its weights discarded) by the time a batch's
+    log-probs exist: an escalation then sends no request (`unresolved`, the reason in the probe's
+    `not_measured["engine"]`, as `probe` does for a sleeping engine) and the step's flag stands alone.
+    """
+    args = trainer.args
+    _needs_colocate(args, "watch")
+    if not getattr(args, "vllm_importance_sampling_correction", False):
+        raise BadInput(
+            "lora-doctor's TRL watch reads the engine's and the policy's log-probs TRL keeps for "
+            "vllm_importance_sampling_correction=True (its default): it is off"
+        )
+    if not hasattr(trainer.accelerator.unwrap_model(trainer.model), "disable_adapter"):
+        raise BadInput("lora-doctor's TRL watch needs a PEFT policy (a LoRA adapter on the base model)")
+    if base_every < 1:
+        raise BadInput(f"base_every must be at least 1, got {base_every}")
+    callback = _WatchCallback(
+        trainer,
+        log_file=log_file,
+        stop_on_failure=stop_on_failure,
+        engine_timeout=check_timeout(engine_timeout, "engine_timeout"),
+        prompts=prompts,
+        calibration_steps=calibration_steps,
+        base_every=base_every,
+        probe_options={"max_new_tokens": max_new_tokens, "module_read": module_read},
+    )
+    trainer.add_callback(callback)
+    return callback.watch
+
+
+class _WatchCallback(TrainerCallback):
+    """Puts the watch on TRL's generation, sync and wake while the run trains, and takes it off after."""
+
+    def __init__(self, trainer, *, log_file, stop_on_failure, engine_timeout, prompts, calibration_steps, base_every, probe_options):
+        self.trainer = trainer
+        self.prompts = prompts
+        self.base_every = base_every
+        self.engine_timeout = engine_timeout
+        self.probe_options = probe_options
+        self._unlogged: dict[str, float] = {}
+        llm = trainer.vllm_generation.llm
+        model_config = llm.llm_engine.vllm_config.model_config
+        self.watch = Watch(
+            probe=self._probe,
+            log_file=log_file,
+            log=self._unlogged.update,
+            stop_on_failure=stop_on_failure,
+            calibration_steps=calibration_steps,
+            logprobs_mode=str(getattr(model_config, "logprobs_mode", "") or "") or None,
+            temperature=trainer.args.temperature,
+        )
+        self._batches = 0
+        self._lora_layers = None
+        self._recorder = None
+        self._restore: list = []
+
+    # --- what the trainer calls ------------------------------------------------------------------
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        trainer, generation = self.trainer, self.trainer.vllm_generation
+        if state.global_step > 0:
+            self.watch.event(state.global_step + 1, "resume")
+        self._recorder = RouteRecorder(generation.llm, "generate")
+        self._wrap(trainer, "_generate_and_score_completions", self._generated)
+        self._wrap(generation, "sync_weights", self._evented("sync"))
+        if hasattr(generation.llm, "wake_up"):
+            self._wrap(generation.llm, "wake_up", self._evented("wake"))
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._unlogged:
+            log_figures(self.trainer, control, dict(self._unlogged))
+            self._unlogged.clear()
+        if self.watch.should_stop:
+            control.should_training_stop = True
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for target, name, had, before in reversed(self._restore):
+            if had:
+                setattr(target, name, before)
+            else:
+                delattr(target, name)
+        self._restore.clear()
+        if self._recorder is not None:
+            self._recorder.close()
+            self._recorder = None
+        return control
+
+    # --- the watch's parts -----------------------------------------------------------------------
+
+    def _wrap(self, target, name: str, make) -> None:
+        had = name in vars(target)
+        before = vars(target).get(name)
+        setattr(target, name, make(getattr(target, name)))
+        self._restore.append((target, name, had, before))
+
+    def _evented(self, kind: str):
+        def make(original):
+            def recorded(*args, **kwargs):
+                self.watch.event(self.trainer.state.global_step + 1, kind)
+                return original(*args, **kwargs)
+
+            return recorded
+
+        return make
+
+    def _generated(self, original):
+        def generate_and_score(inputs):
+            output = original(inputs)
+            if self.trainer.model.training:
+                self._observe(output)
+            return output
+
+        return generate_and_score
+
+    def _observe(self, output: dict) -> None:
+        step = self.trainer.state.global_step + 1
+        # The step's own prompts as text, made only when a probe needs them (the start, a flagged step).
+        texts = self.prompts if self.prompts is not None else lambda: _prompt_texts(self.trainer, output)
+        if self._batches == 0:
+            self.watch.start(step, texts() if callable(texts) else texts)
+        began = time.perf_counter()
+        mask = output["completion_mask"]
+        if "tool_mask" in output:
+            mask = mask * output["tool_mask"]
+        base = self._base(output)
+        self._batches += 1
+        self.watch.observe(
+            step,
+            output["sampling_per_token_logps"],
+            output["old_per_token_logps"],
+            base,
+            mask=mask,
+            prompts=texts,
+            base_seconds=time.perf_counter() - began,
+        )
+
+    def _base(self, output: dict):
+        """The base's log-probs of the batch's completion tokens (None on batches `base_every` skips)."""
+        trainer = self.trainer
+        peft_model = trainer.accelerator.unwrap_model(trainer.model)
+        if trainer.beta != 0.0 and trainer.ref_model is None and "ref" not in peft_model.peft_config:
+            return output["ref_per_token_logps"]  # TRL's reference: this policy, its adapter disabled
+        if self._batches % self.base_every:
+            return None
+        import torch
+        from trl.models.utils import disable_gradient_checkpointing
+
+        ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+        attention = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+        extra = {key: output[key] for key in _FORWARD_KEYS if key in output}
+        with torch.no_grad(), disable_gradient_checkpointing(trainer.model, trainer.args.gradient_checkpointing_kwargs), self._adapter_off(peft_model):
+            base, _, _ = trainer._get_per_token_logps_and_entropies(
+                trainer.model, ids, attention, output["completion_ids"].size(1), batch_size=trainer.args.per_device_train_batch_size, **extra
+            )
+        return base
+
+    @contextmanager
+    def _adapter_off(self, peft_model):
+        """The policy's LoRA layers switched off for a no-grad forward, and back as they were.
+
+        PEFT's `disable_adapter()` first checks every layer's status (`get_model_status`, a walk of the
+        model's modules per LoRA layer: 5 ms a step on the 2-layer fixture, growing with the square of
+        the layer count) and toggles the adapters' `requires_grad`. Under `no_grad` only the layers'
+        own switch matters; a merged layer (never, between TRL's syncs) goes through PEFT's way.
+        """
+        if self._lora_layers is None:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            self._lora_layers = [module for module in peft_model.modules() if isinstance(module, BaseTunerLayer)]
+        layers = self._lora_layers
+        if any(layer.merged for layer in layers) or not all(hasattr(layer, "_disable_adapters") for layer in layers):
+            with peft_model.disable_adapter():
+                yield
+            return
+        before = [layer._disable_adapters for layer in layers]
+        for layer in layers:
+            layer._disable_adapters = True
+        try:
+            yield
+        finally:
+            for layer, was in zip(layers, before):
+                layer._disable_adapters = was
+
+    def _probe(self, step: int, prompts):
+        """The full probe on TRL's engine, the route its rollouts named, these prompts."""
+        trainer, recorder = self.trainer, self._recorder
+        lora_request = recorder.lora_request if recorder is not None and recorder.seen else None
+        try:
+            with recorder.own_requests() if recorder is not None else nullcontext():
+                return probe(
+                    trainer.vllm_generation.llm,
+                    trainer.accelerator.unwrap_model(trainer.model),
+                    lora_request=lora_request,
+                    prompts=prompts,
+                    name=f"step-{step}",
+                    engine_timeout=self.engine_timeout,
+                    **self.probe_options,
+                )
+        except EngineStalled as stalled:
+            warnings.warn(f"lora-doctor: the watch's probe at step {step} measured nothing: {stalled}", stacklevel=2)
+            return not_measured(f"step-{step}", lora_request is not None, str(stalled))
+
+
+def _prompt_texts(trainer, output: dict) -> list[str]:
+    """The batch's distinct prompts as text (TRL left-pads them; each is repeated per completion).
+
+    The probe tokenizes them again: the text is the one that gives back the rollouts' own token ids
+    (without the BOS the tokenizer adds again), so its requests read the same prefix-cache blocks.
+    """
+    tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
+    bos = tokenizer.bos_token
+    texts = []
+    for ids, mask in zip(output["prompt_ids"], output["prompt_mask"]):
+        ids = ids[mask.bool()].tolist()
+        text = tokenizer.decode(ids)
+        if bos and text.startswith(bos) and tokenizer(text).input_ids != ids:
+            text = text[len(bos) :]
+        if text not in texts:
+            texts.append(text)
+    return texts
+
+
+def _needs_colocate(args, what: str) -> None:
+    if not getattr(args, "use_vllm", False) or args.vllm_mode != "colocate":
+        raise BadInput(f"lora-doctor's TRL {what} needs GRPOConfig(use_vllm=True, vllm_mode='colocate'): it reads the trainer's own engine")
