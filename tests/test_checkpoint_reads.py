@@ -133,6 +133,9 @@ def test_one_default_check_reads_each_checkpoint_file_once(one_check):
     # per phase, and no config, index or header.
     assert not [key for key in reads.own if key[1] in ("worker: json", "worker: header")], reads.own
     assert reads.count("worker: tensor bytes", "adapter_model.safetensors") > 0, reads.own
+    # The adapter's values, in lora-doctor: once for the pre-flight's checks of them (NaN/Inf, an untrained
+    # B), once for the default plan's merge (its factors).
+    assert reads.count("lora-doctor: tensor bytes", "adapter_model.safetensors") == 2, reads.own
     # Nothing else of either folder is read by lora-doctor whole: the rest are tensors' bytes.
     kinds = {kind for _module, kind, _file in reads.own}
     assert kinds <= {"lora-doctor: json", "lora-doctor: header", "lora-doctor: tensor bytes", "worker: tensor bytes"}, kinds
@@ -153,3 +156,26 @@ def test_the_position_limit_is_the_base_configs_as_the_checkpoint_read_it(tmp_pa
     report = tmp_path / "report.json"
     run = run_cli("check", CHECKPOINT, "--prompts", prompts, "--json", report)
     assert_one_line_error(run, 2, "more than the model's 256", unwritten=report)
+
+
+def test_the_workers_request_crosses_every_transport_of_collective_rpc_unchanged():
+    """The request goes by pickle to tensor-parallel workers and by vLLM's msgpack encoder to an engine
+    core in a process of its own, which refuses any object it does not know (a Path, a torch dtype)
+    unless VLLM_ALLOW_INSECURE_SERIALIZATION is set: its wire form must pass both and come back whole."""
+    import pickle
+
+    from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
+
+    from lora_doctor.adapter.checkpoint import load_checkpoint
+    from lora_doctor.engine.worker_contract import from_wire, layer_read, to_wire
+
+    request = layer_read(load_checkpoint(CHECKPOINT))
+    assert len(request.factors) == 14 and request.base_tensors
+    wire = to_wire(request)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("VLLM_ALLOW_INSECURE_SERIALIZATION", raising=False)
+        with pytest.raises(TypeError, match="not serializable"):
+            MsgpackEncoder().encode(request)  # the object itself does not cross
+        crossed = MsgpackDecoder().decode(MsgpackEncoder().encode(wire))
+    assert from_wire(crossed) == request
+    assert from_wire(pickle.loads(pickle.dumps(wire))) == request

@@ -183,7 +183,9 @@ def load_merge_factors(adapter: str | Path | Checkpoint, base: BaseInventory) ->
     from .names import NameMap, engine_naming
 
     adapter_dir, config, spec, inventory = read = opened(adapter)
-    names = adapter.names if isinstance(adapter, Checkpoint) else NameMap(base.tensors, engine_naming(base.architecture))
+    # The opened checkpoint's name map when `base` is its base (built once), else one for `base`.
+    own = isinstance(adapter, Checkpoint) and adapter.base() is base
+    names = adapter.names if own else NameMap(base.tensors, engine_naming(base.architecture))
     merged: dict[str, list[LoraFactors]] = {}
     for module, lora in load_lora_factors(read).items():
         if base.tied_head(module):

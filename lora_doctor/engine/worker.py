@@ -26,7 +26,7 @@ from ..adapter.base_slices import BaseSlices
 from ..adapter.lora_delta import LoraFactors, load_factors, merge_in_dtype
 from ..errors import EnvironmentProblem
 from .capture import PromptLogprobCapture
-from .worker_contract import STAT_KEYS, LayerRead
+from .worker_contract import STAT_KEYS, from_wire
 
 # Weights are streamed in column blocks of at most this many elements per matrix, so memory stays
 # bounded on large layers: a block lives as ~10 float64 arrays (base, slot, W0, ΔW, the merge and
@@ -59,13 +59,15 @@ class LoraDoctorWorker(PromptLogprobCapture):
             "registered_adapters": sorted(manager.list_adapters()) if manager is not None else [],
         }
 
-    def lora_doctor_layer_stats(self, request: LayerRead, lora_int_id: int | None, return_tensors: bool = False) -> list[dict]:
+    def lora_doctor_layer_stats(self, request: dict, lora_int_id: int | None, return_tensors: bool = False) -> list[dict]:
         """Sufficient statistics of the engine's base weight and LoRA slot against ΔW for every
         checkpoint sub-module on this rank: one dict per (module, shard) with its placement in the
         full matrix, the float64 sums of `worker_contract.STAT_KEYS`, "slot": the LoRA slot holding
         `lora_int_id` (None if it is in none: no adapter term) and, if asked, "weight": the local
-        shard of base + slot (float32, out_size × in_size). `request` says where the base's weights
-        and the adapter's factors are; the factors' values are read at every call (not kept)."""
+        shard of base + slot (float32, out_size × in_size). `request` (`worker_contract.to_wire` of a
+        `LayerRead`) says where the base's weights and the adapter's factors are; the factors' values
+        are read at every call (not kept)."""
+        request = from_wire(request)
         model = self.model_runner.get_model()
         manager = model.lora_manager
         if self.model_runner.lora_config.fully_sharded_loras:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..adapter.checkpoint import Checkpoint
 from ..engine.driver import Engine
-from ..engine.worker_contract import layer_read
+from ..engine.worker_contract import layer_read, to_wire
 from ..result import ModuleResult, PhaseResult, Sample
 from .decode_path import base_route_kl, measure_decode
 from .layer_figures import combine_layer_stats
@@ -242,7 +242,7 @@ class PhaseMeasurer:
         ckpt = self.reference.checkpoint
         lora_id = lora_request.lora_int_id if lora_request is not None else None
         request = layer_read(ckpt, adapter)
-        per_rank = engine.rpc("lora_doctor_layer_stats", request, lora_id)
+        per_rank = engine.rpc("lora_doctor_layer_stats", to_wire(request), lora_id)
         results = []
         zero = set()
         for figures in combine_layer_stats(per_rank):

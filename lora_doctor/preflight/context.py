@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+import torch
+
 from ..adapter.checkpoint import LoraSpec
 from ..adapter.inventory import AdapterInventory, BaseInventory
 from ..adapter.names import ModuleNames, NameMap
@@ -36,6 +38,11 @@ class Context:
     @property
     def architectures(self) -> tuple[str, ...]:
         return tuple(self.base.config.get("architectures") or ())
+
+    @cached_property
+    def values(self) -> dict[str, torch.Tensor]:
+        """The adapter's floating-point tensors, read once for the checks of their values."""
+        return self.adapter.floating()
 
     @cached_property
     def module_names(self) -> dict[str, ModuleNames]:

@@ -11,7 +11,7 @@ from .text import abbreviate, compress
 
 
 def check_nan_inf(ctx: Context) -> list[Finding]:
-    found = ctx.adapter.nonfinite()
+    found = ctx.adapter.nonfinite(ctx.values)
     if not found:
         return []
     nan, inf = sum(n for n, _ in found.values()), sum(i for _, i in found.values())
@@ -36,7 +36,7 @@ def _module_of(key: str) -> str:
 
 
 def check_untrained(ctx: Context) -> list[Finding]:
-    if not ctx.adapter.untrained():
+    if not ctx.adapter.untrained(ctx.values):
         return []
     return [
         Finding(
