@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from . import defaults
-from .adapter.checkpoint import Checkpoint, load_checkpoint, load_previous, open_checkpoint
+from .adapter.checkpoint import Checkpoint, load_previous, open_checkpoint
 from .adapter.dtypes import COMPUTE_DTYPES
 from .engine.deadline import check_timeout
 from .engine.driver import Engine, check_engine_options
@@ -66,13 +66,13 @@ def check(checkpoint: str | Path | Checkpoint, *, plan: str = defaults.PLAN, **o
             f"nothing to measure in {checkpoint.adapter_dir}: every lora_B is zero (an untrained adapter: step 0, or a run that "
             f"never trained), so ΔW = 0 and every sync path serves the base alike; {untrained[0].fix}"
         )
+    checkpoint.check_fits_base()
     blockers = measurement_blockers(preflight, chosen)
     if blockers:
         # Measuring an adapter the engine cannot hold meaningfully would only report garbage.
-        ckpt = load_checkpoint(checkpoint)
-        dtype = options.get("dtype") or default_dtype(current_platform(), ckpt.base().dtype or "float32")
+        dtype = options.get("dtype") or default_dtype(current_platform(), checkpoint.base().dtype or "float32")
         thresholds = options.get("thresholds") or Thresholds.for_dtype(dtype).override(options.get("threshold_overrides") or {})
-        return stopped_report(ckpt, chosen, preflight, blockers, thresholds, dtype)
+        return stopped_report(checkpoint, chosen, preflight, blockers, thresholds, dtype)
     with Checker(checkpoint, preflight=preflight, **options) as checker:
         return checker.run(chosen)
 
@@ -158,9 +158,12 @@ class Checker:
         self.engine_options = dict(engine_options or {})
         if self.engine_options:
             check_engine_options(self.engine_options)
+        # Opened once (a path is opened here, an opened `Checkpoint` is taken as it is) and handed on:
+        # nothing below reads a file of the checkpoint or its base but through it.
         checkpoint = open_checkpoint(checkpoint, base)
         self.preflight = preflight or inspect_checkpoint(checkpoint)
-        self.checkpoint = load_checkpoint(checkpoint)
+        checkpoint.check_fits_base()
+        self.checkpoint = checkpoint
         platform = current_platform()
         base_inventory = self.checkpoint.base()
         # A check computes in what the trainer's engine computes in, unless asked otherwise.

@@ -1,67 +1,153 @@
-"""A check opens its checkpoint once: adapter_config.json, the adapter's safetensors header and the base's
-config and weight headers are each read once by lora-doctor, and once per engine by its worker."""
+"""A check opens its checkpoint once, in the adapter wing: in one default check, adapter_config.json, the
+adapter's safetensors header, the base's config.json, its index and each shard's header are read once
+each, all by lora_doctor/adapter/; the engine's worker reads no config and no header (it is handed where
+the tensors are), and no module outside lora_doctor/adapter/ opens a file of the checkpoint or the base.
+
+The libraries lora-doctor drives read the same folders themselves, for what they build: transformers and
+PEFT load the reference from them, vLLM its engine, the tokenizer its files. Those reads are theirs (a
+frame of theirs between lora-doctor's call and the open), recorded and not counted here.
+
+The checkpoint's path through `check()`, wing by wing, is written down in docs/checkpoint-path.md.
+"""
 
 from __future__ import annotations
 
+import builtins
+import io
+import json
+import shutil
 import traceback
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from conftest import BASE, CHECKPOINT, assert_one_line_error, run_cli
-from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-BASE_TENSORS = len(safe_open(str(BASE / "model.safetensors"), "pt").keys())
-WATCHED = {
-    (CHECKPOINT / "adapter_config.json").resolve(): "adapter config",
-    (CHECKPOINT / "adapter_model.safetensors").resolve(): "adapter header",
-    (BASE / "config.json").resolve(): "base config",
-    (BASE / "model.safetensors").resolve(): "base header",  # the fixture's one weight file (no index)
-}
+INDEX = "model.safetensors.index.json"
+# Packages whose own reads of the folders are not lora-doctor's (see the module's docstring).
+LIBRARIES = ("transformers", "peft", "vllm", "tokenizers", "huggingface_hub")
 
 
-def reader() -> str:
-    """Who is reading: the engine's worker (its own process on a real deployment), a tensor's value
-    read when its turn comes in a streamed push (`weight_files.read_tensor`: one tensor's bytes, not the
-    header), the engine driver's rank check of each folder a plan adds (engine/driver.py `_check_rank`,
-    on the folder the sync publishes, a link to the checkpoint's files), which still takes a folder,
-    or lora-doctor's own opening of the checkpoint."""
-    frames = traceback.extract_stack()
-    if any(f.filename.endswith("lora_doctor/engine/worker.py") for f in frames):
-        return "engine"
-    if any(f.filename.endswith("lora_doctor/adapter/weight_files.py") and f.name == "read_tensor" for f in frames):
-        return "tensor value"
-    if any(f.filename.endswith("lora_doctor/engine/driver.py") and f.name == "_check_rank" for f in frames):
-        return "adapter added"
-    return "lora-doctor"
+def sharded_copy(folder: Path) -> Path:
+    """The fixture's base saved in two shards with an index, as large models are."""
+    folder.mkdir()
+    tensors = load_file(str(BASE / "model.safetensors"))
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2], "model-00002-of-00002.safetensors": names[len(names) // 2 :]}
+    for file, keys in shards.items():
+        save_file({key: tensors[key] for key in keys}, str(folder / file), metadata={"format": "pt"})
+    weight_map = {key: file for file, keys in shards.items() for key in keys}
+    (folder / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    for file in BASE.iterdir():
+        if file.suffix == ".json":
+            shutil.copy(file, folder / file.name)
+    return folder
 
 
-def test_one_default_check_reads_each_checkpoint_file_once(tmp_path, monkeypatch):
-    reads: Counter = Counter()
-    real_open = Path.open
+class Reads:
+    """Every open of a file in the watched folders: who opened it and what it read."""
 
-    def counting_open(self, *args, **kwargs):
-        # Path.read_text (the JSON reads) and the header reads both go through Path.open.
-        what = WATCHED.get(self.resolve())
-        if what is not None:
-            reads[reader(), what] += 1
-        return real_open(self, *args, **kwargs)
+    def __init__(self, folders: list[Path]):
+        self.folders = [folder.resolve() for folder in folders]
+        self.own: Counter = Counter()  # (opening module, what, file) → opens, lora-doctor's own
+        self.libraries: Counter = Counter()  # (library, lora-doctor module that called it, file) → opens
 
-    monkeypatch.setattr(Path, "open", counting_open)
-    report = tmp_path / "report.json"
-    run = run_cli("check", CHECKPOINT, "--json", report)
-    monkeypatch.undo()
+    def record(self, path) -> None:
+        try:
+            resolved = Path(path).resolve()
+        except (TypeError, ValueError, OSError):
+            return
+        if resolved.parent not in self.folders:
+            return
+        frames = traceback.extract_stack()[:-2]
+        library = None
+        for frame in reversed(frames):
+            if "/lora_doctor/" in frame.filename:
+                module = "lora_doctor/" + frame.filename.split("/lora_doctor/")[-1]
+                if library is not None:
+                    self.libraries[library, module, resolved.name] += 1
+                else:
+                    self.own[module, self.what(frames), resolved.name] += 1
+                return
+            package = frame.filename.split("site-packages/")[-1].split("/")[0] if "site-packages/" in frame.filename else None
+            if library is None and package in LIBRARIES:
+                library = package
+
+    @staticmethod
+    def what(frames) -> str:
+        """A header or a JSON file read whole, by the engine's worker or by lora-doctor; else a tensor's bytes."""
+        names = {frame.name for frame in frames}
+        side = "worker" if any(frame.filename.endswith("lora_doctor/engine/worker.py") for frame in frames) else "lora-doctor"
+        if "read_header" in names:
+            return f"{side}: header"
+        if names & {"read_json", "_weight_map"}:
+            return f"{side}: json"
+        return f"{side}: tensor bytes"
+
+    def count(self, what: str, file: str) -> int:
+        return sum(n for (_module, kind, name), n in self.own.items() if kind == what and name == file)
+
+
+@pytest.fixture(scope="module")
+def one_check(tmp_path_factory):
+    """One default check of the fixture's adapter on its base in two shards, every open recorded."""
+    base = sharded_copy(tmp_path_factory.mktemp("base") / "tiny-qwen2-sharded")
+    reads = Reads([CHECKPOINT, base])
+    real_open = builtins.open  # io.open: Path.open and read_text call it
+
+    def any_open(file, *args, **kwargs):
+        if isinstance(file, (str, Path)):
+            reads.record(file)
+        return real_open(file, *args, **kwargs)
+
+    import safetensors
+
+    real_safe_open = safetensors.safe_open
+
+    def safe_open(filename, *args, **kwargs):
+        reads.record(filename)
+        return real_safe_open(filename, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(builtins, "open", any_open)
+        patch.setattr(io, "open", any_open)
+        patch.setattr(safetensors, "safe_open", safe_open)  # modules that import it when they read
+        report = tmp_path_factory.mktemp("report") / "report.json"
+        run = run_cli("check", CHECKPOINT, "--base", base, "--json", report)
     assert run.exit_code == 1, run.stderr  # the default plan's double count, measured
     assert report.is_file()
-    for what in WATCHED.values():
-        assert reads["lora-doctor", what] == 1, (what, reads)
-        # Once per engine, not once per phase: the default plan measures two phases.
-        assert reads["engine", what] == 1, (what, reads)
-    # The default plan pushes the merged weights as the base: each base tensor's value is read once, when
-    # its turn comes (the engine's copy is the push's only whole-model copy); the driver reads the config
-    # of the one adapter the default plan adds.
-    assert 0 < reads["tensor value", "base header"] <= BASE_TENSORS, reads
-    assert reads["adapter added", "adapter config"] <= 1 and reads["adapter added", "adapter header"] == 0, reads
-    assert not {what for who, what in reads if who in ("sync merge", "adapter added") and what.startswith("base")}, reads
+    return reads
+
+
+def test_one_default_check_reads_each_checkpoint_file_once(one_check):
+    reads = one_check
+    once = {
+        "json": ["adapter_config.json", "config.json", INDEX],
+        "header": ["adapter_model.safetensors", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"],
+    }
+    for kind, files in once.items():
+        for file in files:
+            assert reads.count(f"lora-doctor: {kind}", file) == 1, (kind, file, reads.own)
+    # The worker is handed where the tensors are (engine/worker_contract.py): it reads their bytes, once
+    # per phase, and no config, index or header.
+    assert not [key for key in reads.own if key[1] in ("worker: json", "worker: header")], reads.own
+    assert reads.count("worker: tensor bytes", "adapter_model.safetensors") > 0, reads.own
+    # The adapter's values, in lora-doctor: once for the pre-flight's checks of them (NaN/Inf, an untrained
+    # B), once for the default plan's merge (its factors).
+    assert reads.count("lora-doctor: tensor bytes", "adapter_model.safetensors") == 2, reads.own
+    # Nothing else of either folder is read by lora-doctor whole: the rest are tensors' bytes.
+    kinds = {kind for _module, kind, _file in reads.own}
+    assert kinds <= {"lora-doctor: json", "lora-doctor: header", "lora-doctor: tensor bytes", "worker: tensor bytes"}, kinds
+
+
+def test_nothing_outside_the_adapter_wing_opens_a_file_of_the_checkpoint_or_the_base(one_check):
+    openers = {module for module, _kind, _file in one_check.own}
+    assert openers, "no read recorded: the recorder saw nothing"
+    outside = {key: n for key, n in one_check.own.items() if not key[0].startswith("lora_doctor/adapter/")}
+    assert not outside, f"opened outside lora_doctor/adapter/: {outside}"
+    # The libraries' own reads are there too (the reference, the engine, the tokenizer), and not lora-doctor's.
+    assert {library for library, _module, _file in one_check.libraries} >= {"transformers", "vllm"}, one_check.libraries
 
 
 def test_the_position_limit_is_the_base_configs_as_the_checkpoint_read_it(tmp_path):
@@ -70,3 +156,26 @@ def test_the_position_limit_is_the_base_configs_as_the_checkpoint_read_it(tmp_pa
     report = tmp_path / "report.json"
     run = run_cli("check", CHECKPOINT, "--prompts", prompts, "--json", report)
     assert_one_line_error(run, 2, "more than the model's 256", unwritten=report)
+
+
+def test_the_workers_request_crosses_every_transport_of_collective_rpc_unchanged():
+    """The request goes by pickle to tensor-parallel workers and by vLLM's msgpack encoder to an engine
+    core in a process of its own, which refuses any object it does not know (a Path, a torch dtype)
+    unless VLLM_ALLOW_INSECURE_SERIALIZATION is set: its wire form must pass both and come back whole."""
+    import pickle
+
+    from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
+
+    from lora_doctor.adapter.checkpoint import load_checkpoint
+    from lora_doctor.engine.worker_contract import from_wire, layer_read, to_wire
+
+    request = layer_read(load_checkpoint(CHECKPOINT))
+    assert len(request.factors) == 14 and request.base_tensors
+    wire = to_wire(request)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("VLLM_ALLOW_INSECURE_SERIALIZATION", raising=False)
+        with pytest.raises(TypeError, match="not serializable"):
+            MsgpackEncoder().encode(request)  # the object itself does not cross
+        crossed = MsgpackDecoder().decode(MsgpackEncoder().encode(wire))
+    assert from_wire(crossed) == request
+    assert from_wire(pickle.loads(pickle.dumps(wire))) == request

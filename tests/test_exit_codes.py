@@ -19,6 +19,7 @@ from failing_engine_plans import no_memory_left
 from processes import run_process
 from safetensors.torch import load_file, save_file
 
+from lora_doctor.engine.worker_contract import layer_read, to_wire
 from lora_doctor.errors import EnvironmentProblem
 
 pytestmark = pytest.mark.slow  # builds engines of its own or runs a trainer (`make test-quick` leaves it out)
@@ -196,7 +197,7 @@ def test_the_per_module_read_refuses_fully_sharded_lora_with_the_logits_only_hin
     config.fully_sharded_loras = True
     try:
         with pytest.raises(EnvironmentProblem, match="fully sharded.*--no-module-read"):
-            worker.lora_doctor_layer_stats(str(BASE), str(CHECKPOINT), None)
+            worker.lora_doctor_layer_stats(to_wire(layer_read(checker.checkpoint)), None)
     finally:
         config.fully_sharded_loras = False
 

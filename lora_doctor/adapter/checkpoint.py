@@ -12,8 +12,15 @@ from ..errors import BadInput
 from .inventory import ADAPTER_WEIGHTS, AdapterInventory, BaseInventory, read_adapter, read_base, read_json
 from .spec import ADAPTER_CONFIG, PEFT_DEFAULT_ALPHA, LoraSpec, pattern_key, spec_from_config
 
-__all__ = ["ADAPTER_CONFIG", "PEFT_DEFAULT_ALPHA", "Checkpoint", "LoraSpec", "load_checkpoint", "open_checkpoint", "pattern_key", "spec_from_config"]
+__all__ = ["ADAPTER_CONFIG", "PEFT_DEFAULT_ALPHA", "Checkpoint", "LoraSpec", "adapter_spec", "load_checkpoint", "open_checkpoint", "pattern_key", "spec_from_config"]
 
+# The checkpoint's facts in the check's JSON report, in its order (docs/json-report.md).
+REPORTED = ("path", "base_model", "base_path", "r", "lora_alpha", "use_rslora", "scaling", "target_modules")
+# And in the pre-flight's (`lora-doctor inspect --json`), in its order.
+DETAILED = (
+    "path", "base_path", "base_model", "architectures", "r", "lora_alpha", "use_rslora", "scaling", "target_modules",
+    "max_rank", "lora_modules", "adapter_dtype", "base_dtype",
+)
 # What tells two base models apart when their folders differ (a copy of the same model agrees on all).
 BASE_IDENTITY = ("model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size")
 
@@ -53,26 +60,46 @@ class Checkpoint:
         return NameMap(base.tensors, engine_naming(base.architecture))
 
     def check_fits_base(self) -> None:
-        """`BadInput` unless every LoRA module has both factors and a base weight of their shape."""
+        """`BadInput` unless every LoRA module has both factors and a base weight of their shape
+        (checked once: a checkpoint that fits keeps fitting)."""
+        self._fits_base  # noqa: B018 (the property raises, or records that it fits)
+
+    @cached_property
+    def _fits_base(self) -> bool:
         adapter = self.adapter_inventory
         incomplete = sorted(m for m, factors in adapter.lora_modules.items() if set(factors) != {"A", "B"})
         if incomplete:
             raise BadInput(f"{adapter.file}: {incomplete[0]} has lora_A or lora_B but not both")
         check_fits_base(adapter, self.base_inventory, self.names)
+        return True
 
-    def summary(self) -> dict:
-        """The checkpoint as the JSON report records it."""
+    def summary(self, detailed: bool = False) -> dict:
+        """The checkpoint as the reports record it, built here alone: the check's JSON report takes
+        `REPORTED`; `detailed` (the pre-flight's, `lora-doctor inspect`) adds the architecture, the
+        largest rank, the module count and the dtypes."""
         spec = self.spec
-        return {
+        facts = {
             "path": str(self.adapter_dir),
-            "base_model": self.base_model,
             "base_path": str(self.base_dir),
+            "base_model": self.base_model,
             "r": spec.r,
             "lora_alpha": spec.lora_alpha,
             "use_rslora": spec.use_rslora,
             "scaling": spec.scaling,
             "target_modules": spec.target_modules,
         }
+        if not detailed:
+            return {key: facts[key] for key in REPORTED}
+        adapter, base = self.adapter_inventory, self.base_inventory
+        adapter_dtypes = sorted({t.dtype_name for factors in adapter.lora_modules.values() for t in factors.values()})
+        facts.update(
+            architectures=list(base.config.get("architectures") or ()),
+            max_rank=spec.max_rank,
+            lora_modules=len(adapter.lora_modules),
+            adapter_dtype=adapter_dtypes[0] if len(adapter_dtypes) == 1 else adapter_dtypes,
+            base_dtype=base.dtype,
+        )
+        return {key: facts[key] for key in DETAILED}
 
     @property
     def tokenizer_dir(self) -> Path:
@@ -92,7 +119,9 @@ def open_checkpoint(path: str | Path | Checkpoint, base: str | Path | None = Non
     config = read_json(adapter_dir / ADAPTER_CONFIG)
     spec = spec_from_config(config, adapter_dir)
     base_model = str(base) if base is not None else spec.base_model_name_or_path or ""
-    return _opened(adapter_dir, config, spec, base_model, resolve_base(base_model, adapter_dir, explicit=base is not None))
+    checkpoint = _opened(adapter_dir, config, spec, base_model, resolve_base(base_model, adapter_dir, explicit=base is not None))
+    checkpoint.base_inventory  # noqa: B018 (read now, once: every part of a check asks for it)
+    return checkpoint
 
 
 def _opened(adapter_dir: Path, config: dict, spec: LoraSpec, base_model: str, base_dir: Path) -> Checkpoint:
@@ -129,8 +158,16 @@ def load_previous(path: str | Path | Checkpoint, checkpoint: Checkpoint) -> Chec
                     f"{checkpoint.base_dir} ({key} {ours.get(key)!r}), the base of {checkpoint.adapter_dir}: pass an older checkpoint of the same run"
                 )
         previous = _opened(adapter_dir, config, spec, str(checkpoint.base_dir), checkpoint.base_dir)
+        # The same base, read once: the previous state shares the checkpoint's inventory and name map.
+        previous.__dict__.update(base_inventory=checkpoint.base_inventory, names=checkpoint.names)
     previous.check_fits_base()
     return previous
+
+
+def adapter_spec(adapter_dir: str | Path) -> LoraSpec:
+    """The validated spec of an adapter folder that is no opened checkpoint (one a plan adds itself)."""
+    adapter_dir = Path(adapter_dir)
+    return spec_from_config(read_json(adapter_dir / ADAPTER_CONFIG), adapter_dir)
 
 
 def _local_base(named: str | None, adapter_dir: Path) -> Path | None:

@@ -18,7 +18,7 @@ import torch
 
 from ..errors import BadInput
 from .spec import ADAPTER_CONFIG  # noqa: F401 (re-exported: its one home is spec.py)
-from .weight_files import TensorInfo, model_tensors, read_header
+from .weight_files import TensorInfo, model_tensors, read_header, read_tensors
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # PEFT's key prefix in a saved adapter: the wrapper's `base_model.model.` around the trainer's model.
@@ -67,34 +67,40 @@ class AdapterInventory:
                 copies[name.replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")] = t
         return copies
 
-    def nonfinite(self) -> dict[str, tuple[int, int]]:
-        """Tensors holding NaN or Inf values (key without PEFT's prefix → (NaN count, Inf count))."""
-        floating = [t for t in self.tensors if t.dtype.is_floating_point]
+    def floating(self) -> dict[str, torch.Tensor]:
+        """The values of every floating-point tensor of the file, by key (read once: one open)."""
+        return self.read([t for t in self.tensors if t.dtype.is_floating_point])
+
+    def nonfinite(self, values: dict[str, torch.Tensor] | None = None) -> dict[str, tuple[int, int]]:
+        """Tensors holding NaN or Inf values (key without PEFT's prefix → (NaN count, Inf count));
+        `values`: `floating()`'s, when the caller has read them."""
         found = {}
-        for key, values in self.read(floating).items():
-            nan, inf = int(torch.isnan(values).sum()), int(torch.isinf(values).sum())
+        for key, value in (self.floating() if values is None else values).items():
+            nan, inf = int(torch.isnan(value).sum()), int(torch.isinf(value).sum())
             if nan or inf:
                 found[key.removeprefix(PEFT_PREFIX)] = (nan, inf)
         return found
 
-    def untrained(self) -> bool:
+    def untrained(self, values: dict[str, torch.Tensor] | None = None) -> bool:
         """Every LoRA B is zero (PEFT's initialization: step 0, or a run that never trained): ΔW = 0 on
-        every module, and the file holds nothing else a merge would write."""
+        every module, and the file holds nothing else a merge would write. `values`: `floating()`'s,
+        when the caller has read them."""
         if self.trainable_tokens or self.full_modules:
             return False
         b = [factors["B"] for factors in self.lora_modules.values() if "B" in factors]
-        return bool(b) and all(not bool(values.any()) for values in self.read(b).values())
+        read = self.read(b) if values is None else {t.name: values[t.name] for t in b}
+        return bool(b) and all(not bool(value.any()) for value in read.values())
 
     def read(self, tensors: list[TensorInfo]) -> dict[str, torch.Tensor]:
-        """The values of some of this file's tensors, by key."""
-        from safetensors import safe_open
-
+        """The values of some of this file's tensors, by key: read at the places the header gave, the
+        file opened once and its header not parsed again (none opened for none)."""
         from ..errors import unreadable_safetensors
 
         try:
-            with safe_open(str(self.file), framework="pt") as handle:
-                return {t.name: handle.get_tensor(t.name) for t in tensors}
-        except Exception as error:  # safetensors raises its own error types for corrupt data
+            return read_tensors(tensors) if tensors else {}
+        except BadInput:
+            raise
+        except Exception as error:  # out of memory is the machine's, not the file's
             raise unreadable_safetensors(self.file, error) from None
 
 

@@ -14,7 +14,7 @@ from .checkpoint import Checkpoint, spec_from_config
 from .inventory import ADAPTER_CONFIG, AdapterInventory, BaseInventory, read_adapter, read_json
 from .modules import layer_index
 from .spec import LoraSpec
-from .weight_files import StreamedWeights, TensorInfo, layer_by_layer, read_tensor
+from .weight_files import StreamedWeights, TensorInfo, layer_by_layer, read_tensor, read_tensors
 
 
 @dataclass(frozen=True)
@@ -123,22 +123,52 @@ def opened(adapter: str | Path | Checkpoint | OpenedAdapter) -> OpenedAdapter:
     return OpenedAdapter(adapter_dir, config, spec_from_config(config, adapter_dir), read_adapter(adapter_dir))
 
 
-def load_lora_factors(adapter: str | Path | Checkpoint | OpenedAdapter) -> dict[str, LoraFactors]:
-    """Module name of the base model (e.g. "model.layers.0.self_attn.q_proj") → its LoRA factors, of an
-    opened `Checkpoint` or adapter, or an adapter folder."""
+@dataclass(frozen=True)
+class FactorRef:
+    """Where one linear module's LoRA factors sit in the adapter file, and PEFT's scaling of them: the
+    one description every ΔW of lora-doctor is formed from (`load`). Small to pickle (places, not
+    values): an engine's workers receive it and read the two tensors' bytes alone."""
+
+    module: str  # the adapter's name of the module
+    A: TensorInfo
+    B: TensorInfo
+    scaling: float
+    fan_in_fan_out: bool = False
+
+    def load(self, values: dict[str, torch.Tensor]) -> LoraFactors:
+        """The factors, their values taken from `values` (by tensor key: `load_factors` reads them)."""
+        return LoraFactors(A=values[self.A.name], B=values[self.B.name], scaling=self.scaling, fan_in_fan_out=self.fan_in_fan_out)
+
+
+def factor_refs(adapter: str | Path | Checkpoint | OpenedAdapter) -> dict[str, FactorRef]:
+    """Adapter module name → where its linear LoRA factors are and their scaling (rank and alpha
+    patterns, rsLoRA, fan_in_fan_out from the validated spec)."""
     adapter_dir, _config, spec, inventory = opened(adapter)
     if spec.use_dora:
         raise BadInput(f"{adapter_dir}: DoRA adapters are not supported (ΔW is not scaling·B·A)")
-    values = inventory.read([t for factors in inventory.linear.values() for t in factors.values()])
     return {
-        module: LoraFactors(
-            A=values[factors["A"].name],
-            B=values[factors["B"].name],
-            scaling=spec.scaling_for(module),
-            fan_in_fan_out=spec.fan_in_fan_out,
-        )
+        module: FactorRef(module, factors["A"], factors["B"], spec.scaling_for(module), spec.fan_in_fan_out)
         for module, factors in inventory.linear.items()
     }
+
+
+def base_key(module: str, names) -> str:
+    """The base weight an adapter module's ΔW applies to (`names`: the checkpoint's `names.NameMap`):
+    an adapter may name a module otherwise than its base (a multimodal base saved as `model.layers.*`
+    whose adapter says `model.language_model.layers.*`). The merge and the per-module read join on it."""
+    return names.base_key(module) or f"{module}.weight"
+
+
+def load_factors(refs: dict[str, FactorRef]) -> dict[str, LoraFactors]:
+    """The factors `refs` place, by the same keys: ΔW's one form (`LoraFactors.delta`), each file opened once."""
+    values = read_tensors([t for ref in refs.values() for t in (ref.A, ref.B)])
+    return {key: ref.load(values) for key, ref in refs.items()}
+
+
+def load_lora_factors(adapter: str | Path | Checkpoint | OpenedAdapter) -> dict[str, LoraFactors]:
+    """Module name of the base model (e.g. "model.layers.0.self_attn.q_proj") → its LoRA factors, of an
+    opened `Checkpoint` or adapter, or an adapter folder."""
+    return load_factors(factor_refs(adapter))
 
 
 def load_merge_factors(adapter: str | Path | Checkpoint, base: BaseInventory) -> dict[str, LoraFactors]:
@@ -153,14 +183,16 @@ def load_merge_factors(adapter: str | Path | Checkpoint, base: BaseInventory) ->
     from .names import NameMap, engine_naming
 
     adapter_dir, config, spec, inventory = read = opened(adapter)
-    names = NameMap(base.tensors, engine_naming(base.architecture))
+    # The opened checkpoint's name map when `base` is its base (built once), else one for `base`.
+    own = isinstance(adapter, Checkpoint) and adapter.base() is base
+    names = adapter.names if own else NameMap(base.tensors, engine_naming(base.architecture))
     merged: dict[str, list[LoraFactors]] = {}
     for module, lora in load_lora_factors(read).items():
         if base.tied_head(module):
             key = base.embedding_key(module)
             lora = LoraFactors(A=lora.B.T, B=lora.A.T, scaling=lora.scaling, fan_in_fan_out=not lora.fan_in_fan_out)
         else:
-            key = names.base_key(module) or f"{module}.weight"
+            key = base_key(module, names)
         merged.setdefault(key, []).append(lora)
     values = inventory.read([t for factors in inventory.embedding.values() for t in factors.values()])
     for module, factors in inventory.embedding.items():

@@ -66,8 +66,9 @@ def model_tensors(folder: Path) -> dict[str, TensorInfo]:
     if not folder.is_dir():
         raise BadInput(f"{folder} is not a folder; pass the model folder that holds the *.safetensors weights")
     index = folder / INDEX_FILE
-    if index.is_file():
-        files = _indexed_files(index)
+    weight_map = _weight_map(index) if index.is_file() else None  # the index read once
+    if weight_map is not None:
+        files = _indexed_files(index, weight_map)
     else:
         files = sorted(folder.glob("*.safetensors"))
     if not files:
@@ -78,13 +79,12 @@ def model_tensors(folder: Path) -> dict[str, TensorInfo]:
             if name in tensors:
                 raise BadInput(f"{folder}: tensor {name} is in both {tensors[name].path.name} and {file.name}")
             tensors[name] = info
-    if index.is_file():
-        _check_index(index, tensors)
+    if weight_map is not None:
+        _check_index(index, weight_map, tensors)
     return tensors
 
 
-def _indexed_files(index: Path) -> list[Path]:
-    weight_map = _weight_map(index)
+def _indexed_files(index: Path, weight_map: dict[str, str]) -> list[Path]:
     files = [index.parent / name for name in sorted(set(weight_map.values()))]
     absent = [f.name for f in files if not f.is_file()]
     if absent:
@@ -102,8 +102,8 @@ def _weight_map(index: Path) -> dict[str, str]:
     return weight_map
 
 
-def _check_index(index: Path, tensors: dict[str, TensorInfo]) -> None:
-    for name, file in _weight_map(index).items():
+def _check_index(index: Path, weight_map: dict[str, str], tensors: dict[str, TensorInfo]) -> None:
+    for name, file in weight_map.items():
         if name not in tensors or tensors[name].path.name != file:
             raise BadInput(f"{index} puts {name} in {file}, but that shard does not hold it")
 
@@ -235,14 +235,34 @@ def _as_tensor(raw: torch.Tensor, info: TensorInfo, rows: int) -> torch.Tensor:
 def read_tensor(info: TensorInfo) -> torch.Tensor:
     """One tensor's value, read from its file into memory of its own (no memory map: the rest of the
     file stays out of RSS, and the tensor is freed as soon as its last user drops it)."""
-    value = torch.empty(info.nbytes, dtype=torch.uint8)
     try:
         with info.path.open("rb", buffering=0) as handle:
-            handle.seek(info.start)
-            if handle.readinto(memoryview(value.numpy())) != info.nbytes:
-                raise BadInput(f"{info.path} ends inside tensor {info.name}: truncated file")
+            return _read_at(handle, info)
     except OSError as error:
         raise BadInput(f"cannot read {info.path} ({error.strerror or error})") from None
+
+
+def read_tensors(infos: list[TensorInfo]) -> dict[str, torch.Tensor]:
+    """Several tensors' values by key, as `read_tensor` reads one, each file opened once (its header,
+    already read, is not parsed again)."""
+    by_file: dict[Path, list[TensorInfo]] = {}
+    for info in infos:
+        by_file.setdefault(info.path, []).append(info)
+    values = {}
+    try:
+        for path, group in by_file.items():
+            with path.open("rb", buffering=0) as handle:
+                values.update((info.name, _read_at(handle, info)) for info in group)
+    except OSError as error:
+        raise BadInput(f"cannot read {error.filename or 'a weight file'} ({error.strerror or error})") from None
+    return values
+
+
+def _read_at(handle, info: TensorInfo) -> torch.Tensor:
+    value = torch.empty(info.nbytes, dtype=torch.uint8)
+    handle.seek(info.start)
+    if handle.readinto(memoryview(value.numpy())) != info.nbytes:
+        raise BadInput(f"{info.path} ends inside tensor {info.name}: truncated file")
     return value.view(info.dtype).view(info.shape)
 
 

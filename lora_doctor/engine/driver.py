@@ -330,16 +330,19 @@ class Engine:
         with engine_operation("reload its weights from disk"):
             self.llm.collective_rpc("reload_weights")
 
-    def add_adapter(self, path: Path, int_id: int, load_inplace: bool = False, source: Path | None = None):
+    def add_adapter(self, path: Path, int_id: int, load_inplace: bool = False, source: Path | None = None, rank: int | None = None):
         """An adapter sync: register a LoRA adapter folder under `int_id`; returns its request.
 
         `source` is the folder the user named when `path` is a copy of it: messages name `source`.
+        `rank` is the adapter's largest LoRA rank, from its opened spec (the folder is not read here):
+        one above the engine's is refused in lora-doctor's words; None leaves it to vLLM.
         """
         from vllm.lora.request import LoRARequest
 
         self._adapter_ids = max(self._adapter_ids, int_id)
         named = path if source is None else source
-        self._check_rank(path, named)
+        if rank is not None:
+            self._check_rank(rank, named)
         request = LoRARequest(f"lora-doctor-{int_id}", int_id, str(path), load_inplace=load_inplace)
         try:
             self.core.add_lora(request)
@@ -351,15 +354,11 @@ class Engine:
             raise engine_problem(f"load the adapter {named}", error) from None
         return request
 
-    def _check_rank(self, path: Path, named: Path) -> None:
+    def _check_rank(self, rank: int, named: Path) -> None:
         """Refuse, in lora-doctor's words, an adapter above the rank the engine was built for."""
-        from ..adapter.checkpoint import spec_from_config
-        from ..adapter.inventory import read_json
-
         lora_config = self.core.vllm_config.lora_config
         if lora_config is None:
             return  # vLLM's own refusal names the missing enable_lora
-        rank = spec_from_config(read_json(Path(path) / "adapter_config.json"), Path(path)).max_rank
         if rank > lora_config.max_lora_rank:
             raise BadInput(
                 f"the adapter {named} has LoRA rank {rank}, above the engine's max_lora_rank {lora_config.max_lora_rank} "

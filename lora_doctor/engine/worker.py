@@ -1,5 +1,6 @@
 """vLLM worker extension: read what each LoRA-wrapped linear layer of the engine holds — its base
-weight and its loaded adapter slot, apart — against W0 and ΔW from the checkpoint on disk.
+weight and its loaded adapter slot, apart — against W0 and ΔW from the checkpoint on disk, at the places
+the opened checkpoint gives it (`worker_contract.LayerRead`: no config or header is read here).
 
 Loaded in every worker via `LLM(..., worker_extension_cls="lora_doctor.engine.worker.LoraDoctorWorker")`
 and called with `llm.collective_rpc(method_name, args=(...))`, which returns one result per rank.
@@ -8,10 +9,8 @@ and called with `llm.collective_rpc(method_name, args=(...))`, which returns one
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 from vllm.lora.layers import (
     ColumnParallelLinearWithLoRA,
@@ -23,21 +22,17 @@ from vllm.lora.layers import (
 from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
 from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 
-from ..adapter.inventory import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BaseInventory, read_base
-from ..adapter.lora_delta import LoraFactors, load_lora_factors, merge_in_dtype, opened
-from ..adapter.names import NameMap, engine_naming
+from ..adapter.base_slices import BaseSlices
+from ..adapter.lora_delta import LoraFactors, load_factors, merge_in_dtype
 from ..adapter.weight_files import give_back_freed_memory
-from ..errors import BadInput, EnvironmentProblem
-from ..measure.layer_figures import STAT_KEYS
+from ..errors import EnvironmentProblem
 from .capture import PromptLogprobCapture
+from .worker_contract import STAT_KEYS, from_wire
 
 # Weights are streamed in column blocks of at most this many elements per matrix, so memory stays
 # bounded on large layers: a block lives as ~10 float64 arrays (base, slot, W0, ΔW, the merge and
 # their products), 80 MB at 2**20 elements (it was 2**22: 0.3 GB at the read's peak).
 _BLOCK_ELEMENTS = 1 << 20
-
-# Adapters whose config and header a worker keeps (a check reads two: its own and --previous).
-_ADAPTERS_KEPT = 4
 
 # The way out when the per-module read cannot place an engine layout: the logit figures still work.
 _LOGITS_ONLY = "run with --no-module-read for the logit figures only"
@@ -65,18 +60,15 @@ class LoraDoctorWorker(PromptLogprobCapture):
             "registered_adapters": sorted(manager.list_adapters()) if manager is not None else [],
         }
 
-    def lora_doctor_layer_stats(
-        self,
-        base_dir: str,
-        adapter_dir: str,
-        lora_int_id: int | None,
-        return_tensors: bool = False,
-    ) -> list[dict]:
+    def lora_doctor_layer_stats(self, request: dict, lora_int_id: int | None, return_tensors: bool = False) -> list[dict]:
         """Sufficient statistics of the engine's base weight and LoRA slot against ΔW for every
         checkpoint sub-module on this rank: one dict per (module, shard) with its placement in the
-        full matrix, the float64 sums of `lora_delta.STAT_KEYS`, "slot": the LoRA slot holding
+        full matrix, the float64 sums of `worker_contract.STAT_KEYS`, "slot": the LoRA slot holding
         `lora_int_id` (None if it is in none: no adapter term) and, if asked, "weight": the local
-        shard of base + slot (float32, out_size × in_size)."""
+        shard of base + slot (float32, out_size × in_size). `request` (`worker_contract.to_wire` of a
+        `LayerRead`) says where the base's weights and the adapter's factors are; the factors' values
+        are read at every call (not kept)."""
+        request = from_wire(request)
         model = self.model_runner.get_model()
         manager = model.lora_manager
         if self.model_runner.lora_config.fully_sharded_loras:
@@ -85,8 +77,9 @@ class LoraDoctorWorker(PromptLogprobCapture):
         slot = slots.index(lora_int_id) if lora_int_id is not None and lora_int_id in slots else None
         mapper = getattr(model, "hf_to_vllm_mapper", None)
         # Renames only, as vLLM's own LoRA loader does: stacking would turn q_proj into qkv_proj.
-        base = _BaseWeights(self._lora_doctor_base(base_dir).tensors, mapper.get_rename_mapper() if mapper else None)
-        factors, adapter_names = self._lora_doctor_factors(base_dir, adapter_dir)
+        rename = mapper.get_rename_mapper() if mapper else None
+        base = BaseSlices(request.base_tensors, rename.map_name if rename is not None else None)
+        factors = load_factors(request.factors)
         packed = _packed_mapping(model)
         results = []
         for name, layer in manager.modules.items():
@@ -97,49 +90,12 @@ class LoraDoctorWorker(PromptLogprobCapture):
                 # The module's blocks, freed, fragment glibc's heap across modules of other shapes:
                 # +0.27 GB on the 242M model of bench/check_model_scale.py without this, +0.13 with it.
                 give_back_freed_memory()
+        # The shards are named by the base checkpoint, the factors by the adapter: report in the
+        # adapter's names (the reference's and the report's vocabulary).
         for result in results:
-            result["module"] = adapter_names.get(result["module"], result["module"])
+            ref = request.factors.get(result["module"])
+            result["module"] = ref.module if ref is not None else result["module"]
         return results
-
-    def _lora_doctor_base(self, base_dir: str) -> BaseInventory:
-        """The base's inventory (its config and weights' headers), read once per engine: the engine serves this base."""
-        cache = self.__dict__.setdefault("_lora_doctor_bases", {})
-        if base_dir not in cache:
-            cache[base_dir] = read_base(Path(base_dir))
-        return cache[base_dir]
-
-    def _lora_doctor_factors(self, base_dir: str, adapter_dir: str) -> tuple[dict[str, LoraFactors], dict[str, str]]:
-        """An adapter's factors keyed by the base's module names, and the adapter's name of each. Its
-        config and header are read once per engine and adapter, again only when its files changed (a
-        trainer rewrites its adapter folder in place); the factors' values at every call (not kept)."""
-        folder = Path(adapter_dir)
-        stamp = tuple(_stamp(folder / name) for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS))
-        cache = self.__dict__.setdefault("_lora_doctor_adapters", {})
-        if adapter_dir not in cache or cache[adapter_dir][0] != stamp:
-            # A trainer's engine lives for the whole run and a probe snapshots each step's adapter into
-            # a folder of its own: keep the few a check reads (its adapter and --previous), not all.
-            while len(cache) >= _ADAPTERS_KEPT:
-                cache.pop(next(iter(cache)))
-            cache[adapter_dir] = (stamp, opened(folder))
-        base = self._lora_doctor_base(base_dir)
-        names = NameMap(base.tensors, engine_naming(base.architecture))
-        # The shards are named by the base checkpoint, the factors by the adapter: join them on the
-        # base's names, then report in the adapter's (the reference's and the report's vocabulary).
-        factors, adapter_names = {}, {}
-        for module, lora in load_lora_factors(cache[adapter_dir][1]).items():
-            base_name = (names.base_key(module) or f"{module}.weight").removesuffix(".weight")
-            factors[base_name] = lora
-            adapter_names[base_name] = module
-        return factors, adapter_names
-
-
-def _stamp(path: Path) -> tuple | None:
-    """What changes when a file is rewritten or replaced (None: absent; the read then says why)."""
-    try:
-        stat = path.stat()
-    except OSError:
-        return None
-    return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 @dataclass(frozen=True)
@@ -147,7 +103,7 @@ class _Shard:
     """Where rows [row_start, row_start + out_size) of a layer's local output sit in a
     checkpoint sub-module's full weight matrix."""
 
-    module: str  # vLLM name; mapped to the checkpoint's name by _BaseWeights
+    module: str  # vLLM name; mapped to the checkpoint's name by BaseSlices
     row_start: int
     out_size: int
     out_offset: int
@@ -207,12 +163,12 @@ def _shard_stats(
     layer,
     slot: int | None,
     shards: list[_Shard],
-    base: _BaseWeights,
+    base: BaseSlices,
     factors: dict[str, LoraFactors],
     return_tensors: bool,
 ) -> list[dict]:
     """Stream the layer's local weight in column blocks and accumulate each shard's sums
-    (`lora_delta.STAT_KEYS`): the base weight and the adapter slot are read apart."""
+    (`worker_contract.STAT_KEYS`): the base weight and the adapter slot are read apart."""
     names = [base.checkpoint_name(s.module) for s in shards]
     full_shapes = [base.shape(n) for n in names]
     sums = [dict.fromkeys(STAT_KEYS, 0.0) for _ in shards]
@@ -289,40 +245,3 @@ def _base_columns(layer, cols: slice) -> torch.Tensor:
     eye = torch.zeros(n, layer.input_size, dtype=base_layer.params_dtype, device=layer.device)
     eye[torch.arange(n), torch.arange(cols.start, cols.stop)] = 1
     return base_layer.quant_method.apply(base_layer, eye, None).T
-
-
-class _BaseWeights:
-    """Slices of the base model's weights, read straight from its safetensors files."""
-
-    def __init__(self, tensors: dict, mapper=None):
-        self._files = {name: info.path for name, info in tensors.items()}
-        # vLLM module name → checkpoint module name, for models that rename weights on load.
-        self._names = {}
-        for key in self._files:
-            if key.endswith(".weight"):
-                mapped = mapper.map_name(key) if mapper is not None else key
-                if mapped is not None:
-                    self._names[mapped.removesuffix(".weight")] = key.removesuffix(".weight")
-        self._handles = {}
-
-    def checkpoint_name(self, module: str) -> str:
-        if module not in self._names:
-            raise BadInput(f"the base checkpoint has no weight for the engine's module {module}")
-        return self._names[module]
-
-    def shape(self, module: str) -> tuple[int, int]:
-        return tuple(self._slice(module).get_shape())
-
-    def read(self, module: str, rows: slice, cols: slice) -> torch.Tensor:
-        return self._slice(module)[rows, cols]
-
-    def release(self) -> None:
-        """Close the files read so far: the pages of a memory-mapped file stay in the process's RSS
-        while it is open, so a read that kept them open would end up holding the whole base."""
-        self._handles.clear()
-
-    def _slice(self, module: str):
-        file = self._files[f"{module}.weight"]
-        if file not in self._handles:
-            self._handles[file] = safe_open(str(file), framework="pt")
-        return self._handles[file].get_slice(f"{module}.weight")

@@ -1,17 +1,11 @@
 """Per-module figures from the sums the worker extension accumulates per weight shard: how much of ΔW the
-engine's base and its LoRA slot hold. Driver side, no vLLM import."""
+engine's base and its LoRA slot hold (the sums are named in engine/worker_contract.py). Driver side, no vLLM import."""
 
 from __future__ import annotations
 
 import math
 
-# The sums the worker accumulates per shard (float64), over the shard's elements, for
-#   b = W_base − W0_D   what the engine's base weight adds to the base model (W0_D: W0 in the engine's dtype),
-#   s = W_slot          what the engine's LoRA slot adds (0 when the phase generates without an adapter),
-#   Δ = ΔW              the checkpoint's exact LoRA delta,
-#   e = merge_in_dtype(W0, ΔW, D) − W0_D   what a merged sync in the engine's dtype D adds to the base,
-# and w = W0_D itself.
-STAT_KEYS = ("bb", "be", "ee", "bD", "ss", "sD", "bs", "DD", "eD", "ww")
+from ..engine.worker_contract import STAT_KEYS
 
 
 def combine_layer_stats(per_rank_results: list[list[dict]]) -> list[dict]:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from .. import catalog
 from ..adapter.checkpoint import Checkpoint
-from ..adapter.lora_delta import load_lora_factors
 from ..catalog import ADAPTER_NOT_REQUESTED, DECODE_DIVERGED, DIVERGED, MISSING, NON_FINITE, OK, PARTIAL, SCALED, STALE, STALE_CACHE
 from ..engine.driver import Engine
+from ..engine.worker_contract import layer_read, to_wire
 from ..result import ModuleResult, PhaseResult, Sample
 from .decode_path import base_route_kl, measure_decode
 from .layer_figures import combine_layer_stats
@@ -232,9 +232,8 @@ class PhaseMeasurer:
         targeted modules it has no figures for, with the reason."""
         ckpt = self.reference.checkpoint
         lora_id = lora_request.lora_int_id if lora_request is not None else None
-        adapter = adapter or ckpt
-        adapter_dir = adapter.adapter_dir if isinstance(adapter, Checkpoint) else adapter
-        per_rank = engine.rpc("lora_doctor_layer_stats", str(ckpt.base_dir), str(adapter_dir), lora_id)
+        request = layer_read(ckpt, adapter)
+        per_rank = engine.rpc("lora_doctor_layer_stats", to_wire(request), lora_id)
         results = []
         zero = set()
         for figures in combine_layer_stats(per_rank):
@@ -245,8 +244,7 @@ class PhaseMeasurer:
             layer.verdict = module_verdict(layer, self.thresholds)
             results.append(layer)
         read = {layer.module for layer in results}
-        modules = adapter.adapter().linear if isinstance(adapter, Checkpoint) else load_lora_factors(adapter)
-        unread = sorted(set(modules) - read)
+        unread = sorted({ref.module for ref in request.factors.values()} - read)
         served = engine.rpc("lora_doctor_modules")[0]["modules"] if unread else {}
         names = ckpt.names if unread else None
         not_read = [{"module": module, "reason": NOT_READ_ZERO if module in zero else _not_read_reason(module, served, names)} for module in unread]

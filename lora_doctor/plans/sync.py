@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from ..adapter.checkpoint import Checkpoint
+from ..adapter.checkpoint import ADAPTER_CONFIG, Checkpoint, LoraSpec, adapter_spec
 from ..adapter.dtypes import COMPUTE_DTYPES
 from ..adapter.lora_delta import LoraFactors, MergedWeights, load_merge_factors
 from ..adapter.weight_files import StreamedWeights
@@ -106,9 +106,9 @@ class Sync:
     def add_adapter(self, id: int | None = None, load_inplace: bool = False, weights: str | Path = "current") -> int:
         """Adapter sync; `weights` is "current", "previous" (needs --previous) or an adapter folder."""
         int_id = self.engine.new_adapter_id() if id is None else id
-        source = self._adapter_path(weights)
+        source, spec = self._adapter(weights)
         folder = self._publish(source, int_id)
-        self.lora_request = self.engine.add_adapter(folder, int_id, load_inplace, source=source)
+        self.lora_request = self.engine.add_adapter(folder, int_id, load_inplace, source=source, rank=spec.max_rank)
         self._added.add(int_id)
         return int_id
 
@@ -143,17 +143,20 @@ class Sync:
                 os.symlink(file.resolve(), folder / file.name)
         return folder
 
-    def _adapter_path(self, weights: str | Path) -> Path:
+    def _adapter(self, weights: str | Path) -> tuple[Path, LoraSpec]:
+        """The folder of the adapter to sync and its validated spec: the opened checkpoint's or
+        --previous's, else the plan's own folder's (its config read here, once per add: a trainer may
+        rewrite it between adds)."""
         if weights == "current":
-            return self.checkpoint.adapter_dir
+            return self.checkpoint.adapter_dir, self.checkpoint.spec
         if weights == "previous":
             if self.previous is None:
                 raise BadInput("this plan syncs the previous adapter: pass --previous <older checkpoint>")
-            return self.previous.adapter_dir
+            return self.previous.adapter_dir, self.previous.spec
         path = Path(weights)
-        if not (path / "adapter_config.json").is_file():
-            raise BadInput(f"add_adapter: {path} is not an adapter folder (no adapter_config.json)")
-        return path
+        if not (path / ADAPTER_CONFIG).is_file():
+            raise BadInput(f"add_adapter: {path} is not an adapter folder (no {ADAPTER_CONFIG})")
+        return path, adapter_spec(path)
 
     def _base_weights(self) -> StreamedWeights:
         return StreamedWeights(self.checkpoint.base().tensors)
