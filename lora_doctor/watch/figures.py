@@ -48,6 +48,37 @@ class ScaleFit:
     explains: float  # the share of ‖e − t‖² the fitted scale explains: 1 − ‖r‖² / ‖e − t‖²
 
 
+def relative_precision(*values) -> float:
+    """The spacing, relative to their size, of the floats the log-probs were given in: the largest
+    machine epsilon of the inputs' dtypes. Float64 (or lists) count as float32: no engine or trainer
+    computes log-probs in float64, so such numbers carry float32's rounding at best."""
+    epsilon = float(np.finfo(np.float32).eps)
+    for each in values:
+        if each is None:
+            continue
+        dtype = getattr(each, "dtype", None)
+        if dtype is not None and hasattr(each, "detach"):  # torch
+            import torch
+
+            if dtype.is_floating_point:
+                epsilon = max(epsilon, float(torch.finfo(dtype).eps))
+        elif dtype is not None and np.issubdtype(dtype, np.floating):
+            epsilon = max(epsilon, float(np.finfo(dtype).eps))
+    return epsilon
+
+
+def resolution(engine: np.ndarray, policy: np.ndarray, keep: np.ndarray, epsilon: float) -> float:
+    """The per-token difference of e and t that rounding alone makes: `epsilon` times their size (rms
+    over the kept tokens). No gap, residual or noise floor below it means anything: two float32
+    log-probs of the same computation differ by ~1e-7 of their size, and a fit on a handful of tokens
+    can leave a residual of 1e-15 that would make any α̂ ≠ 1 'leave 1'."""
+    n = int(keep.sum())
+    if not n:
+        return 0.0
+    size = float((np.where(keep, engine, 0.0) ** 2).sum() + (np.where(keep, policy, 0.0) ** 2).sum()) / n
+    return epsilon * math.sqrt(size)
+
+
 def as_array(values) -> np.ndarray:
     """A [batch, tokens] float64 array from a torch tensor, a numpy array or nested lists."""
     if hasattr(values, "detach"):
@@ -110,8 +141,8 @@ def gap(engine: np.ndarray, policy: np.ndarray, keep: np.ndarray) -> Gap:
 def scale_fit(engine: np.ndarray, policy: np.ndarray, base: np.ndarray, keep: np.ndarray, noise_rms: float | None = None) -> ScaleFit | None:
     """α̂ = ⟨e − b, t − b⟩ / ‖t − b‖² over the kept tokens with its standard error; None when t = b there.
 
-    `noise_rms`: the run's per-token noise floor (rms of e − t on its healthy steps), a lower bound on
-    the residual the standard error uses.
+    `noise_rms`: a lower bound on the per-token residual the standard error uses: the run's noise
+    floor (rms of e − t on its healthy steps) and at least the numbers' own rounding (`resolution`).
     """
     x = np.where(keep, policy - base, 0.0)
     y = np.where(keep, engine - base, 0.0)

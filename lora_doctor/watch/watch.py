@@ -126,6 +126,7 @@ class Watch:
         problem = "; ".join(p for p in (self._mode_problem, fig.input_problem(engine, policy, base, mask)) if p) or None
         keep = fig.usable(engine, policy, base, mask)
         gap = fig.gap(engine, policy, keep)
+        rounding = fig.resolution(engine, policy, keep, fig.relative_precision(engine_logprobs, policy_logprobs, base_logprobs))
         floor = self.floor
         record = WatchStep(
             step=int(step),
@@ -151,7 +152,7 @@ class Watch:
         elif gap.tokens == 0:
             record.reason = "no completion tokens"
         else:
-            self._judge(record, engine, policy, base, keep, gap)
+            self._judge(record, engine, policy, base, keep, gap, rounding)
         self._merge_startup(record)
         record.seconds = time.perf_counter() - began + base_seconds
         if record.flagged:
@@ -164,19 +165,21 @@ class Watch:
         self._emit(record)
         return record
 
-    def _judge(self, record: WatchStep, engine, policy, base, keep, gap: fig.Gap) -> None:
+    def _judge(self, record: WatchStep, engine, policy, base, keep, gap: fig.Gap, rounding: float) -> None:
+        """`rounding`: the per-token difference the inputs' own float rounding makes (`fig.resolution`),
+        under which no residual, noise or gap floor is taken at its word."""
         floor = self.floor
         reasons = []
         if base is None:
             reasons.append("α̂ not measured: no base log-probs")
         else:
-            fit = fig.scale_fit(engine, policy, base, keep, floor.noise_rms or None)
+            fit = fig.scale_fit(engine, policy, base, keep, max(floor.noise_rms, rounding) or None)
             if fit is None:
                 reasons.append("α̂ not measurable yet: the policy equals the base on these tokens (t = b)")
             else:
                 record.signal_rms, record.residual_rms = fit.signal_rms, fit.residual_rms
                 # The run's noise per token: its floor once it has one, else this step's own residual.
-                noise = floor.noise_rms if floor.steps else fit.residual_rms
+                noise = max(floor.noise_rms if floor.steps else fit.residual_rms, rounding)
                 noise_band = SCALE_BAND_SIGMAS * noise / (fit.signal_rms * math.sqrt(gap.tokens)) if fit.signal_rms else math.inf
                 if fit.signal_rms <= noise or noise_band > MEASURABLE_BAND:
                     reasons.append(
@@ -189,9 +192,10 @@ class Watch:
                     if abs(fit.alpha - 1.0) > fit.band:
                         record.flagged = True
                         reasons.append(f"α̂ = {fit.alpha:.3g} ± {fit.band:.2g} leaves 1")
-        if floor.calibrated and gap.mean > GAP_JUMP * floor.gap_mean:
+        gap_floor = max(floor.gap_mean, rounding)
+        if floor.calibrated and gap.mean > GAP_JUMP * gap_floor:
             record.flagged = True
-            reasons.append(f"gap {gap.mean:.3g} jumped past {GAP_JUMP:g}× the run's floor {floor.gap_mean:.3g}")
+            reasons.append(f"gap {gap.mean:.3g} jumped past {GAP_JUMP:g}× the run's floor {gap_floor:.3g}")
         elif not floor.calibrated:
             reasons.append(f"calibrating the gap's floor ({floor.steps} of {floor.calibration_steps} steps)")
         if record.flagged and record.scale_explains is not None and record.scale_explains < SCALE_EXPLAINS:
