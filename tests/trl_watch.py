@@ -1,6 +1,6 @@
 """A TRL GRPO run of the fixture policy watched by lora-doctor at every step, healthy or broken from step 4.
 
-    python tests/trl_watch.py MODE OUTPUT_DIR --json RESULTS.json [--steps 6] [--beta 0] [--adapter DIR] [--keep-going]
+    python tests/trl_watch.py MODE OUTPUT_DIR --json RESULTS.json [--steps 6] [--beta 0] [--adapter DIR] [--base-every 1] [--keep-going]
 
 MODE: healthy; double (from step 4 the push holds W0 + 2ΔW, what a double count through TRL's merged
 path gives); skipped (from step 4 no push: the engine keeps step 3's policy); stale_cache (the prompts
@@ -129,6 +129,7 @@ def main(argv=None) -> int:
     parser.add_argument("--beta", type=float, default=0.0)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--adapter", type=Path, default=recipe.ADAPTER)
+    parser.add_argument("--base-every", type=int, default=1)
     parser.add_argument("--keep-going", action="store_true")
     options = parser.parse_args(argv)
 
@@ -136,7 +137,7 @@ def main(argv=None) -> int:
     break_from_step(trainer, options.mode)
     seconds = step_times(trainer)
     log_file = Path(options.output_dir) / "watch.jsonl"
-    watch = trl_grpo.add_watch(trainer, log_file=log_file, stop_on_failure=not options.keep_going)
+    watch = trl_grpo.add_watch(trainer, log_file=log_file, stop_on_failure=not options.keep_going, base_every=options.base_every)
     trainer.train()
 
     trl_gap = {entry["step"]: entry[TRL_GAP] for entry in trainer.state.log_history if TRL_GAP in entry}

@@ -228,30 +228,37 @@ class _WatchCallback(TrainerCallback):
 
     def _observe(self, output: dict) -> None:
         step = self.trainer.state.global_step + 1
-        texts = self.prompts if self.prompts is not None else _prompt_texts(self.trainer, output)
+        # The step's own prompts as text, made only when a probe needs them (the start, a flagged step).
+        texts = self.prompts if self.prompts is not None else lambda: _prompt_texts(self.trainer, output)
         if self._batches == 0:
-            self.watch.start(step, texts)
+            self.watch.start(step, texts() if callable(texts) else texts)
+        began = time.perf_counter()
         mask = output["completion_mask"]
         if "tool_mask" in output:
             mask = mask * output["tool_mask"]
-        base, seconds = self._base(output)
+        base = self._base(output)
         self._batches += 1
         self.watch.observe(
-            step, output["sampling_per_token_logps"], output["old_per_token_logps"], base, mask=mask, prompts=texts, base_seconds=seconds
+            step,
+            output["sampling_per_token_logps"],
+            output["old_per_token_logps"],
+            base,
+            mask=mask,
+            prompts=texts,
+            base_seconds=time.perf_counter() - began,
         )
 
     def _base(self, output: dict):
-        """The base's log-probs of the batch's completion tokens, and what they cost the watch (s)."""
+        """The base's log-probs of the batch's completion tokens (None on batches `base_every` skips)."""
         trainer = self.trainer
         peft_model = trainer.accelerator.unwrap_model(trainer.model)
         if trainer.beta != 0.0 and trainer.ref_model is None and "ref" not in peft_model.peft_config:
-            return output["ref_per_token_logps"], 0.0  # TRL's reference: this policy, its adapter disabled
+            return output["ref_per_token_logps"]  # TRL's reference: this policy, its adapter disabled
         if self._batches % self.base_every:
-            return None, 0.0
+            return None
         import torch
         from trl.models.utils import disable_gradient_checkpointing
 
-        began = time.perf_counter()
         ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
         attention = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
         extra = {key: output[key] for key in _FORWARD_KEYS if key in output}
@@ -259,7 +266,7 @@ class _WatchCallback(TrainerCallback):
             base, _, _ = trainer._get_per_token_logps_and_entropies(
                 trainer.model, ids, attention, output["completion_ids"].size(1), batch_size=trainer.args.per_device_train_batch_size, **extra
             )
-        return base, time.perf_counter() - began
+        return base
 
     def _probe(self, step: int, prompts):
         """The full probe on TRL's engine, the route its rollouts named, these prompts."""

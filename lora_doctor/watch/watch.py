@@ -110,8 +110,9 @@ class Watch:
 
     def observe(self, step, engine_logprobs, policy_logprobs, base_logprobs=None, mask=None, prompts=None, base_seconds: float = 0.0) -> WatchStep:
         """Judge one step. Tensors [batch, tokens] (torch or numpy); `mask` 1 at completion tokens;
-        `prompts` the step's prompts (text) for an escalation probe; `base_seconds` the time an
-        integration spent computing `base_logprobs` for the watch (counted as the watch's own)."""
+        `prompts` the step's prompts (text, or a callable returning them, called only when a probe
+        runs) for an escalation probe; `base_seconds` the time an integration spent for the watch
+        before this call (the base's forward), counted as the watch's own."""
         began = time.perf_counter()
         engine = fig.as_array(engine_logprobs)
         policy = fig.as_array(policy_logprobs)
@@ -202,7 +203,7 @@ class Watch:
         if self.probe is None:
             return None, 0.0
         began = time.perf_counter()
-        result = self.probe(step, prompts)
+        result = self.probe(step, prompts() if callable(prompts) else prompts)
         seconds = time.perf_counter() - began
         if result is None:
             return None, seconds
