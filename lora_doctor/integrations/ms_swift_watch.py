@@ -284,20 +284,23 @@ class SwiftWatch:
         if not engine:
             self._notice(f"lora-doctor watch: step {step} not observed: ms-swift kept no engine log-probs for its rollouts")
             return
-        prompts = _prompt_texts(trainer, inputs)
-        seconds = self._seconds + time.perf_counter() - began
+        spent = time.perf_counter() - began
         if not self._started:
             self._started = True
             # The start-up probe on the configured prompts (None: the probe's own), after the first sync.
             self.watch.start(step, None)
+        began = time.perf_counter()
+        engine, policy, mask = _padded(engine), _padded(policy), _padded(mask)
+        base = _padded(base) if all(b is not None for b in base) else None
         self.watch.observe(
             step,
-            _padded(engine),
-            _padded(policy),
-            _padded(base) if all(b is not None for b in base) else None,
-            mask=_padded(mask),
-            prompts=prompts,
-            base_seconds=seconds,
+            engine,
+            policy,
+            base,
+            mask=mask,
+            # Made into text only when a probe needs them.
+            prompts=lambda: _prompt_texts(trainer, inputs),
+            base_seconds=self._seconds + spent + time.perf_counter() - began,
         )
 
     def _processed(self, logps: torch.Tensor | None) -> torch.Tensor | None:
