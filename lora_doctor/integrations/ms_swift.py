@@ -170,7 +170,8 @@ class SwiftProbe(LoraDoctorCallback):
         if self.swift_watch is not None:
             self.swift_watch.close()
         super().on_train_end(args, state, control, **kwargs)  # the engine's add_request as ms-swift made it
-        failed = [result for result in self.results if not result.ok]
+        # A probe that measured nothing (a sleeping or stalled engine) is no failed sync: not exit 1.
+        failed = [result for result in self.results if not result.ok and "engine" not in result.not_measured]
         if self.stop_on_failure and failed:
             exit_with(ProblemDetected(f"lora-doctor stopped the run at {failed[0].name}: {failed[0].verdict} (α = {failed[0].effective_scale:.3f})"))
         return control
