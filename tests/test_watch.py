@@ -243,3 +243,22 @@ def test_not_finite_figures_are_null_in_the_json_line(tmp_path):
     (line,) = path.read_text().splitlines()
     data = json.loads(line)
     assert data["logp_diff_mean"] is None and "not finite" in data["input_problem"]
+
+
+def test_a_failed_startup_probe_stops_and_prompts_are_made_only_for_a_probe():
+    rng = np.random.default_rng(13)
+    made = []
+
+    def prompts():
+        made.append(1)
+        return ["p"]
+
+    probe = Probe("double_counted")
+    watch = Watch(probe=probe)
+    watch.observe(1, *step_tensors(rng), prompts=prompts)
+    assert made == [] and probe.calls == []  # healthy step: no probe, the prompts never made
+    assert watch.start(2, ["s"]).probe_verdict == "double_counted" and watch.should_stop
+    record = watch.observe(2, *step_tensors(rng, 2.0), prompts=prompts)
+    assert made == [1] and probe.calls == [(2, ["s"]), (2, ["p"])]
+    assert record.events == ["start"] and record.probe_verdict == "double_counted"
+    assert Watch().start(1) is None  # no probe: nothing to start

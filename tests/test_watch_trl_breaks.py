@@ -42,3 +42,17 @@ def test_a_push_without_cache_reset_is_flagged_and_named_stale_cache(tmp_path):
     # The escalation probed the step's own prompts, whose shared system prompt fills a KV block.
     probe = data["probes"][str(BREAK_STEP)]
     assert probe["decode_cache_blocks"] >= 1 and probe["decode_kl_no_cache"] <= probe["kl_limit"] < probe["decode_kl_mean"]
+
+
+def test_a_new_lora_is_not_measurable_yet_and_its_base_comes_free_with_beta(tmp_path):
+    """A LoRA TRL makes from `peft_config` (B = 0) with beta > 0: TRL's reference is the base, which the
+    watch takes instead of a forward of its own; at step 1 the policy is the base and α̂ is not measurable."""
+    done, data = watched_run(tmp_path, "healthy", "--fresh-adapter", "--beta", "0.04", "--steps", "3")
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = by_step(data)
+    assert sorted(records) == [1, 2, 3]
+    assert records[1]["alpha_hat"] is None and "not measurable yet" in records[1]["reason"]
+    for record in records.values():
+        assert not record["flagged"], record["reason"]
+        if record["alpha_hat"] is not None:
+            assert abs(record["alpha_hat"] - 1.0) <= record["alpha_hat_uncertainty"], record

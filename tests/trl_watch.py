@@ -1,6 +1,6 @@
 """A TRL GRPO run of the fixture policy watched by lora-doctor at every step, healthy or broken from step 4.
 
-    python tests/trl_watch.py MODE OUTPUT_DIR --json RESULTS.json [--steps 6] [--beta 0] [--adapter DIR] [--base-every 1] [--keep-going]
+    python tests/trl_watch.py MODE OUTPUT_DIR --json RESULTS.json [--steps 6] [--beta 0] [--adapter DIR] [--fresh-adapter] [--base-every 1] [--keep-going]
 
 MODE: healthy; double (from step 4 the push holds W0 + 2ΔW, what a double count through TRL's merged
 path gives); skipped (from step 4 no push: the engine keeps step 3's policy); stale_cache (the prompts
@@ -36,15 +36,26 @@ BREAK_STEP = 4
 TRL_GAP = "sampling/sampling_logp_difference/mean"
 
 
-def build_trainer(output_dir: str, mode: str, steps: int, beta: float, learning_rate: float, adapter: Path):
+def build_trainer(output_dir: str, mode: str, steps: int, beta: float, learning_rate: float, adapter: Path, fresh: bool = False):
     from datasets import Dataset, load_dataset
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(recipe.BASE)
-    policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(recipe.BASE), str(adapter), is_trainable=True)
-    config = GRPOConfig(
+    peft_config = None
+    if fresh:
+        # A new LoRA of the fixture's shape (B = 0), made by TRL from `peft_config`: with beta > 0 its reference is
+        # then the policy with the adapter disabled, the base (a PeftModel passed in gets a frozen copy of its
+        # adapter, named "ref", as the reference instead).
+        from peft import LoraConfig
+
+        known = json.loads((adapter / "adapter_config.json").read_text())
+        peft_config = LoraConfig(r=known["r"], lora_alpha=known["lora_alpha"], target_modules=known["target_modules"], task_type="CAUSAL_LM")
+        policy = AutoModelForCausalLM.from_pretrained(recipe.BASE)
+    else:
+        policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(recipe.BASE), str(adapter), is_trainable=True)
+    arguments = GRPOConfig(
         output_dir=output_dir,
         use_vllm=True,
         vllm_mode="colocate",
@@ -69,7 +80,12 @@ def build_trainer(output_dir: str, mode: str, steps: int, beta: float, learning_
         dataset = Dataset.from_list([{"prompt": f"{SYSTEM_PREFIX}{row['prompt']}{CHAT_SUFFIX}"} for row in dataset])
     with trl_grpo.engine_options():
         trainer = GRPOTrainer(
-            model=policy, reward_funcs=[recipe.format_reward, recipe.distinct_characters], args=config, train_dataset=dataset, processing_class=tokenizer
+            model=policy,
+            reward_funcs=[recipe.format_reward, recipe.distinct_characters],
+            args=arguments,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=peft_config,
         )
     recipe.push_through_reload_weights(trainer)
     return trainer
@@ -130,10 +146,11 @@ def main(argv=None) -> int:
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--adapter", type=Path, default=recipe.ADAPTER)
     parser.add_argument("--base-every", type=int, default=1)
+    parser.add_argument("--fresh-adapter", action="store_true", help="a new LoRA of the adapter's shape instead of the adapter")
     parser.add_argument("--keep-going", action="store_true")
     options = parser.parse_args(argv)
 
-    trainer = build_trainer(options.output_dir, options.mode, options.steps, options.beta, options.learning_rate, options.adapter)
+    trainer = build_trainer(options.output_dir, options.mode, options.steps, options.beta, options.learning_rate, options.adapter, options.fresh_adapter)
     break_from_step(trainer, options.mode)
     seconds = step_times(trainer)
     log_file = Path(options.output_dir) / "watch.jsonl"

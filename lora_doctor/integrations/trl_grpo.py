@@ -15,8 +15,8 @@ The watch (`add_watch`) reads what `_generate_and_score_completions` returns for
 batch: `sampling_per_token_logps` (the engine's log-probs of the sampled tokens, e),
 `old_per_token_logps` (the policy's, t, computed with the weights just pushed; both there while
 `vllm_importance_sampling_correction` is on, TRL's default) and `completion_mask`; the base's (b) is
-`ref_per_token_logps` when `beta > 0` with a PEFT policy and no reference model (the adapter
-disabled), else one no-grad forward of the same batch with the adapter disabled.
+`ref_per_token_logps` when `beta > 0` with a PEFT policy, no reference model and no "ref" adapter (the
+adapter disabled), else one no-grad forward of the same batch with the adapter disabled.
 """
 
 from __future__ import annotations
@@ -112,9 +112,15 @@ def add_watch(
     `log_file` (or LORA_DOCTOR_WATCH_LOG). With `stop_on_failure`, a probe that measured a failure
     stops training after that step.
 
-    The base's log-probs are free with `beta > 0` (TRL's reference is the policy with its adapter
-    disabled); with `beta = 0` (TRL's default) the watch runs that forward itself, no-grad, every
-    `base_every` generation batches (α̂ is measured on those; the gap on every batch).
+    The base's log-probs are free with `beta > 0` when TRL made the LoRA from `peft_config` (its
+    reference is then the policy with the adapter disabled); with `beta = 0` (TRL's default), or a
+    `PeftModel` passed in (TRL's reference is then a frozen copy of its adapter, "ref", not the base),
+    the watch runs that forward itself, no-grad, every `base_every` generation batches (α̂ is measured
+    on those; the gap on every batch).
+
+    With TRL's sleep mode the engine sleeps (level 2: its weights discarded) by the time a batch's
+    log-probs exist: an escalation then sends no request (`unresolved`, the reason in the probe's
+    `not_measured["engine"]`, as `probe` does for a sleeping engine) and the step's flag stands alone.
     """
     args = trainer.args
     _needs_colocate(args, "watch")
@@ -163,6 +169,7 @@ class _WatchCallback(TrainerCallback):
             temperature=trainer.args.temperature,
         )
         self._batches = 0
+        self._lora_layers = None
         self._recorder = None
         self._restore: list = []
 
@@ -262,11 +269,38 @@ class _WatchCallback(TrainerCallback):
         ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
         attention = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
         extra = {key: output[key] for key in _FORWARD_KEYS if key in output}
-        with torch.no_grad(), disable_gradient_checkpointing(trainer.model, trainer.args.gradient_checkpointing_kwargs), peft_model.disable_adapter():
+        with torch.no_grad(), disable_gradient_checkpointing(trainer.model, trainer.args.gradient_checkpointing_kwargs), self._adapter_off(peft_model):
             base, _, _ = trainer._get_per_token_logps_and_entropies(
                 trainer.model, ids, attention, output["completion_ids"].size(1), batch_size=trainer.args.per_device_train_batch_size, **extra
             )
         return base
+
+    @contextmanager
+    def _adapter_off(self, peft_model):
+        """The policy's LoRA layers switched off for a no-grad forward, and back as they were.
+
+        PEFT's `disable_adapter()` first checks every layer's status (`get_model_status`, a walk of the
+        model's modules per LoRA layer: 5 ms a step on the 2-layer fixture, growing with the square of
+        the layer count) and toggles the adapters' `requires_grad`. Under `no_grad` only the layers'
+        own switch matters; a merged layer (never, between TRL's syncs) goes through PEFT's way.
+        """
+        if self._lora_layers is None:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            self._lora_layers = [module for module in peft_model.modules() if isinstance(module, BaseTunerLayer)]
+        layers = self._lora_layers
+        if any(layer.merged for layer in layers) or not all(hasattr(layer, "_disable_adapters") for layer in layers):
+            with peft_model.disable_adapter():
+                yield
+            return
+        before = [layer._disable_adapters for layer in layers]
+        for layer in layers:
+            layer._disable_adapters = True
+        try:
+            yield
+        finally:
+            for layer, was in zip(layers, before):
+                layer._disable_adapters = was
 
     def _probe(self, step: int, prompts):
         """The full probe on TRL's engine, the route its rollouts named, these prompts."""
