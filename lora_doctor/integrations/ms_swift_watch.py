@@ -45,8 +45,8 @@ KEPT_MASS_ROWS = 256
 ALONE = 1e-6
 # The run's gap floor from its first observed step: the start-up probe has just confirmed the engine
 # there, and ms-swift's resume bug (#8233) strikes at the second sync, where a floor still calibrating
-# over the watch's default 3 steps would leave the gap unjudged. A later healthy step past the floor
-# costs one probe (ok), and raises the floor.
+# over the watch's default 3 steps would leave the gap unjudged. Unflagged steps raise the floor as
+# the run goes; a healthy step flagged past it costs one probe (ok) and feeds no floor.
 CALIBRATION_STEPS = 1
 # The modules whose `selective_log_softmax` turns ms-swift's logits into log-probs (TRL's method,
 # which ms-swift calls, and ms-swift's own forward).
