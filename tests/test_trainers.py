@@ -7,7 +7,8 @@ ms-swift's own dependencies, each version's package sits in `.venv-swift/ms-swif
 Makefile), and tests/shims/swift bridges the API drift (each shim says what changed upstream).
 
 Every probe prints `<framework> <version> step-N (<sync>): <verdict> α=<scale>` (pytest -s, or the
-captured output of a failure).
+captured output of a failure); the ms-swift runs are watched (LORA_DOCTOR_WATCH=1) and print the
+watch's line of every step as well.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ SWIFT_DOUBLE_COUNTS = "4.0.1"
 SWIFT_FIXED = "4.0.2"
 # What the healthy ms-swift run trains at (through the recipe's LEARNING_RATE).
 SWIFT_MOVING_LEARNING_RATE = "1e-3"
+# The watch's gap (mean |e − t|) on a healthy step of these float32 runs, once the policy's log-probs are
+# put on the engine's top-k / top-p footing: measured 2.4e-7–9.5e-7; a float32 engine's own rounding.
+# Without that footing, ms-swift's default top-p 0.9 alone made it 0.14–0.31.
+SWIFT_HEALTHY_GAP = 1e-5
 
 
 def report(framework: str, results: list[dict], syncs: list[str]) -> None:
@@ -127,18 +132,24 @@ def free_port() -> int:
         return probe_socket.getsockname()[1]
 
 
-def swift_rlhf(version: str, output_dir: Path, extra_env: dict | None = None) -> tuple[subprocess.CompletedProcess, list[dict], list[dict]]:
-    """examples/swift_grpo_probe.sh with ms-swift `version`: resume from the fixture checkpoint (step 500), 3 GRPO steps."""
+def swift_rlhf(version: str, output_dir: Path, extra_env: dict | None = None) -> tuple[subprocess.CompletedProcess, list[dict], list[dict], list[dict]]:
+    """examples/swift_grpo_probe.sh with ms-swift `version`: resume from the fixture checkpoint (step 500), 3 GRPO
+    steps, watched (LORA_DOCTOR_WATCH=1): the probes' results, the lora-doctor figures ms-swift logged, the
+    watch's JSON lines."""
     python = SWIFT_ENV / "bin" / "python"
     package = SWIFT_ENV / f"ms-swift-{version}"
     assert python.is_file() and package.is_dir(), f"ms-swift {version} is not installed in {SWIFT_ENV}: run `make test` (or `make swift-env`)"
+    output_dir.mkdir(parents=True, exist_ok=True)
     results = output_dir / "lora-doctor.json"
+    watch_log = output_dir / "watch.jsonl"
     env = {
         "SWIFT_PYTHON": str(python),
         # The shims first, then this ms-swift version, then lora-doctor itself (and the tests' own
         # helpers, for the shims' instrumentation).
         "PYTHONPATH": os.pathsep.join([str(SWIFT_SHIMS), str(package), str(ROOT), str(ROOT / "tests")]),
         "LORA_DOCTOR_RESULTS": str(results),
+        "LORA_DOCTOR_WATCH": "1",
+        "LORA_DOCTOR_WATCH_LOG": str(watch_log),
         # ms-swift's colocated engine joins a torch.distributed group: a port of its own per run.
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(free_port()),
@@ -148,16 +159,49 @@ def swift_rlhf(version: str, output_dir: Path, extra_env: dict | None = None) ->
     assert results.is_file(), done.stdout[-3000:] + done.stderr[-3000:]
     (log,) = output_dir.glob("*/logging.jsonl")
     logged = [entry for entry in map(json.loads, log.read_text().splitlines()) if "lora_doctor/ok" in entry]
-    return done, json.loads(results.read_text()), logged
+    assert watch_log.is_file(), done.stderr[-3000:]
+    lines = [json.loads(line) for line in watch_log.read_text().splitlines()]
+    for line in lines:
+        print(
+            f"ms-swift {version} watch step {line['step']} {line['events']}: α̂={line['alpha_hat']} ± {line['alpha_hat_uncertainty']} "
+            f"gap={line['logp_diff_mean']:.2e} flagged={line['flagged']} probe={line['probe_verdict']} "
+            f"seconds={line['seconds']:.4f} probe_seconds={line['probe_seconds']} ({line['reason']})"
+        )
+    return done, json.loads(results.read_text()), logged, lines
+
+
+def assert_timed(line: dict, probed: bool) -> None:
+    """The watch's own seconds on every line; a probe's where one ran (start-up or escalation), none elsewhere."""
+    assert line["seconds"] >= 0.0
+    assert (line["probe_seconds"] is not None and line["probe_seconds"] > 0.0) if probed else line["probe_seconds"] is None
 
 
 def test_swift_before_the_fix_double_counts_at_the_adapter_sync(tmp_path):
-    done, results, logged = swift_rlhf(SWIFT_DOUBLE_COUNTS, tmp_path)
+    # Watched: the start-up probe at step 501 and the watch's escalation at the step it flags are the probes.
+    done, results, logged, lines = swift_rlhf(SWIFT_DOUBLE_COUNTS, tmp_path)
     report(f"ms-swift {SWIFT_DOUBLE_COUNTS}", results, ["full sync, merged", "adapter sync"])
-    # The run the probe stopped exits 1, as a gate: a script that checks the exit code sees the problem.
+    # The run the watch stopped exits 1, as a gate: a script that checks the exit code sees the problem.
     assert done.returncode == 1, done.stderr[-3000:]
     assert "error: lora-doctor stopped the run at step-502: double_counted" in done.stderr
-    # Stopped after the failed probe at step 502: no step 503.
+    assert "turned on --log_rollout_offpolicy_metrics" in done.stderr
+    # Stopped after the flagged step 502: no step 503.
+    assert [line["step"] for line in lines] == [501, 502]
+    start, broken = lines
+    # Step 501 (resumed, full sync of the merged weights): the start-up probe confirms the engine, the gap is
+    # the float32 engine's rounding, nothing flagged.
+    assert start["events"] == ["start", "resume", "sync"]
+    assert start["probe_verdict"] == "ok" and not start["flagged"] and start["input_problem"] is None, start["reason"]
+    assert start["logp_diff_mean"] <= SWIFT_HEALTHY_GAP
+    assert_timed(start, probed=True)
+    # Step 502, the first adapter sync, where ms-swift adds the adapter on the merged base: flagged on its
+    # gap (the start-up step's floor), escalated at once, and the probe names the double count.
+    assert broken["events"] == ["adapter_load"]
+    assert broken["flagged"] and broken["probe_verdict"] == "double_counted", broken["reason"]
+    assert broken["logp_diff_mean"] > 1e4 * start["logp_diff_mean"]
+    # The engine applies more of the LoRA than the policy does. The fixture's LoRA moves the sampled tokens'
+    # log-probs by ~5 nats (rms of t − b): far past first order, α̂ reads 1.2, not 2, within its wide band.
+    assert broken["alpha_hat"] > 1.0
+    assert_timed(broken, probed=True)
     assert [r["name"] for r in results] == ["step-501", "step-502"]
     first, second = results
     # Sync 1 merges the resumed LoRA into the engine's base and serves it without an adapter: right.
@@ -180,10 +224,27 @@ def test_swift_fixed_version_is_ok_at_every_sync(tmp_path):
     # The recipe's own 13–15-token prompts fill none, and could not show it.
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": text}) + "\n" for text in DEFAULT_PROMPTS))
-    env = {"LEARNING_RATE": SWIFT_MOVING_LEARNING_RATE, "LORA_DOCTOR_TEST_POLICY_KL": str(moves), "LORA_DOCTOR_PROMPTS": str(prompts)}
-    done, results, logged = swift_rlhf(SWIFT_FIXED, tmp_path / "run", env)
+    # Watched, with the periodic probe kept at every sync (step 501's is the watch's start-up probe).
+    env = {
+        "LEARNING_RATE": SWIFT_MOVING_LEARNING_RATE,
+        "LORA_DOCTOR_TEST_POLICY_KL": str(moves),
+        "LORA_DOCTOR_PROMPTS": str(prompts),
+        "LORA_DOCTOR_EVERY_N_STEPS": "1",
+    }
+    done, results, logged, lines = swift_rlhf(SWIFT_FIXED, tmp_path / "run", env)
     report(f"ms-swift {SWIFT_FIXED}", results, ["full sync + adapter", "adapter sync", "adapter sync"])
     assert done.returncode == 0, done.stderr[-3000:]
+    # The watch flags no step: every gap is the float32 engine's rounding and α̂ is 1, while the policy moves.
+    assert [line["step"] for line in lines] == [501, 502, 503]
+    assert [line["events"] for line in lines] == [["start", "resume", "sync", "adapter_load"], ["adapter_load"], ["adapter_load"]]
+    assert [line["probe_verdict"] for line in lines] == ["ok", None, None]
+    for line in lines:
+        assert not line["flagged"] and line["input_problem"] is None, line["reason"]
+        assert line["logp_diff_mean"] <= SWIFT_HEALTHY_GAP
+        assert line["alpha_hat"] is None or line["alpha_hat"] == pytest.approx(1.0, abs=SCALE_TOLERANCE)
+        assert_timed(line, probed=line["step"] == 501)
+    # Measurable once the completions have tokens to fit (step 501's are one token each).
+    assert all(line["alpha_hat"] is not None for line in lines[1:])
     assert [r["name"] for r in results] == ["step-501", "step-502", "step-503"]
     # The policy moved between consecutive probes by more than the probe's KL limit: ok at steps 502
     # and 503 means the engine followed the policy.

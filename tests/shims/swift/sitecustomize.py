@@ -88,7 +88,9 @@ def _record_policy_moves(module):
     """Not a shim: test instrumentation, on only when LORA_DOCTOR_TEST_POLICY_KL names a file. At every
     probe, the policy's own log-probs on the probe's prompts; the file gets, from the second probe on,
     the mean KL over their tokens between the policy at a probe and at the probe before: what an engine
-    still serving the previous policy would show (tests/test_trainers.py compares it to the KL limit)."""
+    still serving the previous policy would show (tests/test_trainers.py compares it to the KL limit).
+    Read before the optimizer step of every step that has a probe: the periodic probe's, or the watch's
+    (LORA_DOCTOR_WATCH=1), which ran on the same policy when the step's rollouts were scored."""
     import json
     import os
 
@@ -101,9 +103,8 @@ def _record_policy_moves(module):
     def recording(self, args, state, control, **kwargs):
         from policy_kl import mean_kl, policy_log_probs
 
-        probes = len(self.results)
         control = probe(self, args, state, control, **kwargs)
-        if len(self.results) == probes:
+        if not self.results or self.results[-1].name != f"step-{state.global_step + 1}":
             return control
         model, tokenizer = self.trainer.model, self.trainer.processing_class
         prompts = [json.loads(line)["prompt"] for line in open(os.environ["LORA_DOCTOR_PROMPTS"]) if line.strip()]
