@@ -46,6 +46,7 @@ class ScaleFit:
     signal_rms: float  # rms of t − b per token: the LoRA's effect on the sampled tokens
     residual_rms: float  # rms of the fit's residual per token
     explains: float  # the share of ‖e − t‖² the fitted scale explains: 1 − ‖r‖² / ‖e − t‖²
+    distinct_tokens: int = 0  # distinct (t − b, e − b) pairs the fit rests on
 
 
 def relative_precision(*values) -> float:
@@ -163,4 +164,5 @@ def scale_fit(engine: np.ndarray, policy: np.ndarray, base: np.ndarray, keep: np
     error = max(independent, clustered, floor)
     difference = float((np.where(keep, engine - policy, 0.0) ** 2).sum())
     explains = 1.0 - float((residual**2).sum()) / difference if difference else 1.0
-    return ScaleFit(alpha, error, SCALE_BAND_SIGMAS * error, math.sqrt(sxx / n), residual_rms, explains)
+    distinct = len(set(zip(x[keep].tolist(), y[keep].tolist())))
+    return ScaleFit(alpha, error, SCALE_BAND_SIGMAS * error, math.sqrt(sxx / n), residual_rms, explains, distinct)

@@ -9,6 +9,13 @@ on the run (`calibration.Floor`); these say how far from them a step may go.
 # (an escalation costs one full probe), and still tell 1 from 0 or 2 once the band is under 0.5.
 SCALE_BAND_SIGMAS = 3.0
 
+# α̂ is "not measurable yet" while it rests on fewer distinct tokens (distinct (t − b, e − b) pairs)
+# than this: its band is SCALE_BAND_SIGMAS standard errors under a normal law, and a residual estimated
+# from a handful of points is no estimate (with one degree of freedom a 3σ band covers ~80 %, not
+# 99.7 %; with nine, ~98.5 %). ms-swift's first step after a resume fitted two identical one-token
+# completions: a residual of 1e-15, and α̂ = 1 + 3e-8 "left 1".
+MIN_FIT_TOKENS = 10
+
 # α̂ is "not measurable yet" while its band from the run's noise alone is wider than this: a band of
 # 0.5 around 1 still separates a missing LoRA (0) and a double count (2) from a right one.
 MEASURABLE_BAND = 0.5

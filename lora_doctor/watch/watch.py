@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from . import figures as fig
 from .calibration import Floor
-from .limits import GAP_JUMP, MEASURABLE_BAND, SCALE_BAND_SIGMAS, SCALE_EXPLAINS
+from .limits import GAP_JUMP, MEASURABLE_BAND, MIN_FIT_TOKENS, SCALE_BAND_SIGMAS, SCALE_EXPLAINS
 from .log import append, json_line, log_path
 
 
@@ -176,6 +176,8 @@ class Watch:
             fit = fig.scale_fit(engine, policy, base, keep, max(floor.noise_rms, rounding) or None)
             if fit is None:
                 reasons.append("α̂ not measurable yet: the policy equals the base on these tokens (t = b)")
+            elif fit.distinct_tokens < MIN_FIT_TOKENS:
+                reasons.append(f"α̂ not measurable yet: {fit.distinct_tokens} distinct tokens, too few to estimate its band (at least {MIN_FIT_TOKENS})")
             else:
                 record.signal_rms, record.residual_rms = fit.signal_rms, fit.residual_rms
                 # The run's noise per token: its floor once it has one, else this step's own residual.
