@@ -18,6 +18,7 @@ import json
 import shutil
 import traceback
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -89,11 +90,10 @@ class Reads:
         return sum(n for (_module, kind, name), n in self.own.items() if kind == what and name == file)
 
 
-@pytest.fixture(scope="module")
-def one_check(tmp_path_factory):
-    """One default check of the fixture's adapter on its base in two shards, every open recorded."""
-    base = sharded_copy(tmp_path_factory.mktemp("base") / "tiny-qwen2-sharded")
-    reads = Reads([CHECKPOINT, base])
+@contextmanager
+def recording(folders: list[Path]):
+    """Every open of a file in `folders` (Python's `open` and safetensors' `safe_open`) while the block runs."""
+    reads = Reads(folders)
     real_open = builtins.open  # io.open: Path.open and read_text call it
 
     def any_open(file, *args, **kwargs):
@@ -113,7 +113,15 @@ def one_check(tmp_path_factory):
         patch.setattr(builtins, "open", any_open)
         patch.setattr(io, "open", any_open)
         patch.setattr(safetensors, "safe_open", safe_open)  # modules that import it when they read
-        report = tmp_path_factory.mktemp("report") / "report.json"
+        yield reads
+
+
+@pytest.fixture(scope="module")
+def one_check(tmp_path_factory):
+    """One default check of the fixture's adapter on its base in two shards, every open recorded."""
+    base = sharded_copy(tmp_path_factory.mktemp("base") / "tiny-qwen2-sharded")
+    report = tmp_path_factory.mktemp("report") / "report.json"
+    with recording([CHECKPOINT, base]) as reads:
         run = run_cli("check", CHECKPOINT, "--base", base, "--json", report)
     assert run.exit_code == 1, run.stderr  # the default plan's double count, measured
     assert report.is_file()
@@ -148,6 +156,20 @@ def test_nothing_outside_the_adapter_wing_opens_a_file_of_the_checkpoint_or_the_
     assert not outside, f"opened outside lora_doctor/adapter/: {outside}"
     # The libraries' own reads are there too (the reference, the engine, the tokenizer), and not lora-doctor's.
     assert {library for library, _module, _file in one_check.libraries} >= {"transformers", "vllm"}, one_check.libraries
+
+
+def test_an_audit_opens_the_checkpoint_and_the_base_through_the_adapter_wing_only(tmp_path):
+    # The audit reads both folders whole (every base tensor against the export's): through the
+    # adapter wing's inventories and readers, as the check does, the base's config.json included.
+    import build_fixtures
+
+    export = build_fixtures.export_merged(tmp_path / "export")
+    with recording([CHECKPOINT, BASE]) as reads:
+        run = run_cli("audit", export, "--adapter", CHECKPOINT, "--json", tmp_path / "audit.json")
+    assert run.exit_code == 0, run.stderr
+    assert {file for _module, _kind, file in reads.own} >= {"adapter_config.json", "config.json", "model.safetensors"}, reads.own
+    outside = {key: n for key, n in reads.own.items() if not key[0].startswith("lora_doctor/adapter/")}
+    assert not outside, f"opened outside lora_doctor/adapter/: {outside}"
 
 
 def test_the_position_limit_is_the_base_configs_as_the_checkpoint_read_it(tmp_path):

@@ -212,6 +212,16 @@ class BaseInventory:
                     yield name, handle.get_tensor(name)
 
 
+def folder_ties_embeddings(folder: Path) -> bool:
+    """Whether the model in `folder` (an export) ties its head to its embedding, by its config.json;
+    False when it has none or it cannot be read (then an absent lm_head reads as absent)."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return ties_embeddings(config) if isinstance(config, dict) else False
+
+
 def ties_embeddings(config: dict) -> bool:
     """The output head is the input embedding (`tie_word_embeddings`, on the config or its text config)."""
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}

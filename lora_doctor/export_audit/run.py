@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..adapter.checkpoint import load_checkpoint
+from ..adapter.inventory import folder_ties_embeddings
 from ..adapter.lora_delta import load_merge_factors
 from ..adapter.modules import layer_index, module_kind
 from ..adapter.weight_files import model_tensors
@@ -53,7 +54,9 @@ def audit(
     # (its LoRA, trainable tokens, the LoRA of a head tied to it).
     factors = {key.removesuffix(".weight"): lora for key, lora in load_merge_factors(ckpt, ckpt.base()).items()}
     expected = dict(ckpt.base().tensors, **ckpt.adapter().trained_copies())
-    pairs, absent = pair_tensors(exported, expected, factors, export_dir, ckpt.base_dir)
+    pairs, absent = pair_tensors(
+        exported, expected, factors, export_dir, ckpt.base_dir, export_ties=folder_ties_embeddings(export_dir), base_ties=ckpt.base().ties_embeddings
+    )
     limits = _thresholds(pairs, thresholds or {})
 
     streaming = time.perf_counter()

@@ -4,14 +4,12 @@ of a `modules_to_save` module."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy
 import torch
 
-from ..adapter.inventory import ties_embeddings
 from ..adapter.weight_files import TensorInfo
 from ..errors import BadInput
 
@@ -40,11 +38,21 @@ class Pair:
     module: str | None
 
 
-def pair_tensors(exported: dict[str, TensorInfo], based: dict[str, TensorInfo], factors, export_dir: Path, base_dir: Path):
-    """Pair the export's tensors with the base's, in the export's on-disk order; list the unpaired."""
+def pair_tensors(
+    exported: dict[str, TensorInfo],
+    based: dict[str, TensorInfo],
+    factors,
+    export_dir: Path,
+    base_dir: Path,
+    *,
+    export_ties: bool,
+    base_ties: bool,
+):
+    """Pair the export's tensors with the base's, in the export's on-disk order; list the unpaired.
+    `export_ties`, `base_ties`: whether each model ties its head to its embedding (its config)."""
     pairs, absent = [], []
     for name in dict.fromkeys([*based, *exported]):
-        mine, theirs = _lookup(exported, export_dir, name), _lookup(based, base_dir, name)
+        mine, theirs = _lookup(exported, export_ties, name), _lookup(based, base_ties, name)
         if mine is None:
             absent.append(Difference(name, "absent from the export"))
             continue
@@ -67,21 +75,13 @@ def pair_tensors(exported: dict[str, TensorInfo], based: dict[str, TensorInfo], 
     return pairs, absent
 
 
-def _lookup(tensors: dict[str, TensorInfo], folder: Path, name: str) -> TensorInfo | None:
+def _lookup(tensors: dict[str, TensorInfo], ties: bool, name: str) -> TensorInfo | None:
     """A tensor by name; a model with tied embeddings may leave its lm_head out (it is the embedding)."""
     if name in tensors:
         return tensors[name]
-    if name == "lm_head.weight" and _ties_embeddings(folder):
+    if name == "lm_head.weight" and ties:
         return tensors.get("model.embed_tokens.weight")
     return None
-
-
-def _ties_embeddings(folder: Path) -> bool:
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return ties_embeddings(config) if isinstance(config, dict) else False
 
 
 def compare_untouched(name: str, mine: torch.Tensor, theirs: torch.Tensor, differences: dict[str, Difference]) -> None:
