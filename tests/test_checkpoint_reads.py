@@ -16,13 +16,14 @@ import builtins
 import io
 import json
 import shutil
+import sys
 import traceback
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import BASE, CHECKPOINT, assert_one_line_error, run_cli
+from conftest import BASE, CHECKPOINT, ROOT, assert_one_line_error, run_cli
 from safetensors.torch import load_file, save_file
 
 INDEX = "model.safetensors.index.json"
@@ -161,9 +162,16 @@ def test_nothing_outside_the_adapter_wing_opens_a_file_of_the_checkpoint_or_the_
 def test_an_audit_opens_the_checkpoint_and_the_base_through_the_adapter_wing_only(tmp_path):
     # The audit reads both folders whole (every base tensor against the export's): through the
     # adapter wing's inventories and readers, as the check does, the base's config.json included.
+    sys.path.insert(0, str(ROOT / "fixtures"))
     import build_fixtures
 
     export = build_fixtures.export_merged(tmp_path / "export")
+    # The export writes the tied head out (the base leaves it to the embedding): pairing it asks
+    # whether the base ties them, which its config.json says.
+    weights = load_file(str(export / "model.safetensors"))
+    assert "lm_head.weight" not in weights
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+    save_file(weights, str(export / "model.safetensors"), metadata={"format": "pt"})
     with recording([CHECKPOINT, BASE]) as reads:
         run = run_cli("audit", export, "--adapter", CHECKPOINT, "--json", tmp_path / "audit.json")
     assert run.exit_code == 0, run.stderr
