@@ -290,3 +290,29 @@ def test_a_fit_on_a_few_tokens_is_not_judged_and_a_floor_is_never_under_the_roun
     policy = torch.clamp(base + torch.tensor(rng.normal(0, 0.3, size=(BATCH, TOKENS)), dtype=torch.float32), max=-1e-2)
     record = Watch().observe(1, torch.nextafter(policy, torch.tensor(0.0)), policy, base)
     assert not record.flagged and record.alpha_hat == pytest.approx(1.0, abs=1e-5), record.reason
+
+
+def test_the_wrapped_methods_are_given_back():
+    from lora_doctor.integrations.wrapping import Wrapped, evented
+
+    class Engine:
+        def wake_up(self):
+            return "woke"
+
+    class Trainer:
+        class state:
+            global_step = 6
+
+    engine, trainer, watch = Engine(), Trainer(), Watch()
+    own = lambda: "own"  # noqa: E731 (an attribute of the instance itself, not the class's method)
+    other = Engine()
+    other.wake_up = own
+    wrapped = Wrapped()
+    wrapped.wrap(engine, "wake_up", evented(watch, trainer, "wake"))
+    wrapped.wrap(other, "wake_up", evented(watch, trainer, "wake"))
+    with wrapped.wrapping(engine, "wake_up", lambda original: lambda: "inside"):
+        assert engine.wake_up() == "inside"
+    assert engine.wake_up() == "woke" and other.wake_up() == "own"  # recorded, then the call itself
+    assert watch.observe(7, *step_tensors(np.random.default_rng(5))).events == ["wake", "wake"]
+    wrapped.restore()
+    assert "wake_up" not in vars(engine) and engine.wake_up() == "woke" and other.wake_up is own

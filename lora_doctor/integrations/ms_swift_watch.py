@@ -38,6 +38,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 
 from ..watch import Watch
+from .wrapping import Wrapped, evented
 
 # Positions whose kept mass is computed at a time: a [rows, vocab] float32 copy and its sort.
 KEPT_MASS_ROWS = 256
@@ -108,7 +109,7 @@ class SwiftWatch:
         self._error: BaseException | None = None  # raised by the watch's part of a call into ms-swift
         self.watch: Watch | None = None
         self.filter: Filter | None = None
-        self._restore: list = []
+        self._wrapped = Wrapped()
         self._started = False
         self._unprocessed_noted = False
         self._corrections: list | None = None  # (logps tensor, its kept log mass) of the batch being prepared
@@ -139,38 +140,17 @@ class SwiftWatch:
         )
         if trainer.state.global_step > 0:
             self.watch.event(trainer.state.global_step + 1, "resume")
-        self._wrap(trainer, "_prepare_batch_inputs", self._prepared)
-        self._wrap(trainer, "_move_full_model_to_vllm", self._evented("sync"))
-        self._wrap(trainer, "_move_adapter_to_vllm", self._evented("adapter_load"))
+        self._wrapped.wrap(trainer, "_prepare_batch_inputs", self._prepared)
+        self._wrapped.wrap(trainer, "_move_full_model_to_vllm", evented(self.watch, trainer, "sync"))
+        self._wrapped.wrap(trainer, "_move_adapter_to_vllm", evented(self.watch, trainer, "adapter_load"))
         if hasattr(trainer.engine.engine, "wake_up"):
-            self._wrap(trainer.engine.engine, "wake_up", self._evented("wake"))
+            self._wrapped.wrap(trainer.engine.engine, "wake_up", evented(self.watch, trainer, "wake"))
 
     def close(self) -> None:
         """Give every wrapped object its method back."""
-        for target, name, had, before in reversed(self._restore):
-            if had:
-                setattr(target, name, before)
-            else:
-                delattr(target, name)
-        self._restore.clear()
+        self._wrapped.restore()
 
     # --- wrappers --------------------------------------------------------------------------------
-
-    def _wrap(self, target, name: str, make) -> None:
-        had = name in vars(target)
-        before = vars(target).get(name)
-        setattr(target, name, make(getattr(target, name)))
-        self._restore.append((target, name, had, before))
-
-    def _evented(self, kind: str):
-        def make(original):
-            def recorded(*args, **kwargs):
-                self.watch.event(self.trainer.state.global_step + 1, kind)
-                return original(*args, **kwargs)
-
-            return recorded
-
-        return make
 
     def _prepared(self, original):
         def prepare_batch_inputs(inputs):
@@ -228,16 +208,8 @@ class SwiftWatch:
 
         for module in modules:
             module.selective_log_softmax = capturing
-        self._wrap(trainer, "_get_per_token_logps_and_entropies", logps_and_entropies)
-        wrapped = self._restore.pop()
-        try:
+        with self._wrapped.wrapping(trainer, "_get_per_token_logps_and_entropies", logps_and_entropies):
             yield
-        finally:
-            target, name, had, before = wrapped
-            if had:
-                setattr(target, name, before)
-            else:
-                delattr(target, name)
             for module, selective in zip(modules, originals):
                 module.selective_log_softmax = selective
 

@@ -34,6 +34,7 @@ from ..engine.driver import WORKER_EXTENSION
 from ..errors import BadInput
 from ..live import RouteRecorder, not_measured, probe
 from ..watch import Watch
+from .wrapping import Wrapped, evented
 
 # What `_generate_and_score_completions` may return beside the ids that a multimodal forward needs.
 _FORWARD_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "image_sizes", "token_type_ids", "mm_token_type_ids")
@@ -172,7 +173,7 @@ class _WatchCallback(TrainerCallback):
         self._batches = 0
         self._lora_layers = None
         self._recorder = None
-        self._restore: list = []
+        self._wrapped = Wrapped()
 
     # --- what the trainer calls ------------------------------------------------------------------
 
@@ -181,10 +182,10 @@ class _WatchCallback(TrainerCallback):
         if state.global_step > 0:
             self.watch.event(state.global_step + 1, "resume")
         self._recorder = RouteRecorder(generation.llm, "generate")
-        self._wrap(trainer, "_generate_and_score_completions", self._generated)
-        self._wrap(generation, "sync_weights", self._evented("sync"))
+        self._wrapped.wrap(trainer, "_generate_and_score_completions", self._generated)
+        self._wrapped.wrap(generation, "sync_weights", evented(self.watch, trainer, "sync"))
         if hasattr(generation.llm, "wake_up"):
-            self._wrap(generation.llm, "wake_up", self._evented("wake"))
+            self._wrapped.wrap(generation.llm, "wake_up", evented(self.watch, trainer, "wake"))
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -196,34 +197,13 @@ class _WatchCallback(TrainerCallback):
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
-        for target, name, had, before in reversed(self._restore):
-            if had:
-                setattr(target, name, before)
-            else:
-                delattr(target, name)
-        self._restore.clear()
+        self._wrapped.restore()
         if self._recorder is not None:
             self._recorder.close()
             self._recorder = None
         return control
 
     # --- the watch's parts -----------------------------------------------------------------------
-
-    def _wrap(self, target, name: str, make) -> None:
-        had = name in vars(target)
-        before = vars(target).get(name)
-        setattr(target, name, make(getattr(target, name)))
-        self._restore.append((target, name, had, before))
-
-    def _evented(self, kind: str):
-        def make(original):
-            def recorded(*args, **kwargs):
-                self.watch.event(self.trainer.state.global_step + 1, kind)
-                return original(*args, **kwargs)
-
-            return recorded
-
-        return make
 
     def _generated(self, original):
         def generate_and_score(inputs):
