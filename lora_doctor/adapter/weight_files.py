@@ -235,11 +235,7 @@ def _as_tensor(raw: torch.Tensor, info: TensorInfo, rows: int) -> torch.Tensor:
 def read_tensor(info: TensorInfo) -> torch.Tensor:
     """One tensor's value, read from its file into memory of its own (no memory map: the rest of the
     file stays out of RSS, and the tensor is freed as soon as its last user drops it)."""
-    try:
-        with info.path.open("rb", buffering=0) as handle:
-            return _read_at(handle, info)
-    except OSError as error:
-        raise BadInput(f"cannot read {info.path} ({error.strerror or error})") from None
+    return read_tensors([info])[info.name]
 
 
 def read_tensors(infos: list[TensorInfo]) -> dict[str, torch.Tensor]:
@@ -249,12 +245,12 @@ def read_tensors(infos: list[TensorInfo]) -> dict[str, torch.Tensor]:
     for info in infos:
         by_file.setdefault(info.path, []).append(info)
     values = {}
-    try:
-        for path, group in by_file.items():
+    for path, group in by_file.items():
+        try:
             with path.open("rb", buffering=0) as handle:
                 values.update((info.name, _read_at(handle, info)) for info in group)
-    except OSError as error:
-        raise BadInput(f"cannot read {error.filename or 'a weight file'} ({error.strerror or error})") from None
+        except OSError as error:
+            raise BadInput(f"cannot read {path} ({error.strerror or error})") from None
     return values
 
 
@@ -325,15 +321,15 @@ def freed_tensors_returned() -> Iterator[None]:
     back to where glibc's own would stand. No-op without glibc.
     """
     libc = _glibc()
+    give_back_freed_memory()  # what the heap kept before (an engine start's): not to be reused piecewise
     if libc is not None:
-        libc.malloc_trim(0)  # what the heap kept before (an engine start's): not to be reused piecewise
         libc.mallopt(_M_MMAP_THRESHOLD, _STREAMED_MMAP_THRESHOLD)
     try:
         yield
     finally:
         if libc is not None:
             libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_MMAP_THRESHOLD_MAX)
-            libc.malloc_trim(0)
+        give_back_freed_memory()
 
 
 def give_back_freed_memory() -> None:
