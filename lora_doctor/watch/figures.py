@@ -155,11 +155,9 @@ def scale_fit(engine: np.ndarray, policy: np.ndarray, base: np.ndarray, keep: np
     residual = np.where(keep, y - alpha * x, 0.0)
     residual_rms = math.sqrt(float((residual**2).sum()) / n)
     independent = math.sqrt(float((residual**2).sum()) / (n - 1) / sxx)
-    rows = [row for row in range(x.shape[0]) if keep[row].any()]
-    clustered = 0.0
-    if len(rows) >= 2:
-        scores = np.array([float((x[row] * residual[row]).sum()) for row in rows])
-        clustered = math.sqrt(len(rows) / (len(rows) - 1) * float((scores**2).sum())) / sxx
+    scores = (x * residual).sum(axis=1)[keep.any(axis=1)]  # one draw per completion with kept tokens
+    groups = len(scores)
+    clustered = math.sqrt(groups / (groups - 1) * float((scores**2).sum())) / sxx if groups >= 2 else 0.0
     floor = noise_rms / math.sqrt(sxx) if noise_rms else 0.0
     error = max(independent, clustered, floor)
     difference = float((np.where(keep, engine - policy, 0.0) ** 2).sum())

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict
 from pathlib import Path
+
+from ..report.json import finite_values
 
 LOG_VARIABLE = "LORA_DOCTOR_WATCH_LOG"
 
@@ -18,7 +19,7 @@ def log_path(log_file: str | os.PathLike | None) -> Path | None:
 
 def json_line(record) -> str:
     """The record as one line of strict JSON (a figure that is not finite is null)."""
-    return json.dumps({key: _finite(value) for key, value in asdict(record).items()}, allow_nan=False)
+    return json.dumps(finite_values(asdict(record)), allow_nan=False)
 
 
 def append(path: Path, line: str) -> None:
@@ -26,8 +27,3 @@ def append(path: Path, line: str) -> None:
     with path.open("a", encoding="utf-8") as handle:
         handle.write(line + "\n")
 
-
-def _finite(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
