@@ -88,8 +88,8 @@ class LoraDoctorCallback(TrainerCallback):
         with recorder.own_requests() if recorder is not None else nullcontext():
             result = self._probe(model, lora_request, step)
         self.results.append(result)
-        self._unlogged = figures(result)
-        if self.stop_on_failure and not result.ok and "engine" not in result.not_measured:
+        self._log(figures(result))
+        if self.stop_on_failure and result.failed:
             control.should_training_stop = True
         return control
 
@@ -119,6 +119,11 @@ class LoraDoctorCallback(TrainerCallback):
             self._recorder.close()
             self._recorder = None
         return control
+
+    def _log(self, values: dict[str, float]) -> None:
+        """Figures for the trainer's logging at the end of this step (a probe's, a watch's), merged with
+        what this step has already given."""
+        self._unlogged = {**(self._unlogged or {}), **values}
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._unlogged is not None:

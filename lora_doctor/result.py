@@ -101,6 +101,12 @@ class PhaseResult:
     def ok(self) -> bool:
         return self.verdict == "ok"
 
+    @property
+    def failed(self) -> bool:
+        """A measured failure: not ok, and the engine was measured (a probe of a sleeping or stalled
+        engine that measured nothing is no failed sync)."""
+        return not self.ok and "engine" not in self.not_measured
+
 
 @dataclass
 class Report:

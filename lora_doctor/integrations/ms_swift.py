@@ -149,16 +149,10 @@ class SwiftProbe(LoraDoctorCallback):
         except EngineStalled as stalled:
             warnings.warn(f"lora-doctor: the watch's probe at step {step} measured nothing: {stalled}", stacklevel=2)
             result = not_measured(f"step-{step}", lora_request is not None, str(stalled))
-        except LoraDoctorError as error:
-            exit_with(error)
         self.results.append(result)
         self._log(figures(result))
         self._results_written()
         return result
-
-    def _log(self, values: dict[str, float]) -> None:
-        """Figures for the trainer's logging at the end of this step (the callback's own channel)."""
-        self._unlogged = {**(self._unlogged or {}), **values}
 
     def _results_written(self) -> None:
         if self.results_path:
@@ -171,7 +165,7 @@ class SwiftProbe(LoraDoctorCallback):
             self.swift_watch.close()
         super().on_train_end(args, state, control, **kwargs)  # the engine's add_request as ms-swift made it
         # A probe that measured nothing (a sleeping or stalled engine) is no failed sync: not exit 1.
-        failed = [result for result in self.results if not result.ok and "engine" not in result.not_measured]
+        failed = [result for result in self.results if result.failed]
         if self.stop_on_failure and failed:
             exit_with(ProblemDetected(f"lora-doctor stopped the run at {failed[0].name}: {failed[0].verdict} (α = {failed[0].effective_scale:.3f})"))
         return control

@@ -219,7 +219,7 @@ class _WatchCallback(TrainerCallback):
         # The step's own prompts as text, made only when a probe needs them (the start, a flagged step).
         texts = self.prompts if self.prompts is not None else lambda: _prompt_texts(self.trainer, output)
         if self._batches == 0:
-            self.watch.start(step, texts() if callable(texts) else texts)
+            self.watch.start(step, texts)
         began = time.perf_counter()
         mask = output["completion_mask"]
         if "tool_mask" in output:

@@ -214,8 +214,7 @@ class Watch:
         if result is None:
             return None, seconds
         self.probes[step] = result
-        measured = "engine" not in getattr(result, "not_measured", {})
-        if self.stop_on_failure and measured and result.verdict != "ok":
+        if self.stop_on_failure and result.failed:
             self.should_stop = True
         return result.verdict, seconds
 
