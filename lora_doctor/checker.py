@@ -25,7 +25,7 @@ from .environment import environment
 from .errors import BadInput, out_of_memory_is_environment
 from .measure.logit_pass import CHUNK_POSITIONS
 from .measure.phase import PhaseMeasurer, Progress
-from .measure.prompts import cached_blocks, load_prompts, load_tokenizer, position_limit, tokenize
+from .measure.prompts import engine_cache_blocks, load_prompts, load_tokenizer, position_limit, tokenize
 from .measure.reference import Reference
 from .measure.verdict import FAIL, Thresholds, overall_verdict
 from .plans.builtin import Plan, get_plan
@@ -283,7 +283,7 @@ class Checker:
 def engine_summary(engine: Engine, given: dict, token_ids: list[list[int]]) -> dict:
     """The engine's settings, the trainer's own (--engine-option), and whether the prompts reached its prefix cache."""
     options = engine.options
-    blocks = cached_blocks(token_ids, options["block_size"]) if options["enable_prefix_caching"] else 0
+    blocks = engine_cache_blocks(token_ids, options)
     return {"options": options, "given": dict(given), "cache_blocks": blocks, "cache_exercised": blocks > 0}
 
 

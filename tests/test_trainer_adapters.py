@@ -218,13 +218,14 @@ def test_merge_factors_are_what_peft_merges(adapters, adapter):
 
     from lora_doctor.adapter.inventory import read_base
     from lora_doctor.adapter.lora_delta import load_merge_factors
+    from lora_doctor.adapter.weight_files import StreamedWeights
 
     base_dir = adapters["untied-base"] if adapter.endswith("untied") else build_fixtures.BASE_DIR
     base = read_base(base_dir)
     merged = build_fixtures._peft_model(base_dir, adapters[adapter], torch.float32).merge_and_unload().state_dict()
     factors = load_merge_factors(adapters[adapter], base)
     assert "model.embed_tokens.weight" in factors
-    for key, w0 in base.weights():
+    for key, w0 in StreamedWeights(base.tensors):
         expected = merged[key] - w0
         held = factors[key].delta() if key in factors else torch.zeros_like(w0)
         assert torch.allclose(held, expected, atol=1e-5), key

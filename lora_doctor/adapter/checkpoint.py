@@ -91,7 +91,7 @@ class Checkpoint:
         if not detailed:
             return {key: facts[key] for key in REPORTED}
         adapter, base = self.adapter_inventory, self.base_inventory
-        adapter_dtypes = sorted({t.dtype_name for factors in adapter.lora_modules.values() for t in factors.values()})
+        adapter_dtypes = adapter.lora_dtypes
         facts.update(
             architectures=list(base.config.get("architectures") or ()),
             max_rank=spec.max_rank,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +48,11 @@ class AdapterInventory:
     @property
     def lora_modules(self) -> dict[str, dict[str, TensorInfo]]:
         return {**self.linear, **self.embedding}
+
+    @property
+    def lora_dtypes(self) -> list[str]:
+        """The dtypes the LoRA factors are stored in, sorted."""
+        return sorted({t.dtype_name for factors in self.lora_modules.values() for t in factors.values()})
 
     @property
     def tensors(self) -> list[TensorInfo]:
@@ -199,27 +203,14 @@ class BaseInventory:
         key = f"{module}.weight"
         return key if key in self.tensors else next((k for k in self.tensors if k.endswith(f".{key}")), None)
 
-    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every weight's value, file by file."""
-        from safetensors import safe_open
-
-        by_file: dict[Path, list[str]] = {}
-        for name, info in self.tensors.items():
-            by_file.setdefault(info.path, []).append(name)
-        for path in sorted(by_file):
-            with safe_open(str(path), framework="pt") as handle:
-                for name in sorted(by_file[path]):
-                    yield name, handle.get_tensor(name)
-
 
 def folder_ties_embeddings(folder: Path) -> bool:
     """Whether the model in `folder` (an export) ties its head to its embedding, by its config.json;
     False when it has none or it cannot be read (then an absent lm_head reads as absent)."""
     try:
-        config = json.loads((Path(folder) / "config.json").read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
+        return ties_embeddings(read_json(Path(folder) / "config.json"))
+    except BadInput:
         return False
-    return ties_embeddings(config) if isinstance(config, dict) else False
 
 
 def ties_embeddings(config: dict) -> bool:

@@ -17,7 +17,7 @@ from .layer_figures import combine_layer_stats
 from .logit_pass import CHUNK_POSITIONS, measure_logits, scale_range
 from .metrics import greedy_match
 from .noise import measure_resolution
-from .prompts import cached_blocks
+from .prompts import engine_cache_blocks
 from .reference import Reference
 from .verdict import (
     decided_by,
@@ -131,7 +131,7 @@ class PhaseMeasurer:
             verdict = decode_verdict(decode.kl_mean, decode_no_cache, resolution.kl_limit)
             clock.lap("decode_no_cache")
         not_measured = {}
-        cache_blocks = cached_blocks(self.token_ids, engine.options["block_size"]) if engine.options["enable_prefix_caching"] else 0
+        cache_blocks = engine_cache_blocks(self.token_ids, engine.options)
         unjudged = stale_cache_unjudged(resolution, engine.options, cache_blocks)
         if unjudged and not zero_lora:
             not_measured[STALE_CACHE] = unjudged

@@ -37,6 +37,11 @@ def cached_blocks(token_ids: list[list[int]], block_size: int) -> int:
     return sum((len(ids) - 1) // block_size for ids in token_ids)
 
 
+def engine_cache_blocks(token_ids: list[list[int]], options: dict) -> int:
+    """`cached_blocks` on an engine with these options: 0 with prefix caching off."""
+    return cached_blocks(token_ids, options["block_size"]) if options["enable_prefix_caching"] else 0
+
+
 def load_prompts(prompts: str | Path | list[str] | None) -> list[str]:
     """The prompts to measure with: a list given in Python, a .jsonl file ({"prompt": ...} per line), a
     text file (one per line), or the built-in set; `BadInput` for an empty set or a prompt that is not

@@ -53,7 +53,7 @@ def check_untrained(ctx: Context) -> list[Finding]:
 
 def check_dtype(ctx: Context) -> list[Finding]:
     base = ctx.base.dtype
-    dtypes = sorted({t.dtype_name for factors in ctx.adapter.lora_modules.values() for t in factors.values()})
+    dtypes = ctx.adapter.lora_dtypes
     if base is None or dtypes == [base]:
         return []
     others = [d for d in dtypes if d != base]
