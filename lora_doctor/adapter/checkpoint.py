@@ -51,13 +51,10 @@ class Checkpoint:
     def base_inventory(self) -> BaseInventory:
         return read_base(self.base_dir)
 
-    @cached_property
+    @property
     def names(self):
-        """The adapter's, the base's and the engine's names of every module (names.NameMap)."""
-        from .names import NameMap, engine_naming
-
-        base = self.base_inventory
-        return NameMap(base.tensors, engine_naming(base.architecture))
+        """The adapter's, the base's and the engine's names of every module (the base's names.NameMap)."""
+        return self.base_inventory.names
 
     def check_fits_base(self) -> None:
         """`BadInput` unless every LoRA module has both factors and a base weight of their shape
@@ -70,7 +67,7 @@ class Checkpoint:
         incomplete = sorted(m for m, factors in adapter.lora_modules.items() if set(factors) != {"A", "B"})
         if incomplete:
             raise BadInput(f"{adapter.file}: {incomplete[0]} has lora_A or lora_B but not both")
-        check_fits_base(adapter, self.base_inventory, self.names)
+        check_fits_base(adapter, self.base_inventory)
         return True
 
     def summary(self, detailed: bool = False) -> dict:
@@ -158,8 +155,8 @@ def load_previous(path: str | Path | Checkpoint, checkpoint: Checkpoint) -> Chec
                     f"{checkpoint.base_dir} ({key} {ours.get(key)!r}), the base of {checkpoint.adapter_dir}: pass an older checkpoint of the same run"
                 )
         previous = _opened(adapter_dir, config, spec, str(checkpoint.base_dir), checkpoint.base_dir)
-        # The same base, read once: the previous state shares the checkpoint's inventory and name map.
-        previous.__dict__.update(base_inventory=checkpoint.base_inventory, names=checkpoint.names)
+        # The same base, read once: the previous state shares the checkpoint's inventory (and its name map).
+        previous.__dict__.update(base_inventory=checkpoint.base_inventory)
     previous.check_fits_base()
     return previous
 
@@ -216,15 +213,12 @@ def resolve_base(base_model: str, adapter_dir: Path, explicit: bool) -> Path:
     )
 
 
-def check_fits_base(adapter: AdapterInventory, base: BaseInventory, names=None) -> None:
+def check_fits_base(adapter: AdapterInventory, base: BaseInventory) -> None:
     """Every linear adapter module has a base weight of its shape. Names are matched the way vLLM matches
     them (names.py); a module under a prefix the engine does not map is matched by its path inside its
     block here and left to the pre-flight's `engine_name_mismatch` finding, which names all three names."""
-    from .names import NameMap, engine_naming
-
-    names = names or NameMap(base.tensors, engine_naming(base.architecture))
     for module, factors in sorted(adapter.linear.items()):
-        resolved = names.resolve(module)
+        resolved = base.names.resolve(module)
         weight = base.module_weight(module, resolved)
         if weight is None:
             raise BadInput(

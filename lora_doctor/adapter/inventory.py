@@ -11,6 +11,7 @@ import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -161,6 +162,14 @@ class BaseInventory:
     @property
     def architecture(self) -> str:
         return str((self.config.get("architectures") or [""])[0])
+
+    @cached_property
+    def names(self):
+        """The adapter's, the base's and the engine's names of every module of this base (names.NameMap),
+        built once: everything that opened the base shares it."""
+        from .names import NameMap, engine_naming
+
+        return NameMap(self.tensors, engine_naming(self.architecture))
 
     @property
     def ties_embeddings(self) -> bool:

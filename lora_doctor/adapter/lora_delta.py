@@ -180,12 +180,8 @@ def load_merge_factors(adapter: str | Path | Checkpoint, base: BaseInventory) ->
     An embedding's ΔW is `scaling·(B·A)ᵀ` (vocab × hidden: PEFT's `get_delta_weight` of an Embedding),
     the `fan_in_fan_out` layout; trainable tokens replace rows, a ΔW of rank k = the rows' number:
     one-hot rows of the vocabulary times (new rows − the base's)."""
-    from .names import NameMap, engine_naming
-
     adapter_dir, config, spec, inventory = read = opened(adapter)
-    # The opened checkpoint's name map when `base` is its base (built once), else one for `base`.
-    own = isinstance(adapter, Checkpoint) and adapter.base() is base
-    names = adapter.names if own else NameMap(base.tensors, engine_naming(base.architecture))
+    names = base.names
     merged: dict[str, list[LoraFactors]] = {}
     for module, lora in load_lora_factors(read).items():
         if base.tied_head(module):

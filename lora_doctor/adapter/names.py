@@ -227,8 +227,7 @@ def engine_naming(architecture: str) -> EngineNaming:
 @lru_cache(maxsize=None)
 def name_map(base_dir: str | Path) -> NameMap:
     """The name map of a local base model folder (config.json + safetensors headers)."""
-    base = read_base(Path(base_dir))
-    return NameMap(base.tensors, engine_naming(base.architecture))
+    return read_base(Path(base_dir)).names
 
 
 def _vllm_root() -> Path | None:
