@@ -42,8 +42,9 @@ class BaseSlices:
         """The shape of the base's module `module` (its own name)."""
         return tuple(self._tensors[f"{module}.weight"].shape)
 
-    def read(self, module: str, rows: slice, cols: slice) -> torch.Tensor:
-        """Rows `rows`, columns `cols` of the base's module `module` (its own name), in its stored dtype."""
+    def read(self, module: str, rows: slice | list[int], cols: slice) -> torch.Tensor:
+        """Rows `rows` (a slice, or a list of row indices), columns `cols` of the base's module `module`
+        (its own name), in its stored dtype."""
         info = self._tensors[f"{module}.weight"]
         block = np.array(self._map(info)[rows, cols], copy=True)  # its own memory, not the map's pages
         return torch.from_numpy(block).view(info.dtype)

@@ -10,6 +10,7 @@ from typing import NamedTuple
 import torch
 
 from ..errors import BadInput
+from .base_slices import BaseSlices
 from .checkpoint import Checkpoint, spec_from_config
 from .inventory import ADAPTER_CONFIG, AdapterInventory, BaseInventory, read_adapter, read_json
 from .modules import layer_index
@@ -222,12 +223,9 @@ def token_indices(setting, module: str) -> list[int]:
 
 
 def base_rows(base: BaseInventory, key: str, indices: list[int]) -> torch.Tensor:
-    """Some rows of one base weight, in float32 (read row by row: an embedding can be gigabytes)."""
-    from safetensors import safe_open
-
-    with safe_open(str(base.tensors[key].path), framework="pt") as handle:
-        weight = handle.get_slice(key)
-        return torch.cat([weight[i : i + 1] for i in indices]).float()
+    """Some rows of one base weight, in float32 (only those rows are read, at the places the inventory
+    gives: an embedding can be gigabytes)."""
+    return BaseSlices(base.tensors).read(key.removesuffix(".weight"), list(indices), slice(None)).float()
 
 
 def _concatenate(parts: list[LoraFactors]) -> LoraFactors:
