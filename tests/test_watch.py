@@ -316,3 +316,27 @@ def test_the_wrapped_methods_are_given_back():
     assert watch.observe(7, *step_tensors(np.random.default_rng(5))).events == ["wake", "wake"]
     wrapped.restore()
     assert "wake_up" not in vars(engine) and engine.wake_up() == "woke" and other.wake_up is own
+
+
+def test_the_adapter_switch_gives_the_bases_log_probs_as_peft_does():
+    # The base forward of both trainers' watches: the LoRA layers switched off directly, not through
+    # PEFT's disable_adapter (a walk of the model per layer); the same logits, and the adapter back on.
+    import torch
+    from conftest import BASE, CHECKPOINT
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lora_doctor.integrations.wrapping import AdapterSwitch
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), str(CHECKPOINT))
+    ids = torch.tensor([[1, 5, 9, 42, 7]])
+    with torch.no_grad():
+        policy = model(ids).logits
+        with model.disable_adapter():
+            expected = model(ids).logits
+        switch = AdapterSwitch()
+        for _ in range(2):  # the layers found once, then reused
+            with switch.off(model):
+                assert torch.equal(model(ids).logits, expected)
+            assert torch.equal(model(ids).logits, policy)
+    assert not torch.equal(policy, expected)

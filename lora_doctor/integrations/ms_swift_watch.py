@@ -38,7 +38,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 
 from ..watch import Watch
-from .wrapping import Wrapped, evented
+from .wrapping import AdapterSwitch, Wrapped, evented
 
 # Positions whose kept mass is computed at a time: a [rows, vocab] float32 copy and its sort.
 KEPT_MASS_ROWS = 256
@@ -110,6 +110,7 @@ class SwiftWatch:
         self.watch: Watch | None = None
         self.filter: Filter | None = None
         self._wrapped = Wrapped()
+        self._adapter = AdapterSwitch()
         self._started = False
         self._unprocessed_noted = False
         self._corrections: list | None = None  # (logps tensor, its kept log mass) of the batch being prepared
@@ -225,7 +226,7 @@ class SwiftWatch:
 
         began = time.perf_counter()
         bases = []
-        with torch.no_grad(), disable_gradient_checkpointing(trainer.model, trainer.args.gradient_checkpointing_kwargs), peft_model.disable_adapter():
+        with torch.no_grad(), disable_gradient_checkpointing(trainer.model, trainer.args.gradient_checkpointing_kwargs), self._adapter.off(peft_model):
             for batch in batches:
                 bases.append(trainer._get_per_token_logps_and_entropies(trainer.model, batch)[0])
         # The kept-mass time inside that forward is already in self._seconds.

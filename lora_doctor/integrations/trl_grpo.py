@@ -34,7 +34,7 @@ from ..engine.driver import WORKER_EXTENSION
 from ..errors import BadInput
 from ..live import RouteRecorder, not_measured, probe
 from ..watch import Watch
-from .wrapping import Wrapped, evented
+from .wrapping import AdapterSwitch, Wrapped, evented
 
 # What `_generate_and_score_completions` may return beside the ids that a multimodal forward needs.
 _FORWARD_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "image_sizes", "token_type_ids", "mm_token_type_ids")
@@ -171,7 +171,7 @@ class _WatchCallback(TrainerCallback):
             temperature=trainer.args.temperature,
         )
         self._batches = 0
-        self._lora_layers = None
+        self._adapter = AdapterSwitch()
         self._recorder = None
         self._wrapped = Wrapped()
 
@@ -250,38 +250,11 @@ class _WatchCallback(TrainerCallback):
         ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
         attention = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
         extra = {key: output[key] for key in _FORWARD_KEYS if key in output}
-        with torch.no_grad(), disable_gradient_checkpointing(trainer.model, trainer.args.gradient_checkpointing_kwargs), self._adapter_off(peft_model):
+        with torch.no_grad(), disable_gradient_checkpointing(trainer.model, trainer.args.gradient_checkpointing_kwargs), self._adapter.off(peft_model):
             base, _, _ = trainer._get_per_token_logps_and_entropies(
                 trainer.model, ids, attention, output["completion_ids"].size(1), batch_size=trainer.args.per_device_train_batch_size, **extra
             )
         return base
-
-    @contextmanager
-    def _adapter_off(self, peft_model):
-        """The policy's LoRA layers switched off for a no-grad forward, and back as they were.
-
-        PEFT's `disable_adapter()` first checks every layer's status (`get_model_status`, a walk of the
-        model's modules per LoRA layer: 5 ms a step on the 2-layer fixture, growing with the square of
-        the layer count) and toggles the adapters' `requires_grad`. Under `no_grad` only the layers'
-        own switch matters; a merged layer (never, between TRL's syncs) goes through PEFT's way.
-        """
-        if self._lora_layers is None:
-            from peft.tuners.tuners_utils import BaseTunerLayer
-
-            self._lora_layers = [module for module in peft_model.modules() if isinstance(module, BaseTunerLayer)]
-        layers = self._lora_layers
-        if any(layer.merged for layer in layers) or not all(hasattr(layer, "_disable_adapters") for layer in layers):
-            with peft_model.disable_adapter():
-                yield
-            return
-        before = [layer._disable_adapters for layer in layers]
-        for layer in layers:
-            layer._disable_adapters = True
-        try:
-            yield
-        finally:
-            for layer, was in zip(layers, before):
-                layer._disable_adapters = was
 
     def _probe(self, step: int, prompts):
         """The full probe on TRL's engine, the route its rollouts named, these prompts."""
