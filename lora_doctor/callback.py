@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import warnings
-from contextlib import nullcontext
-
 from transformers import Trainer, TrainerCallback
 
 from . import defaults
-from .engine.deadline import EngineStalled, check_timeout
-from .live import not_measured, probe
+from .engine.deadline import check_timeout
+from .live import probe_at_step
 from .result import PhaseResult
 
 
@@ -79,39 +76,25 @@ class LoraDoctorCallback(TrainerCallback):
         # Step 1, 1 + n, 1 + 2n, ...: the steps whose rollouts follow a sync when a trainer syncs every n steps.
         if model is None or (step - 1) % self.every_n_steps:
             return control
-        recorder = self._recorder
-        if recorder is not None and recorder.seen:
-            lora_request, source = recorder.lora_request, "the trainer's rollouts"
-        else:
-            lora_request, source = _read(self.lora_request), "given"
+        result, source = probe_at_step(
+            _read(self.llm),
+            model,
+            step,
+            recorder=self._recorder,
+            given=lambda: _read(self.lora_request),
+            prompts=self.prompts,
+            tokenizer=self.tokenizer,
+            base_dir=self.base_dir,
+            max_new_tokens=self.max_new_tokens,
+            module_read=self.module_read,
+            engine_timeout=self.engine_timeout,
+        )
         self.routes.append(source)
-        with recorder.own_requests() if recorder is not None else nullcontext():
-            result = self._probe(model, lora_request, step)
         self.results.append(result)
         self._log(figures(result))
         if self.stop_on_failure and result.failed:
             control.should_training_stop = True
         return control
-
-    def _probe(self, model, lora_request, step: int) -> PhaseResult:
-        try:
-            return probe(
-                _read(self.llm),
-                model,
-                lora_request=lora_request,
-                prompts=self.prompts,
-                tokenizer=self.tokenizer,
-                base_dir=self.base_dir,
-                max_new_tokens=self.max_new_tokens,
-                module_read=self.module_read,
-                name=f"step-{step}",
-                engine_timeout=self.engine_timeout,
-            )
-        except EngineStalled as stalled:
-            # The probe's requests were aborted and the engine keeps serving the trainer's: a probe that
-            # measured nothing is no failed sync, and ending a training run over it would be lora-doctor's doing.
-            warnings.warn(f"lora-doctor: the probe at step {step} measured nothing: {stalled}", stacklevel=2)
-            return not_measured(f"step-{step}", lora_request is not None, str(stalled))
 
     def on_train_end(self, args, state, control, **kwargs):
         # The trainer's method as it found it: the recorder's wrapper goes with the run.

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import tempfile
-from contextlib import contextmanager
+import warnings
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ from . import defaults
 from .adapter.checkpoint import Checkpoint, spec_from_config
 from .adapter.dtypes import dtype_name
 from .checker import check
+from .engine.deadline import EngineStalled
 from .engine.driver import WORKER_EXTENSION, Engine
 from .engine.platform import V1, model_runner, module_read_problem, quantization_problem, runner_note, uncaptured_chunk_positions
 from .errors import BadInput, ProblemDetected
@@ -183,6 +185,29 @@ class RouteRecorder:
 
 
 _ABSENT = object()
+
+
+def probe_at_step(llm, model, step: int, *, recorder: RouteRecorder | None, given, what: str = "the probe", **options) -> tuple[PhaseResult, str]:
+    """A trainer integration's full probe at `step` (named "step-N"), and where its route came from.
+
+    The route is the `lora_request` the recorder saw on the trainer's own rollouts ("the trainer's
+    rollouts"), else `given()` ("given"; called only then); the probe's own requests are kept out of
+    the recorder. A probe whose requests the engine left without progress (`EngineStalled`) measured
+    nothing: a warning naming `what`, and `not_measured`, never a failed sync. `options` go to `probe`.
+    """
+    if recorder is not None and recorder.seen:
+        lora_request, source = recorder.lora_request, "the trainer's rollouts"
+    else:
+        lora_request, source = given(), "given"
+    try:
+        with recorder.own_requests() if recorder is not None else nullcontext():
+            result = probe(llm, model, lora_request=lora_request, name=f"step-{step}", **options)
+    except EngineStalled as stalled:
+        # The probe's requests were aborted and the engine keeps serving the trainer's: a probe that
+        # measured nothing is no failed sync, and ending a training run over it would be lora-doctor's doing.
+        warnings.warn(f"lora-doctor: {what} at step {step} measured nothing: {stalled}", stacklevel=3)
+        result = not_measured(f"step-{step}", lora_request is not None, str(stalled))
+    return result, source
 
 
 def _scale(value: float | None) -> str:

@@ -29,15 +29,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-import warnings
-from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
 from ..callback import LoraDoctorCallback, figures
-from ..engine.deadline import EngineStalled
 from ..errors import INTERNAL_ERROR_EXIT_CODE, BadInput, LoraDoctorError, ProblemDetected, one_line
-from ..live import RouteRecorder, not_measured, probe
+from ..live import RouteRecorder, probe_at_step
 from ..output import save_crash, write_file
 
 CALLBACK_NAME = "lora_doctor"
@@ -128,27 +125,19 @@ class SwiftProbe(LoraDoctorCallback):
         done = [result for result in self.results if result.name == f"step-{step}"]
         if done:
             return done[-1]
-        recorder = self._recorder
-        if recorder is not None and recorder.seen:
-            lora_request, source = recorder.lora_request, "the trainer's rollouts"
-        else:
-            lora_request, source = loaded_lora_request(self.trainer.engine.engine), "given"
+        result, source = probe_at_step(
+            self.trainer.engine.engine,
+            self.trainer.model,
+            step,
+            recorder=self._recorder,
+            given=lambda: loaded_lora_request(self.trainer.engine.engine),
+            what="the watch's probe",
+            prompts=prompts if prompts is not None else self.prompts,
+            max_new_tokens=self.max_new_tokens,
+            module_read=self.module_read,
+            engine_timeout=self.engine_timeout,
+        )
         self.routes.append(source)
-        try:
-            with recorder.own_requests() if recorder is not None else nullcontext():
-                result = probe(
-                    self.trainer.engine.engine,
-                    self.trainer.model,
-                    lora_request=lora_request,
-                    prompts=prompts if prompts is not None else self.prompts,
-                    max_new_tokens=self.max_new_tokens,
-                    module_read=self.module_read,
-                    name=f"step-{step}",
-                    engine_timeout=self.engine_timeout,
-                )
-        except EngineStalled as stalled:
-            warnings.warn(f"lora-doctor: the watch's probe at step {step} measured nothing: {stalled}", stacklevel=2)
-            result = not_measured(f"step-{step}", lora_request is not None, str(stalled))
         self.results.append(result)
         self._log(figures(result))
         self._results_written()

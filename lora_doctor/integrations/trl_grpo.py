@@ -22,17 +22,16 @@ adapter disabled), else one no-grad forward of the same batch with the adapter d
 from __future__ import annotations
 
 import time
-import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 from transformers import TrainerCallback
 
 from .. import defaults
 from ..callback import LoraDoctorCallback, log_figures
-from ..engine.deadline import EngineStalled, check_timeout
+from ..engine.deadline import check_timeout
 from ..engine.driver import WORKER_EXTENSION
 from ..errors import BadInput
-from ..live import RouteRecorder, not_measured, probe
+from ..live import RouteRecorder, probe_at_step
 from ..watch import Watch
 from .wrapping import AdapterSwitch, Wrapped, evented
 
@@ -258,22 +257,19 @@ class _WatchCallback(TrainerCallback):
 
     def _probe(self, step: int, prompts):
         """The full probe on TRL's engine, the route its rollouts named, these prompts."""
-        trainer, recorder = self.trainer, self._recorder
-        lora_request = recorder.lora_request if recorder is not None and recorder.seen else None
-        try:
-            with recorder.own_requests() if recorder is not None else nullcontext():
-                return probe(
-                    trainer.vllm_generation.llm,
-                    trainer.accelerator.unwrap_model(trainer.model),
-                    lora_request=lora_request,
-                    prompts=prompts,
-                    name=f"step-{step}",
-                    engine_timeout=self.engine_timeout,
-                    **self.probe_options,
-                )
-        except EngineStalled as stalled:
-            warnings.warn(f"lora-doctor: the watch's probe at step {step} measured nothing: {stalled}", stacklevel=2)
-            return not_measured(f"step-{step}", lora_request is not None, str(stalled))
+        trainer = self.trainer
+        result, _source = probe_at_step(
+            trainer.vllm_generation.llm,
+            trainer.accelerator.unwrap_model(trainer.model),
+            step,
+            recorder=self._recorder,
+            given=lambda: None,  # TRL's rollouts name no adapter: it syncs merged weights
+            what="the watch's probe",
+            prompts=prompts,
+            engine_timeout=self.engine_timeout,
+            **self.probe_options,
+        )
+        return result
 
 
 def _prompt_texts(trainer, output: dict) -> list[str]:
